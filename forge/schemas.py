@@ -1,0 +1,53 @@
+"""JSON Schema for every event type, generated from the msgspec types in forge.events."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from forge.events import ALL_EVENTS, event_type_name
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def event_schemas() -> dict[str, dict[str, Any]]:
+    """File name -> schema document, one self-contained document per event type."""
+    documents: dict[str, dict[str, Any]] = {}
+    for cls in ALL_EVENTS:
+        (schema,), components = msgspec.json.schema_components([cls], ref_template="#/$defs/{name}")
+        name = event_type_name(cls)
+        documents[f"{name}.schema.json"] = {
+            "$schema": SCHEMA_DIALECT,
+            "title": name,
+            **schema,
+            "$defs": components,
+        }
+    return documents
+
+
+def render(document: dict[str, Any]) -> str:
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def export(directory: Path) -> list[Path]:
+    """Write every schema into ``directory``; returns the files written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, document in event_schemas().items():
+        path = directory / filename
+        path.write_text(render(document), encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def drift(directory: Path) -> list[str]:
+    """File names whose content differs from what the code generates (or is missing)."""
+    stale = []
+    for filename, document in event_schemas().items():
+        path = directory / filename
+        if not path.exists() or path.read_text(encoding="utf-8") != render(document):
+            stale.append(filename)
+    return stale

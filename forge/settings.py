@@ -1,0 +1,202 @@
+"""Forge's configuration: one typed, immutable object built from the environment.
+
+Nothing here is read at import time. ``Settings.from_env()`` is called once by the
+CLI (or a test) and the resulting object is passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+
+from forge.errors import ConfigError
+
+LogFormat = Literal["auto", "json", "console"]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def parse_size(value: str) -> int:
+    """Parse a human byte size such as ``2GB``, ``512MiB`` or ``1000`` into bytes."""
+    match = _SIZE_RE.match(value)
+    if not match:
+        raise ConfigError(f"not a byte size: {value!r} (examples: 2GB, 512MiB, 1000000)")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    binary = "i" in unit
+    prefix = unit[:1] if unit[:1] in "kmgt" else ""
+    factor = 1024 ** "kmgt".index(prefix) * 1024 if binary and prefix else _SIZE_UNITS[prefix]
+    return int(number * factor)
+
+
+def redact_url(url: str | None) -> str | None:
+    """Return ``url`` with any password replaced by ``***`` (safe to log or print)."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{user}:***@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _default_home() -> Path:
+    return Path.home() / ".local" / "share" / "forge"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Every knob Forge has. Field names carry their units."""
+
+    # Connections. ``None`` means "start the embedded server".
+    redis_url: str | None = None
+    postgres_url: str | None = None
+    mlflow_tracking_uri: str | None = None
+
+    # Streams and consumer group.
+    stream_prefix: str = "forge:"
+    group: str = "forge"
+    stream_maxlen: int = 100_000
+
+    # Runtime.
+    max_batch_size: int = 32
+    read_block_s: float = 1.0
+    retry_attempts: int = 3
+    retry_backoff_initial_s: float = 0.2
+    retry_backoff_max_s: float = 5.0
+    max_deliveries: int = 3
+    redeliver_delay_s: float = 1.0
+    claim_min_idle_s: float = 60.0
+    reclaim_interval_s: float = 5.0
+    drain_timeout_s: float = 30.0
+    idempotency_ttl_s: int = 7 * 24 * 3600
+    max_payload_bytes: int = 1_048_576
+
+    # ML.
+    model_cache_size_bytes: int = 2 * 10**9
+    cache_ttl_s: int = 3600
+    training_timeout_s: float = 3600.0
+    embedding_model: str = "all-MiniLM-L6-v2"
+
+    # Files. Container images set these to /models, /cache and /var/log/datapunk/forge.
+    home_dir: Path = msgspec.field(default_factory=_default_home)
+    model_dir: Path | None = None
+    cache_dir: Path | None = None
+    log_dir: Path | None = None
+
+    # Observability.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    log_level: str = "INFO"
+    log_format: LogFormat = "auto"
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_batch_size": self.max_batch_size,
+            "retry_attempts": self.retry_attempts,
+            "max_deliveries": self.max_deliveries,
+            "claim_min_idle_s": self.claim_min_idle_s,
+            "stream_maxlen": self.stream_maxlen,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port must be 0-65535, got {self.http_port}")
+
+    @property
+    def lease_renew_interval_s(self) -> float:
+        """Renew in-flight leases well before another worker may reclaim them."""
+        return self.claim_min_idle_s / 3
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home_dir / "data"
+
+    @property
+    def models_path(self) -> Path:
+        return self.model_dir or self.home_dir / "models"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache_dir or self.home_dir / "cache"
+
+    @property
+    def logs_path(self) -> Path:
+        return self.log_dir or self.home_dir / "logs"
+
+    def replace(self, **changes: Any) -> Settings:
+        return msgspec.structs.replace(self, **changes)
+
+    def redacted(self) -> dict[str, Any]:
+        """A printable view with secrets removed."""
+        data: dict[str, Any] = msgspec.to_builtins(self)
+        for key in ("redis_url", "postgres_url", "mlflow_tracking_uri"):
+            data[key] = redact_url(data[key])
+        return data
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from environment variables (see ``ENV_VARS``)."""
+        source = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for var, (field, convert) in ENV_VARS.items():
+            raw = source.get(var)
+            if raw is None or raw == "" or field in values:
+                continue
+            try:
+                values[field] = convert(raw)
+            except (ValueError, ConfigError) as exc:
+                raise ConfigError(f"{var}={raw!r}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def _stripped(value: str) -> str:
+    return value.strip()
+
+
+# Environment variable -> (field, converter). Where two variables set one field the
+# first listed wins (``MLRUN_DBPATH`` is the original design's name).
+ENV_VARS: dict[str, tuple[str, Any]] = {
+    "REDIS_URL": ("redis_url", _stripped),
+    "POSTGRES_URL": ("postgres_url", _stripped),
+    "MLRUN_DBPATH": ("mlflow_tracking_uri", _stripped),
+    "MLFLOW_TRACKING_URI": ("mlflow_tracking_uri", _stripped),
+    "MODEL_CACHE_SIZE": ("model_cache_size_bytes", parse_size),
+    "MAX_BATCH_SIZE": ("max_batch_size", int),
+    "FORGE_STREAM_PREFIX": ("stream_prefix", str),
+    "FORGE_GROUP": ("group", str),
+    "FORGE_STREAM_MAXLEN": ("stream_maxlen", int),
+    "FORGE_READ_BLOCK_S": ("read_block_s", float),
+    "FORGE_RETRY_ATTEMPTS": ("retry_attempts", int),
+    "FORGE_MAX_DELIVERIES": ("max_deliveries", int),
+    "FORGE_REDELIVER_DELAY_S": ("redeliver_delay_s", float),
+    "FORGE_CLAIM_MIN_IDLE_S": ("claim_min_idle_s", float),
+    "FORGE_RECLAIM_INTERVAL_S": ("reclaim_interval_s", float),
+    "FORGE_DRAIN_TIMEOUT_S": ("drain_timeout_s", float),
+    "FORGE_IDEMPOTENCY_TTL_S": ("idempotency_ttl_s", int),
+    "FORGE_MAX_PAYLOAD_BYTES": ("max_payload_bytes", parse_size),
+    "FORGE_CACHE_TTL_S": ("cache_ttl_s", int),
+    "FORGE_TRAINING_TIMEOUT_S": ("training_timeout_s", float),
+    "FORGE_EMBEDDING_MODEL": ("embedding_model", str),
+    "FORGE_HOME": ("home_dir", Path),
+    "FORGE_MODEL_DIR": ("model_dir", Path),
+    "FORGE_CACHE_DIR": ("cache_dir", Path),
+    "FORGE_LOG_DIR": ("log_dir", Path),
+    "FORGE_HTTP_HOST": ("http_host", str),
+    "FORGE_HTTP_PORT": ("http_port", int),
+    "FORGE_LOG_LEVEL": ("log_level", str),
+    "FORGE_LOG_FORMAT": ("log_format", str),
+}

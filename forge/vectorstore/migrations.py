@@ -1,0 +1,135 @@
+"""Versioned schema migrations, applied on start.
+
+Each migration runs once per database, in version order, inside one transaction that
+holds a PostgreSQL advisory lock: concurrent workers starting together serialise on
+the lock, and the later ones find nothing left to do. A failed migration rolls back
+completely (PostgreSQL DDL is transactional), so a retry starts from a clean state.
+
+Collection tables are created on demand rather than here; a migration that changes
+them can be a Python step iterating over ``forge_collections``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+# Advisory lock keys shared by every Forge process (any fixed numbers will do).
+SCHEMA_LOCK_KEY = 0x466F7267_0001
+COLLECTION_LOCK_CLASS = 0x466F7267
+
+Step = str | Callable[[psycopg.Connection[Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    steps: tuple[Step, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "pgvector, collection registry and processed events",
+        (
+            "CREATE EXTENSION IF NOT EXISTS vector",
+            """
+            CREATE TABLE forge_collections (
+                name text PRIMARY KEY,
+                table_name text NOT NULL UNIQUE,
+                dimension integer NOT NULL CHECK (dimension > 0),
+                model text,
+                created_at timestamptz NOT NULL DEFAULT now()
+            )
+            """,
+            """
+            CREATE TABLE forge_processed_events (
+                scope text NOT NULL,
+                event_id text NOT NULL,
+                processed_at timestamptz NOT NULL DEFAULT now(),
+                result jsonb NOT NULL DEFAULT '{}',
+                PRIMARY KEY (scope, event_id)
+            )
+            """,
+            # For pruning old markers by age.
+            "CREATE INDEX forge_processed_events_processed_at"
+            " ON forge_processed_events (processed_at)",
+        ),
+    ),
+)
+
+_CREATE_LEDGER = """
+CREATE TABLE IF NOT EXISTS forge_schema_migrations (
+    version integer PRIMARY KEY,
+    name text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def apply_migrations(
+    conn: psycopg.Connection[Any], migrations: Sequence[Migration] = MIGRATIONS
+) -> list[int]:
+    """Apply the migrations not yet recorded; return the versions applied now."""
+    _check_order(migrations)
+    applied_now: list[int] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
+        conn.execute(_CREATE_LEDGER)
+        done = {row[0] for row in conn.execute("SELECT version FROM forge_schema_migrations")}
+        _warn_if_newer(done, migrations)
+        for migration in migrations:
+            if migration.version in done:
+                continue
+            _apply_one(conn, migration)
+            applied_now.append(migration.version)
+    return applied_now
+
+
+def migrate(url: str, *, connect_timeout_s: int = 10) -> list[int]:
+    """Connect to ``url`` and apply pending migrations."""
+    with psycopg.connect(url, connect_timeout=connect_timeout_s) as conn:
+        return apply_migrations(conn)
+
+
+def schema_version(conn: psycopg.Connection[Any]) -> int:
+    """The highest applied migration version (0 for an empty database)."""
+    exists = conn.execute("SELECT to_regclass('forge_schema_migrations')").fetchone()
+    if not exists or exists[0] is None:
+        return 0
+    row = conn.execute("SELECT coalesce(max(version), 0) FROM forge_schema_migrations").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _apply_one(conn: psycopg.Connection[Any], migration: Migration) -> None:
+    for step in migration.steps:
+        if isinstance(step, str):
+            conn.execute(step)
+        else:
+            step(conn)
+    conn.execute(
+        "INSERT INTO forge_schema_migrations (version, name) VALUES (%s, %s)",
+        [migration.version, migration.name],
+    )
+    log.info("applied schema migration", version=migration.version, name=migration.name)
+
+
+def _check_order(migrations: Sequence[Migration]) -> None:
+    versions = [m.version for m in migrations]
+    if versions != sorted(set(versions)):
+        raise ValueError(f"migration versions must be unique and ascending: {versions}")
+
+
+def _warn_if_newer(done: set[int], migrations: Sequence[Migration]) -> None:
+    known = {m.version for m in migrations}
+    newer = sorted(done - known)
+    if newer:
+        # A newer Forge migrated this database; older code may still work, so go on.
+        log.warning("database has schema migrations this Forge does not know", versions=newer)

@@ -1,0 +1,76 @@
+"""Nearest-neighbour search and record reads over one collection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from forge.vectorstore.types import Collection, Hit, StoredRecord, Vector
+
+# HNSW explores this many candidates by default (pgvector's ``ef_search``), which caps
+# the number of results; raise it for larger k, up to pgvector's maximum.
+_DEFAULT_EF_SEARCH = 40
+_MAX_EF_SEARCH = 1000
+
+_SEARCH = """
+SELECT id, text, metadata, 1 - (embedding <=> %(query)s) AS score
+FROM {table}
+{where}
+ORDER BY embedding <=> %(query)s
+LIMIT %(k)s
+"""
+
+
+def search(
+    conn: psycopg.Connection[Any],
+    collection: Collection,
+    vector: Vector,
+    k: int,
+    filters: Mapping[str, Any] | None = None,
+    *,
+    iterative_scan: bool = False,
+) -> list[Hit]:
+    """The ``k`` records nearest to ``vector`` by cosine similarity, best first.
+
+    ``filters`` keeps records whose metadata contains them (jsonb ``@>``). With
+    ``iterative_scan`` (pgvector >= 0.8) the index keeps scanning until ``k`` records
+    pass the filter instead of filtering only its first candidates.
+    """
+    where = sql.SQL("WHERE metadata @> %(filters)s") if filters else sql.SQL("")
+    query = sql.SQL(_SEARCH).format(table=sql.Identifier(collection.table), where=where)
+    params = {"query": np.asarray(vector, dtype=np.float32), "k": k, "filters": Jsonb(filters)}
+    with conn.transaction():
+        ef_search = min(max(_DEFAULT_EF_SEARCH, k), _MAX_EF_SEARCH)
+        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(ef_search)])
+        if filters and iterative_scan:
+            conn.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', true)")
+        rows = conn.execute(query, params).fetchall()
+    return [Hit(id=r[0], score=float(r[3]), text=r[1], metadata=r[2]) for r in rows]
+
+
+def fetch(
+    conn: psycopg.Connection[Any], collection: Collection, ids: Iterable[str]
+) -> dict[str, StoredRecord]:
+    query = sql.SQL(
+        "SELECT id, text, metadata, embedding, model, updated_at FROM {} WHERE id = ANY(%s)"
+    ).format(sql.Identifier(collection.table))
+    rows = conn.execute(query, [list(ids)]).fetchall()
+    return {r[0]: StoredRecord(r[0], r[1], r[2], _as_array(r[3]), r[4], r[5]) for r in rows}
+
+
+def count(conn: psycopg.Connection[Any], collection: Collection) -> int:
+    query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(collection.table))
+    row = conn.execute(query).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _as_array(value: Any) -> Vector:
+    # pgvector's loader returns its own Vector type (or an array in older versions).
+    to_numpy = getattr(value, "to_numpy", None)
+    data = to_numpy() if to_numpy else value
+    return np.asarray(data, dtype=np.float32)

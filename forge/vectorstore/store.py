@@ -1,0 +1,253 @@
+"""``VectorStore``: collections of embeddings in PostgreSQL with pgvector.
+
+Connections come from a ``psycopg_pool.ConnectionPool``. When the server is down,
+calls raise ``psycopg.OperationalError`` or ``psycopg_pool.PoolTimeout``, which
+Forge's runtime treats as transient.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import psycopg
+import structlog
+from pgvector.psycopg import register_vector
+from psycopg_pool import ConnectionPool
+
+from forge.vectorstore import registry, search, writer
+from forge.vectorstore.migrations import migrate
+from forge.vectorstore.naming import validate_name
+from forge.vectorstore.types import (
+    Collection,
+    Hit,
+    InvalidWrite,
+    JsonObject,
+    Row,
+    StoredRecord,
+    Vector,
+    Write,
+    WriteResult,
+)
+
+log = structlog.get_logger(__name__)
+
+# pgvector's iterative index scans (filtered search that still returns k rows).
+_ITERATIVE_SCAN_SINCE = (0, 8)
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    register_vector(conn)
+    conn.execute(writer.CREATE_STAGING)
+
+
+class VectorStore:
+    """Thread-safe; open it once per process and share it."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 4,
+        timeout_s: float = 10.0,
+        connect_timeout_s: int = 10,
+    ) -> None:
+        self._url = url
+        self._connect_timeout_s = connect_timeout_s
+        self._pool = ConnectionPool(
+            url,
+            min_size=min_connections,
+            max_size=max_connections,
+            timeout=timeout_s,
+            open=False,
+            configure=_configure,
+            check=ConnectionPool.check_connection,
+            kwargs={"autocommit": True, "connect_timeout": connect_timeout_s},
+            name="forge-vectorstore",
+        )
+        self._collections: dict[str, Collection] = {}
+        self._lock = threading.Lock()
+        self._iterative_scan = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def open(self, *, timeout_s: float = 30.0) -> None:
+        """Apply pending migrations, then open the pool."""
+        applied = migrate(self._url, connect_timeout_s=self._connect_timeout_s)
+        if applied:
+            log.info("vector store schema migrated", versions=applied)
+        self._pool.open(wait=True, timeout=timeout_s)
+        with self._pool.connection() as conn:
+            self._iterative_scan = _pgvector_version(conn) >= _ITERATIVE_SCAN_SINCE
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def __enter__(self) -> VectorStore:
+        self.open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- collections
+
+    def ensure_collection(self, name: str, dimension: int, model: str | None = None) -> Collection:
+        """Create collection ``name`` if needed; ``InvalidEvent`` on a dimension clash."""
+        cached = self._cached(name)
+        if cached is not None:
+            registry.check_dimension(cached, dimension)
+            return cached
+        with self._pool.connection() as conn:
+            return self._remember(registry.ensure_collection(conn, name, dimension, model))
+
+    def collection(self, name: str) -> Collection | None:
+        cached = self._cached(validate_name(name))
+        if cached is not None:
+            return cached
+        with self._pool.connection() as conn:
+            found = registry.get_collection(conn, name)
+        return self._remember(found) if found else None
+
+    def drop_collection(self, name: str) -> bool:
+        with self._lock:
+            self._collections.pop(name, None)
+        with self._pool.connection() as conn:
+            return registry.drop_collection(conn, validate_name(name))
+
+    # ------------------------------------------------------------------- writes
+
+    def already_processed(self, scope: str, event_ids: Iterable[str]) -> dict[str, JsonObject]:
+        """Which of ``event_ids`` were written before under ``scope``, with their results.
+
+        Lets the caller skip work (embedding) for redelivered events; ``write_batch``
+        still guards against races on its own.
+        """
+        with self._pool.connection() as conn:
+            return writer.already_processed(conn, scope, event_ids)
+
+    def write_batch(
+        self,
+        collection: str,
+        writes: Sequence[Write],
+        event_ids: Sequence[str],
+        scope: str,
+        *,
+        model: str | None = None,
+        results: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> WriteResult:
+        """Apply ``writes`` (upserts and deletes, in order) exactly once per event.
+
+        ``event_ids`` are the batch's input events, all distinct; each write names one.
+        Events already recorded under ``scope`` are skipped and reported in
+        ``WriteResult.duplicates``. ``results`` adds fields to the per-event result
+        stored with each marker. The first upsert creates the collection (dimension
+        from the vector, ``model`` or the row's model recorded). Raises
+        ``InvalidWrite`` (an ``InvalidEvent``) naming the offending event; nothing
+        of the batch is written then.
+        """
+        name = validate_name(collection)
+        writer.check_batch(writes, event_ids)
+        if not event_ids:
+            return WriteResult(processed=[], duplicates={}, upserted=0, deleted=0)
+        rows = [write for write in writes if isinstance(write, Row)]
+        with self._pool.connection() as conn:
+            target = self._target(conn, name, rows, model)
+            if target is not None:
+                writer.check_rows(rows, target.dimension)
+            with conn.transaction():
+                return writer.write_claimed(conn, target, writes, event_ids, scope, results)
+
+    def prune_processed(self, older_than_s: float, scope: str | None = None) -> int:
+        """Forget processed-event markers older than ``older_than_s``; returns how many."""
+        query = (
+            "DELETE FROM forge_processed_events"
+            " WHERE processed_at < now() - make_interval(secs => %s)"
+            " AND (%s::text IS NULL OR scope = %s)"
+        )
+        with self._pool.connection() as conn:
+            return conn.execute(query, [older_than_s, scope, scope]).rowcount
+
+    # -------------------------------------------------------------------- reads
+
+    def search(
+        self,
+        collection: str,
+        vector: Vector,
+        k: int,
+        filters: Mapping[str, Any] | None = None,
+    ) -> list[Hit]:
+        """Up to ``k`` records nearest to ``vector`` (cosine), best first; see ``search``."""
+        if k <= 0:
+            return []
+        target = self.collection(collection)
+        if target is None:
+            return []
+        registry.check_dimension(target, int(np.size(vector)))
+        with self._pool.connection() as conn:
+            return search.search(
+                conn, target, vector, k, filters, iterative_scan=self._iterative_scan
+            )
+
+    def fetch(self, collection: str, ids: Iterable[str]) -> dict[str, StoredRecord]:
+        target = self.collection(collection)
+        if target is None:
+            return {}
+        with self._pool.connection() as conn:
+            return search.fetch(conn, target, ids)
+
+    def count(self, collection: str) -> int:
+        target = self.collection(collection)
+        if target is None:
+            return 0
+        with self._pool.connection() as conn:
+            return search.count(conn, target)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _target(
+        self, conn: psycopg.Connection[Any], name: str, rows: Sequence[Row], model: str | None
+    ) -> Collection | None:
+        """The collection to write to, created by the first upsert."""
+        existing = self._cached(name) or registry.get_collection(conn, name)
+        if existing is None and rows:
+            dimension = _dimension_of(rows[0])
+            model = model or rows[0].model
+            existing = registry.ensure_collection(conn, name, dimension, model)
+        return self._remember(existing) if existing else None
+
+    def _cached(self, name: str) -> Collection | None:
+        with self._lock:
+            return self._collections.get(name)
+
+    def _remember(self, collection: Collection) -> Collection:
+        with self._lock:
+            self._collections[collection.name] = collection
+        return collection
+
+
+def _dimension_of(row: Row) -> int:
+    shape = np.shape(row.embedding)
+    if len(shape) != 1:
+        raise InvalidWrite(
+            f"record {row.id!r} of event {row.event_id!r}: vector shape {shape} is not 1-d",
+            event_id=row.event_id,
+            record_id=row.id,
+        )
+    return int(shape[0])
+
+
+def _pgvector_version(conn: psycopg.Connection[Any]) -> tuple[int, ...]:
+    row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if not row:
+        return ()
+    return tuple(int(part) for part in str(row[0]).split(".") if part.isdigit())

@@ -1,0 +1,99 @@
+"""Values passed to and returned by the vector store."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from forge.errors import InvalidEvent
+
+Vector = npt.NDArray[np.float32]
+JsonObject = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """Insert or replace record ``id`` on behalf of input event ``event_id``."""
+
+    id: str
+    embedding: Vector
+    event_id: str
+    text: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    """Remove record ``id`` (if present) on behalf of input event ``event_id``."""
+
+    id: str
+    event_id: str
+
+
+Write = Row | Delete
+
+
+@dataclass(frozen=True, slots=True)
+class Collection:
+    """A collection's registry entry (``forge_collections``)."""
+
+    name: str
+    table: str
+    dimension: int
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What one ``write_batch`` did.
+
+    ``processed``: event ids whose writes were applied by this call.
+    ``duplicates``: event ids that were already recorded for the scope (by an earlier
+    call or a racing worker), with the result stored then; their writes were skipped.
+    """
+
+    processed: list[str]
+    duplicates: dict[str, JsonObject]
+    upserted: int
+    deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One search result; ``score`` is cosine similarity (1 = same direction)."""
+
+    id: str
+    score: float
+    text: str | None
+    metadata: JsonObject
+
+
+class InvalidWrite(InvalidEvent):
+    """A write that can never be stored; ``event_id`` names the event to drop.
+
+    The batch it was part of was not written at all: drop that event and write the
+    rest again.
+    """
+
+    def __init__(self, message: str, *, event_id: str, record_id: str | None = None) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+        self.record_id = record_id
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """A record as stored in a collection."""
+
+    id: str
+    text: str | None
+    metadata: JsonObject
+    embedding: Vector
+    model: str | None
+    updated_at: datetime

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import redis
+
+from forge.context import Context
+from forge.events import EVENT_FIELD
+from forge.metrics import Metrics
+from forge.settings import Settings
+from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, new_prefix
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.fail(f"tests need a Redis server at {TEST_REDIS_URL}")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(redis_client: redis.Redis) -> Iterator[str]:
+    value = new_prefix()
+    yield value
+    delete_prefix(redis_client, value)
+
+
+@pytest.fixture
+def settings(prefix: str, tmp_path: Path) -> Settings:
+    """Fast timings so retries, redeliveries and reclaims happen within a test."""
+    return Settings(
+        redis_url=TEST_REDIS_URL,
+        stream_prefix=prefix,
+        home_dir=tmp_path / "forge-home",
+        read_block_s=0.05,
+        retry_backoff_initial_s=0.001,
+        retry_backoff_max_s=0.01,
+        redeliver_delay_s=0.01,
+        claim_min_idle_s=30.0,
+        reclaim_interval_s=0.1,
+        drain_timeout_s=10.0,
+    )
+
+
+@pytest.fixture
+def ctx(settings: Settings, redis_client: redis.Redis) -> Iterator[Context]:
+    context = Context(settings=settings, redis=redis_client, metrics=Metrics(gpu=False))
+    yield context
+    context.close()
+
+
+def publish(client: redis.Redis, stream: str, event: dict[str, object] | bytes) -> str:
+    payload = event if isinstance(event, bytes) else msgspec.json.encode(event)
+    return client.xadd(stream, {EVENT_FIELD: payload}).decode()
+
+
+def new_data(event_id: str, n: int = 1, collection: str = "tickets") -> dict[str, object]:
+    return {
+        "type": "new-data",
+        "id": event_id,
+        "collection": collection,
+        "records": [{"id": f"{event_id}-r{i}", "text": f"text {i}"} for i in range(n)],
+    }

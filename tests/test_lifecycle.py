@@ -1,0 +1,236 @@
+"""Worker processes dying, draining and holding leases, against a real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from forge.context import Context
+from forge.events import NewData
+from forge.metrics import Metrics
+from forge.registry import HandlerSpec, Message, Registry
+from forge.settings import Settings
+from forge.worker import Worker
+from tests.conftest import new_data, publish
+from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
+from tests.test_worker import completions, pending
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=TEST_REDIS_URL,
+        FORGE_STREAM_PREFIX=settings.stream_prefix,
+        FORGE_HOME=str(settings.home_dir),
+        FORGE_READ_BLOCK_S="0.05",
+        FORGE_LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def spawn(settings: Settings) -> Iterator[object]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, **env: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "forge.cli.main", "worker", *args]
+        cmd += ["--consumers", "tests.support.consumers:register_slow"]
+        proc = subprocess.Popen(
+            cmd, env=worker_env(settings, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def started(ctx: Context) -> list[bytes]:
+    return ctx.redis.lrange(f"{ctx.keys.prefix}started", 0, -1)
+
+
+def handled(ctx: Context) -> list[bytes]:
+    return ctx.redis.lrange(f"{ctx.keys.prefix}handled", 0, -1)
+
+
+def quick_worker(ctx: Context) -> Worker:
+    registry = Registry()
+    registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
+    return Worker(ctx, registry)
+
+
+def test_entries_of_a_sigkilled_worker_are_reclaimed(spawn, ctx: Context) -> None:  # type: ignore[no-untyped-def]
+    for i in range(3):
+        publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
+    victim = spawn(TEST_HANDLER_SLEEP_S="60")
+    wait_for(lambda: len(started(ctx)) == 3, timeout_s=20)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert pending(ctx) == 3
+
+    ctx.settings = ctx.settings.replace(claim_min_idle_s=0.5)
+    with running(quick_worker(ctx)):
+        wait_for(lambda: len(completions(ctx)) == 3)
+    done = completions(ctx)
+    assert sorted(c.source_id for c in done) == ["e0", "e1", "e2"]
+    assert {c.deliveries for c in done} == {2}
+    assert {c.status for c in done} == {"succeeded"}
+    assert pending(ctx) == 0
+    assert ctx.metrics.reclaimed_total.labels(stream="new-data")._value.get() == 3
+
+
+def test_lease_renewal_keeps_a_slow_handlers_entry(settings: Settings, redis_client) -> None:  # type: ignore[no-untyped-def]
+    fast_reclaim = settings.replace(claim_min_idle_s=0.6, reclaim_interval_s=0.05)
+    calls: list[str] = []
+
+    def slow(messages: Sequence[Message[NewData]]) -> None:
+        calls.extend(m.event.id for m in messages)
+        time.sleep(2.5)  # four times the reclaim threshold
+
+    workers = []
+    for _ in range(2):
+        ctx = Context(settings=fast_reclaim, redis=redis_client, metrics=Metrics(gpu=False))
+        registry = Registry()
+        registry.register(HandlerSpec("new-data", NewData, slow))
+        workers.append(Worker(ctx, registry))
+    workers[0].ctx.broker.ensure_groups(workers[0].streams)
+    publish(redis_client, workers[0].keys.new_data, new_data("long"))
+    with running(workers[0]), running(workers[1]):
+        wait_for(lambda: len(completions(workers[0].ctx)) == 1, timeout_s=15)
+    (done,) = completions(workers[0].ctx)
+    assert calls == ["long"]
+    assert done.deliveries == 1
+    reclaimed = [
+        w.ctx.metrics.reclaimed_total.labels(stream="new-data")._value.get() for w in workers
+    ]
+    assert reclaimed == [0, 0]
+
+
+def test_sigterm_finishes_in_flight_work_and_loses_nothing(spawn, ctx: Context) -> None:  # type: ignore[no-untyped-def]
+    for i in range(6):
+        publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
+    proc = spawn(TEST_HANDLER_SLEEP_S="1.0", MAX_BATCH_SIZE="2")
+    wait_for(lambda: len(started(ctx)) >= 1, timeout_s=20)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=15) == 0
+    assert started(ctx) == handled(ctx)  # the batch in flight finished
+    assert len(completions(ctx)) == len(handled(ctx))
+    assert pending(ctx) == 0  # and was acked
+
+    with running(quick_worker(ctx)):
+        wait_for(lambda: len(completions(ctx)) == 6)
+    ids = sorted(c.source_id for c in completions(ctx))
+    assert ids == [f"e{i}" for i in range(6)]
+
+
+def test_drain_timeout_exits_zero_and_leaves_entries_pending(spawn, ctx: Context) -> None:  # type: ignore[no-untyped-def]
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    proc = spawn(TEST_HANDLER_SLEEP_S="60", FORGE_DRAIN_TIMEOUT_S="0.5")
+    wait_for(lambda: len(started(ctx)) == 1, timeout_s=20)
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert time.monotonic() - began < 5
+    assert pending(ctx) == 1  # not lost: another worker will reclaim it
+
+
+def test_second_signal_forces_exit_without_losing_entries(spawn, ctx: Context) -> None:  # type: ignore[no-untyped-def]
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    proc = spawn(TEST_HANDLER_SLEEP_S="60")
+    wait_for(lambda: len(started(ctx)) == 1, timeout_s=20)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert pending(ctx) == 1
+
+
+def _http_port(proc: subprocess.Popen[bytes]) -> int:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") in {"http endpoint up", "supervisor started"}:
+            return int(record["port"])
+    raise AssertionError("worker never reported its HTTP port")
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _drain_output(proc: subprocess.Popen[bytes]) -> list[bytes]:
+    """Keep reading the child's output so it never blocks on a full pipe; returns the
+    list the lines are collected into."""
+    assert proc.stdout is not None
+    lines: list[bytes] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout or ()), daemon=True).start()
+    return lines
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_health_and_metrics_endpoints(spawn, ctx: Context, processes: int) -> None:  # type: ignore[no-untyped-def]
+    proc = spawn("--http-port", "0", "--processes", str(processes), TEST_HANDLER_SLEEP_S="0")
+    port = _http_port(proc)
+    _drain_output(proc)
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    wait_for(lambda: len(completions(ctx)) == 1, timeout_s=30)
+    status, body = _get(f"http://127.0.0.1:{port}/health")
+    assert status == 200, body
+    assert json.loads(body)["status"] == "ok"
+    status, body = _get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    text = body.decode()
+    assert 'forge_events_processed_total{outcome="succeeded",stream="new-data"} 1.0' in text
+    assert "forge_stream_pending" in text
+    assert "forge_dead_letter_depth" in text
+    assert _get(f"http://127.0.0.1:{port}/config")[0] == 404
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+def test_supervisor_restarts_a_dead_worker_process(spawn, ctx: Context, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    proc = spawn("--http-port", "0", "--processes", "2", TEST_HANDLER_SLEEP_S="60")
+    port = _http_port(proc)
+    lines = _drain_output(proc)
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    wait_for(lambda: len(started(ctx)) == 1, timeout_s=30)
+    info = ctx.redis.xinfo_consumers(ctx.keys.new_data, ctx.keys.group)
+    holder = next(c for c in info if c["pending"] == 1)["name"].decode()
+    os.kill(int(holder.split("-")[-2]), signal.SIGKILL)
+
+    def restarted() -> bool:
+        return sum(b"worker process started" in line for line in lines) >= 1
+
+    wait_for(restarted, timeout_s=20)
+    wait_for(lambda: _get(f"http://127.0.0.1:{port}/health")[0] == 200, timeout_s=20)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert pending(ctx) == 1  # the killed worker's entry waits for reclaim

@@ -1,0 +1,273 @@
+"""The consumer-group runtime against a real Redis: batching, acks, retries, dead letters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import pytest
+import redis
+
+from forge.context import Context
+from forge.deadletter import DeadLetterQueue
+from forge.errors import InvalidEvent, PermanentError, TransientError
+from forge.events import EVENT_FIELD, Completion, DeadLetter, NewData, decode_as
+from forge.registry import HandlerSpec, Message, Outcome, Registry, Rejected, Succeeded
+from forge.worker import Worker
+from tests.conftest import new_data, publish
+from tests.support.redis_helpers import running, wait_for
+
+Handle = Callable[[Sequence[Message[NewData]]], Sequence[Outcome] | None]
+
+
+def make_worker(ctx: Context, handle: Handle) -> Worker:
+    registry = Registry()
+    registry.register(HandlerSpec("new-data", NewData, handle))
+    return Worker(ctx, registry)
+
+
+def completions(ctx: Context) -> list[Completion]:
+    entries = ctx.redis.xrange(ctx.keys.completions)
+    return [decode_as(Completion, fields[EVENT_FIELD]) for _, fields in entries]
+
+
+def dead_letters(ctx: Context) -> list[DeadLetter]:
+    return [e.record for e in DeadLetterQueue(ctx.broker).select()]
+
+
+def pending(ctx: Context) -> int:
+    info = ctx.redis.xpending(ctx.keys.new_data, ctx.keys.group)
+    return int(info["pending"])
+
+
+def drain(worker: Worker, ctx: Context, expected_completions: int, timeout_s: float = 10) -> None:
+    worker.ctx.broker.ensure_groups(worker.streams)
+    with running(worker):
+        wait_for(lambda: len(completions(ctx)) >= expected_completions, timeout_s)
+
+
+def test_reads_in_batches_up_to_max_batch_size(ctx: Context) -> None:
+    ctx.settings = ctx.settings.replace(max_batch_size=4)
+    sizes: list[int] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        sizes.append(len(messages))
+
+    worker = make_worker(ctx, handle)
+    worker.ctx.broker.ensure_groups(worker.streams)
+    for i in range(10):
+        publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
+    drain(worker, ctx, 10)
+    assert sizes == [4, 4, 2]
+    assert all(c.status == "succeeded" for c in completions(ctx))
+    assert pending(ctx) == 0
+
+
+def test_completion_describes_the_input_event(ctx: Context) -> None:
+    def handle(messages: Sequence[Message[NewData]]) -> list[Outcome]:
+        return [Succeeded({"records": len(m.event.records)}) for m in messages]
+
+    entry_id = publish(ctx.redis, ctx.keys.new_data, new_data("e1", n=3))
+    drain(make_worker(ctx, handle), ctx, 1)
+    (done,) = completions(ctx)
+    assert done.source_id == "e1"
+    assert done.source_stream == ctx.keys.new_data
+    assert done.source_entry_id == entry_id
+    assert done.result == {"records": 3}
+    assert done.worker == ctx.consumer
+    assert done.timings.total_s >= done.timings.handler_s >= 0
+
+
+def test_nothing_is_acked_before_the_handler_succeeds(ctx: Context) -> None:
+    seen_pending: list[int] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        seen_pending.append(pending(ctx))
+
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    drain(make_worker(ctx, handle), ctx, 1)
+    assert seen_pending == [1]
+    assert pending(ctx) == 0
+
+
+def test_transient_errors_are_retried_in_process(ctx: Context) -> None:
+    calls: list[int] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        calls.append(messages[0].deliveries)
+        if len(calls) < 3:
+            raise TransientError("database restarting")
+
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    drain(make_worker(ctx, handle), ctx, 1)
+    assert calls == [1, 1, 1]  # three attempts, one delivery
+    assert completions(ctx)[0].status == "succeeded"
+    retries = ctx.metrics.retries_total.labels(stream="new-data")._value.get()
+    assert retries == 2
+
+
+def test_failing_entry_is_dead_lettered_after_exactly_three_deliveries(ctx: Context) -> None:
+    deliveries: list[int] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        deliveries.append(messages[0].deliveries)
+        raise RuntimeError("model exploded")
+
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    drain(make_worker(ctx, handle), ctx, 1)
+    assert deliveries == [1, 2, 3]
+    (record,) = dead_letters(ctx)
+    assert record.deliveries == 3
+    assert record.error.type == "RuntimeError"
+    assert "model exploded" in record.error.message
+    assert "Traceback" in record.error.traceback
+    assert record.source_id == "e1"
+    (done,) = completions(ctx)
+    assert done.status == "dead-lettered"
+    assert done.error is not None
+    assert done.error.type == "RuntimeError"
+    assert pending(ctx) == 0
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "malformed JSON"),
+        (b'{"type":"new-data","id":"e1","collection":"tickets"}', "records"),
+        (b'{"type":"training-request","id":"e1"}', "type"),
+        (b"\xff\xfe\x00garbage", "malformed JSON"),
+        (b'{"type":"new-data","id":"e1","collection":"x; DROP TABLE y","records":[]}', ""),
+    ],
+)
+def test_poison_entry_is_dead_lettered_at_once(ctx: Context, payload: bytes, reason: str) -> None:
+    handled: list[str] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        handled.extend(m.event.id for m in messages)
+
+    ctx.redis.xadd(ctx.keys.new_data, {EVENT_FIELD: payload})
+    publish(ctx.redis, ctx.keys.new_data, new_data("good"))
+    drain(make_worker(ctx, handle), ctx, 2)
+    assert handled == ["good"]
+    (record,) = dead_letters(ctx)
+    assert record.deliveries == 1
+    assert record.error.type == "InvalidEvent"
+    assert reason in record.error.message
+    if record.payload_encoding == "utf-8":
+        assert record.payload.encode() == payload
+    statuses = sorted(c.status for c in completions(ctx))
+    assert statuses == ["dead-lettered", "succeeded"]
+
+
+def test_entry_without_event_field_is_dead_lettered(ctx: Context) -> None:
+    ctx.redis.xadd(ctx.keys.new_data, {"data": "hello"})
+    drain(make_worker(ctx, lambda messages: None), ctx, 1)
+    (record,) = dead_letters(ctx)
+    assert "no 'event' field" in record.error.message
+    assert "data" in record.error.message
+
+
+def test_one_poison_event_does_not_sink_its_batch(ctx: Context) -> None:
+    def handle(messages: Sequence[Message[NewData]]) -> list[Outcome]:
+        if any(m.event.id == "bad" for m in messages):
+            raise InvalidEvent("vector has the wrong dimension")
+        return [Succeeded() for _ in messages]
+
+    for event_id in ("a", "bad", "c"):
+        publish(ctx.redis, ctx.keys.new_data, new_data(event_id))
+    drain(make_worker(ctx, handle), ctx, 3)
+    by_id = {c.source_id: c.status for c in completions(ctx)}
+    assert by_id == {"a": "succeeded", "bad": "dead-lettered", "c": "succeeded"}
+    assert [r.source_id for r in dead_letters(ctx)] == ["bad"]
+
+
+def test_handler_outcomes_per_message(ctx: Context) -> None:
+    def handle(messages: Sequence[Message[NewData]]) -> list[Outcome]:
+        return [
+            Rejected(error_of("dimension mismatch")) if m.event.id == "bad" else Succeeded()
+            for m in messages
+        ]
+
+    for event_id in ("a", "bad"):
+        publish(ctx.redis, ctx.keys.new_data, new_data(event_id))
+    drain(make_worker(ctx, handle), ctx, 2)
+    assert [r.error.message for r in dead_letters(ctx)] == ["dimension mismatch"]
+
+
+def error_of(message: str):  # type: ignore[no-untyped-def]
+    from forge.events import ErrorInfo
+
+    return ErrorInfo(type="InvalidEvent", message=message)
+
+
+def test_permanent_error_is_a_failed_completion_without_retries(ctx: Context) -> None:
+    calls: list[int] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        calls.append(1)
+        raise PermanentError("too few labelled rows")
+
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    drain(make_worker(ctx, handle), ctx, 1)
+    assert calls == [1]
+    (done,) = completions(ctx)
+    assert done.status == "failed"
+    assert done.error is not None
+    assert "too few" in done.error.message
+    assert dead_letters(ctx) == []
+
+
+def test_duplicate_event_has_no_second_effect(ctx: Context) -> None:
+    effects: list[str] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> list[Outcome]:
+        effects.extend(m.event.id for m in messages)
+        return [Succeeded({"written": 1}) for _ in messages]
+
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    drain(make_worker(ctx, handle), ctx, 2)
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    drain(make_worker(ctx, handle), ctx, 3)
+    assert effects == ["e1"]
+    dupes = [c.duplicate for c in completions(ctx)]
+    assert dupes == [False, True, True]
+    assert all(c.result == {"written": 1} for c in completions(ctx))
+
+
+def test_worker_survives_redis_errors_and_recreates_a_lost_group(ctx: Context) -> None:
+    worker = make_worker(ctx, lambda messages: None)
+    worker.ctx.broker.ensure_groups(worker.streams)
+    with running(worker):
+        ctx.redis.delete(ctx.keys.new_data)  # as if Redis restarted without persistence
+        publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+        wait_for(lambda: len(completions(ctx)) == 1)
+
+
+def test_backpressure_bounds_entries_awaiting_redelivery(ctx: Context) -> None:
+    ctx.settings = ctx.settings.replace(max_batch_size=2, redeliver_delay_s=5.0)
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        raise RuntimeError("down")
+
+    for i in range(40):
+        publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
+    worker = make_worker(ctx, handle)
+    worker.ctx.broker.ensure_groups(worker.streams)
+    with running(worker):
+        wait_for(lambda: pending(ctx) >= 16)
+        import time
+
+        time.sleep(0.3)
+        assert pending(ctx) == 16  # 4 x max_batch_size, floor 16
+
+
+def test_redis_connection_errors_back_off_and_resume(ctx: Context) -> None:
+    broken = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    ctx_broken = Context(settings=ctx.settings, redis=broken, metrics=ctx.metrics)
+    worker = make_worker(ctx_broken, lambda messages: None)
+    with running(worker):
+        wait_for(
+            lambda: (
+                ctx.metrics.infrastructure_errors_total.labels(component="redis")._value.get() >= 2
+            )
+        )

@@ -9,9 +9,11 @@ above all, the secret redaction.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -66,10 +68,36 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
         )
     )
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _ForgeHandler)]:
+    for old in [h for h in root.handlers if isinstance(h, _ForgeHandler | _ForgeFileHandler)]:
         root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
+    if settings.log_dir is not None:
+        root.addHandler(_file_handler(settings.log_dir, shared))
     root.setLevel(level)
+
+
+class _ForgeFileHandler(logging.handlers.RotatingFileHandler):
+    """Forge's log file, told apart from other handlers like ``_ForgeHandler``."""
+
+
+def _file_handler(log_dir: Path, shared: list[Processor]) -> logging.Handler:
+    """JSON lines in ``log_dir/forge.log`` (the container's /var/log/datapunk/forge),
+    rotated at 50 MB so a long-running worker cannot fill its volume."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = _ForgeFileHandler(
+        log_dir / "forge.log", maxBytes=50 * 2**20, backupCount=5, encoding="utf-8"
+    )
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                _renderer(True, colors=False),
+            ],
+        )
+    )
+    return handler
 
 
 def _shared_processors() -> list[Processor]:

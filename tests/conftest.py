@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,9 +10,16 @@ import redis
 
 from forge.context import Context
 from forge.events import EVENT_FIELD
+from forge.logging import configure_logging
 from forge.metrics import Metrics
 from forge.settings import Settings
 from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, new_prefix
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_real_stderr() -> None:
+    """Workers running in threads log to the process's stderr, never to a test's stdout."""
+    configure_logging(Settings(log_format="console", log_level="INFO"), sys.__stderr__)
 
 
 @pytest.fixture

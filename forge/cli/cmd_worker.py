@@ -11,7 +11,6 @@ import structlog
 from forge.cli.runtime import open_redis
 from forge.context import Context, connect_redis_probe
 from forge.http import HealthCheck, start_http_server
-from forge.logging import configure_logging
 from forge.metrics import Metrics
 from forge.registry import build_registry
 from forge.settings import Settings
@@ -31,7 +30,6 @@ def _apply_overrides(args: argparse.Namespace, settings: Settings) -> Settings:
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     settings = _apply_overrides(args, settings)
-    configure_logging(settings)
     if args.processes > 1:
         from forge.supervisor import Supervisor
 

@@ -16,6 +16,7 @@ import redis
 
 from forge import __version__
 from forge.errors import ForgeError
+from forge.logging import configure_logging
 from forge.settings import Settings, redact_url
 
 EXIT_ERROR = 1
@@ -92,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_reporting_errors(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
+        # Logs go to stderr so that stdout carries only the command's output.
+        configure_logging(settings)
         command: Command = args.run
         return command(args, settings)
     except KeyboardInterrupt:

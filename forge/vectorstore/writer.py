@@ -95,18 +95,21 @@ def check_rows(rows: Sequence[Row], dimension: int) -> None:
     for row in rows:
         shape = np.shape(row.embedding)
         if shape != (dimension,):
-            raise InvalidWrite(
-                f"record {row.id!r} of event {row.event_id!r}: vector shape {shape},"
-                f" collection dimension {dimension}",
-                event_id=row.event_id,
-                record_id=row.id,
-            )
-        if not np.isfinite(row.embedding).all():
-            raise InvalidWrite(
-                f"record {row.id!r} of event {row.event_id!r}: vector has NaN or infinity",
-                event_id=row.event_id,
-                record_id=row.id,
-            )
+            raise _invalid(row, f"vector shape {shape}, collection dimension {dimension}")
+    if not rows:
+        return
+    # One vectorised pass: NaN/infinity would be rejected by pgvector mid-batch.
+    finite = np.isfinite(np.stack([row.embedding for row in rows])).all(axis=1)
+    if not finite.all():
+        raise _invalid(rows[int(np.argmin(finite))], "vector has NaN or infinity")
+
+
+def _invalid(row: Row, problem: str) -> InvalidWrite:
+    return InvalidWrite(
+        f"record {row.id!r} of event {row.event_id!r}: {problem}",
+        event_id=row.event_id,
+        record_id=row.id,
+    )
 
 
 def write_claimed(

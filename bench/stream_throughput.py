@@ -1,0 +1,247 @@
+"""Benchmark: Forge's consumer runtime against hand-written redis-py loops doing the same work.
+
+    .venv/bin/python bench/stream_throughput.py [--events 20000] [--batch-sizes 32,100]
+        [--redis-url redis://127.0.0.1:6379/0] [--repeat 3]
+
+Every run pre-publishes ``--events`` new-data events (about 200 bytes of JSON each, one
+record of twelve words, unique event ids) to a fresh input stream under a unique key
+prefix, then times consumption from the first read until the last entry is settled.
+The handler does nothing, so what is measured is the runtime's own per-message cost.
+Variants, each on its own streams, same payloads, same batch size (XREADGROUP COUNT):
+
+* ``forge``: a ``Worker`` with a no-op handler (returns None), driven by
+  ``worker.run_once()`` until every entry is settled: XREADGROUP, msgspec decode into
+  ``NewData``, MGET of the idempotency markers, handler, then one MULTI/EXEC with an
+  XADD of a ``Completion`` per event (MAXLEN ~), a SET EX of a done marker per event
+  and the XACK of the batch. Metrics are updated as in production.
+* ``raw-same``: the same Redis work written by hand with redis-py: XREADGROUP COUNT
+  n, msgspec decode of each payload into ``forge.events.NewData``, MGET of one marker
+  key per event, then one MULTI/EXEC pipeline with, per event, an XADD (MAXLEN ~) of a
+  small completion JSON (type, id, source id/stream/entry id, status, worker:
+  about 200 bytes) and a SET EX of a marker, and one XACK of the batch.
+* ``raw-minimal``: XREADGROUP COUNT n, msgspec decode into ``NewData``, then a plain
+  pipeline (no MULTI) with one XADD of the same small completion per event and one
+  XACK of the batch. No idempotency markers, no atomicity.
+
+Each variant runs ``--repeat`` times (variants interleaved) and its best run counts.
+The script checks every run: N completions on the output stream, nothing pending.
+Only keys under its own ``bench:<uuid>:`` prefix are touched, and deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import msgspec
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
+
+from forge.context import Context, connect_redis  # noqa: E402
+from forge.events import EVENT_FIELD, NewData  # noqa: E402
+from forge.metrics import Metrics  # noqa: E402
+from forge.registry import HandlerSpec, Message, Registry  # noqa: E402
+from forge.settings import Settings  # noqa: E402
+from forge.worker import Worker  # noqa: E402
+
+GROUP = "forge"
+CONSUMER = "bench-consumer"
+MAXLEN = 100_000
+MARKER_TTL_S = 7 * 24 * 3600
+TEXT = "the quick brown fox jumps over the lazy dog and then runs far away into the green hills"
+
+_encoder = msgspec.json.Encoder()
+
+
+class RawCompletion(msgspec.Struct, tag_field="type", tag="completion"):
+    """What the raw variants publish per event: a small completion record."""
+
+    id: str
+    source_id: str
+    source_stream: str
+    source_entry_id: str
+    status: str
+    worker: str
+
+
+def payloads(count: int) -> list[bytes]:
+    return [
+        _encoder.encode(
+            {
+                "type": "new-data",
+                "id": f"e{i}",
+                "collection": "bench",
+                "records": [{"id": f"r{i}", "text": TEXT}],
+            }
+        )
+        for i in range(count)
+    ]
+
+
+def prepare(client: redis.Redis, stream: str, data: Sequence[bytes]) -> None:
+    """Publish ``data`` to ``stream`` and create the consumer group from its start."""
+    for start in range(0, len(data), 1000):
+        pipe = client.pipeline(transaction=False)
+        for payload in data[start : start + 1000]:
+            pipe.xadd(stream, {EVENT_FIELD: payload})
+        pipe.execute()
+    client.xgroup_create(stream, GROUP, id="0")
+
+
+def verify(client: redis.Redis, stream: str, completions: str, expected: int) -> None:
+    published = client.xlen(completions)
+    pending = int(client.xpending(stream, GROUP)["pending"])
+    if published != expected or pending != 0:
+        raise SystemExit(
+            f"{stream}: {published} completions (expected {expected}), {pending} pending"
+        )
+
+
+def delete_prefix(client: redis.Redis, prefix: str) -> None:
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=f"{prefix}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            client.delete(*batch)
+            batch.clear()
+    if batch:
+        client.delete(*batch)
+
+
+# ---------------------------------------------------------------------------- variants
+
+
+def run_forge(url: str, prefix: str, data: Sequence[bytes], batch: int) -> float:
+    settings = Settings(
+        redis_url=url,
+        stream_prefix=prefix,
+        group=GROUP,
+        max_batch_size=batch,
+        read_block_s=0.01,
+        stream_maxlen=MAXLEN,
+        idempotency_ttl_s=MARKER_TTL_S,
+    )
+    client = connect_redis(url)
+    ctx = Context(settings=settings, redis=client, metrics=Metrics(gpu=False), consumer=CONSUMER)
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        return None
+
+    registry = Registry()
+    registry.register(HandlerSpec("new-data", NewData, handle))
+    worker = Worker(ctx, registry)
+    prepare(client, ctx.keys.new_data, data)
+    settled = 0
+    started = time.perf_counter()
+    while settled < len(data):
+        settled += worker.run_once()
+    elapsed = time.perf_counter() - started
+    verify(client, ctx.keys.new_data, ctx.keys.completions, len(data))
+    client.close()
+    return elapsed
+
+
+def run_raw(url: str, prefix: str, data: Sequence[bytes], batch: int, markers: bool) -> float:
+    client = connect_redis(url)
+    stream, completions = f"{prefix}new-data", f"{prefix}completions"
+    done_prefix = f"{prefix}done:{GROUP}:{stream}:"
+    decoder = msgspec.json.Decoder(NewData)
+    marker = _encoder.encode({"status": "succeeded", "result": {}, "error": None})
+    prepare(client, stream, data)
+    settled = 0
+    started = time.perf_counter()
+    while settled < len(data):
+        reply = client.xreadgroup(GROUP, CONSUMER, {stream: ">"}, count=batch, block=10)
+        if not reply:
+            continue
+        items = reply[0][1]
+        ids = [eid.decode() for eid, _ in items]
+        events = [decoder.decode(fields[EVENT_FIELD]) for _, fields in items]
+        if markers:
+            seen = client.mget([done_prefix + e.id for e in events])
+        pipe = client.pipeline(transaction=markers)
+        for i, (entry_id, event) in enumerate(zip(ids, events, strict=True)):
+            if markers and seen[i] is not None:
+                continue
+            completion = RawCompletion(
+                id=uuid.uuid4().hex,
+                source_id=event.id,
+                source_stream=stream,
+                source_entry_id=entry_id,
+                status="succeeded",
+                worker=CONSUMER,
+            )
+            pipe.xadd(
+                completions, {EVENT_FIELD: _encoder.encode(completion)}, maxlen=MAXLEN, approximate=True
+            )
+            if markers:
+                pipe.set(done_prefix + event.id, marker, ex=MARKER_TTL_S)
+        pipe.xack(stream, GROUP, *ids)
+        pipe.execute()
+        settled += len(ids)
+    elapsed = time.perf_counter() - started
+    verify(client, stream, completions, len(data))
+    client.close()
+    return elapsed
+
+
+Runner = Callable[[str, str, Sequence[bytes], int], float]
+
+VARIANTS: dict[str, Runner] = {
+    "forge": run_forge,
+    "raw-same": lambda url, prefix, data, batch: run_raw(url, prefix, data, batch, True),
+    "raw-minimal": lambda url, prefix, data, batch: run_raw(url, prefix, data, batch, False),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--batch-sizes", default="32,100")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+
+    data = payloads(args.events)
+    mean_bytes = sum(len(p) for p in data) / len(data)
+    root = f"bench:{uuid.uuid4().hex[:12]}:"
+    admin = redis.Redis.from_url(args.redis_url)
+    server = admin.info("server")["redis_version"]
+    print(
+        f"{args.events} events of {mean_bytes:.0f} bytes, Redis {server} at {args.redis_url}, "
+        f"best of {args.repeat}"
+    )
+    best: dict[tuple[str, int], float] = {}
+    try:
+        for batch in batch_sizes:
+            for run in range(args.repeat):
+                for name, runner in VARIANTS.items():
+                    prefix = f"{root}{name}-{batch}-{run}:"
+                    elapsed = runner(args.redis_url, prefix, data, batch)
+                    delete_prefix(admin, prefix)
+                    rate = args.events / elapsed
+                    best[name, batch] = max(best.get((name, batch), 0.0), rate)
+                    print(f"  batch {batch:>4}  {name:<12} run {run + 1}: {rate:>10,.0f} msgs/s")
+    finally:
+        delete_prefix(admin, root)
+        admin.close()
+
+    print()
+    header = f"{'batch':>5}  {'forge':>10}  {'raw-same':>10}  {'raw-minimal':>11}"
+    print(f"{header}  {'forge/raw-same':>14}  {'forge/raw-minimal':>17}")
+    for batch in batch_sizes:
+        forge, same, minimal = (best[v, batch] for v in VARIANTS)
+        print(
+            f"{batch:>5}  {forge:>10,.0f}  {same:>10,.0f}  {minimal:>11,.0f}"
+            f"  {forge / same:>14.2f}  {forge / minimal:>17.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

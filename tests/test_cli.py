@@ -1,0 +1,274 @@
+"""The ``forge`` command line: publishing, status, dead-letter operations and errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from forge.cli.main import main
+from forge.context import Context
+from forge.events import EVENT_FIELD, NewData
+from forge.registry import HandlerSpec, Message, Registry
+from forge.schemas import drift
+from forge.worker import Worker
+from tests.conftest import new_data, publish
+from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
+from tests.test_worker import completions, dead_letters
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, ctx: Context) -> Context:
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
+    monkeypatch.setenv("FORGE_STREAM_PREFIX", ctx.settings.stream_prefix)
+    monkeypatch.setenv("FORGE_HOME", str(ctx.settings.home_dir))
+    return ctx
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    assert err.count("\n") == 1, err
+    assert err.startswith("forge: error: ") or err.startswith("forge ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+# ---------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        ([], "required"),
+        (["nonsense"], "invalid choice"),
+        (["worker", "--processes", "0"], "positive"),
+        (["worker", "--http-port", "99999"], "port"),
+        (["dlq", "list", "--limit", "x"], "invalid int"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str
+) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert_one_line_error(code, err, fragment)
+
+
+def test_unreachable_redis_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", "redis://:hunter2@127.0.0.1:1/0")
+    code, _, err = run_cli(capsys, "status")
+    assert_one_line_error(code, err, "cannot reach Redis")
+    assert "hunter2" not in err
+
+
+def test_bad_setting_is_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAX_BATCH_SIZE", "lots")
+    code, _, err = run_cli(capsys, "status")
+    assert_one_line_error(code, err, "MAX_BATCH_SIZE")
+
+
+def test_cli_errors_never_print_tracebacks_in_a_real_process() -> None:
+    env = {"REDIS_URL": "redis://127.0.0.1:1/0", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "forge.cli.main", "dlq", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("forge: error: cannot reach Redis")
+    assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------- publish
+
+
+def test_publish_validates_then_publishes(
+    capsys: pytest.CaptureFixture[str], cli_env: Context, tmp_path: Path
+) -> None:
+    code, out, _ = run_cli(capsys, "publish", "new-data", json.dumps(new_data("e1")))
+    assert code == 0
+    entries = cli_env.redis.xrange(cli_env.keys.new_data)
+    assert [e[0].decode() for e in entries] == [out.strip()]
+    event = json.loads(entries[0][1][EVENT_FIELD])
+    assert event["id"] == "e1"
+    assert "created_at" in event
+
+    batch = tmp_path / "events.jsonl"
+    batch.write_text("\n".join(json.dumps(new_data(f"f{i}")) for i in range(3)))
+    code, out, _ = run_cli(capsys, "publish", "forge:new-data".replace("forge:", ""), f"@{batch}")
+    assert code == 0
+    assert len(out.split()) == 3
+
+
+def test_publish_rejects_invalid_events_and_publishes_none(
+    capsys: pytest.CaptureFixture[str], cli_env: Context
+) -> None:
+    events = [new_data("ok"), {"type": "new-data", "id": "bad", "collection": "c"}]
+    code, _, err = run_cli(capsys, "publish", "new-data", json.dumps(events))
+    assert_one_line_error(code, err, "event 1", "records")
+    assert cli_env.redis.xlen(cli_env.keys.new_data) == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["publish", "new-data", "{not json"], "malformed JSON"),
+        (["publish", "nowhere", "{}"], "not an input stream"),
+        (["publish", "new-data", "@/nonexistent/file.json"], "cannot read"),
+        (["publish", "new-data", "[1, 2]"], "JSON object"),
+        (["dlq", "replay"], "exactly one of"),
+        (["dlq", "show", "1-1"], "no dead-letter record"),
+        (["dlq", "list", "--filter", "colour=red"], "bad filter"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], cli_env: Context, argv: list[str], fragment: str
+) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 1
+    assert_one_line_error(code, err, fragment)
+
+
+# ---------------------------------------------------------------------- status
+
+
+def test_status_reports_streams_and_dead_letters(
+    capsys: pytest.CaptureFixture[str], cli_env: Context
+) -> None:
+    ctx = cli_env
+    ctx.broker.ensure_groups(ctx.keys.input_streams)
+    for i in range(3):
+        publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
+    ctx.broker.read([ctx.keys.new_data], "c1", 1, None)
+    code, out, _ = run_cli(capsys, "status", "--json")
+    assert code == 0
+    snap = json.loads(out)
+    (stream,) = [s for s in snap["streams"] if s["stream"] == ctx.keys.new_data]
+    assert stream["length"] == 3
+    assert stream["groups"][0]["pending"] == 1
+    assert stream["groups"][0]["lag"] == 2
+    assert snap["dead_letter_depth"] == 0
+    code, out, _ = run_cli(capsys, "status")
+    assert code == 0
+    assert ctx.keys.new_data in out
+    assert "dead letters: 0" in out
+
+
+# ---------------------------------------------------------------------- dead letters
+
+
+def flaky_worker(ctx: Context, broken_flag: str) -> Worker:
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        if ctx.redis.exists(broken_flag):
+            raise RuntimeError("downstream is broken")
+
+    registry = Registry()
+    registry.register(HandlerSpec("new-data", NewData, handle))
+    return Worker(ctx, registry)
+
+
+def test_dead_letter_replay_round_trip(
+    capsys: pytest.CaptureFixture[str], cli_env: Context
+) -> None:
+    ctx = cli_env
+    flag = f"{ctx.keys.prefix}broken"
+    ctx.redis.set(flag, 1)
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    publish(ctx.redis, ctx.keys.new_data, b"not json at all")
+    with running(flaky_worker(ctx, flag)):
+        wait_for(lambda: len(dead_letters(ctx)) == 2)
+
+    code, out, _ = run_cli(capsys, "dlq", "list")
+    assert code == 0
+    assert "RuntimeError: downstream is broken" in out
+    code, out, _ = run_cli(capsys, "dlq", "list", "--json", "--filter", "error_type=Runtime*")
+    (listed,) = json.loads(out)
+    assert listed["source_id"] == "e1"
+    assert listed["deliveries"] == 3
+    code, out, _ = run_cli(capsys, "dlq", "show", listed["entry_id"])
+    assert json.loads(out)["error"]["traceback"].startswith("Traceback")
+
+    ctx.redis.delete(flag)  # the operator fixed the cause
+    code, out, _ = run_cli(capsys, "dlq", "replay", "--filter", "source_id=e1")
+    assert code == 0
+    assert "replayed 1" in out
+    with running(flaky_worker(ctx, flag)):
+        wait_for(lambda: any(c.status == "succeeded" for c in completions(ctx)))
+    assert [r.source_id for r in dead_letters(ctx)] == [None]  # the poison one stays
+    code, out, _ = run_cli(capsys, "status", "--json")
+    assert json.loads(out)["dead_letter_replays"] == 1
+
+    code, out, _ = run_cli(capsys, "dlq", "purge", "--all")
+    assert "purged 1" in out
+    assert dead_letters(ctx) == []
+
+
+def test_replayed_event_that_fails_again_records_its_replays(
+    capsys: pytest.CaptureFixture[str], cli_env: Context
+) -> None:
+    ctx = cli_env
+    flag = f"{ctx.keys.prefix}broken"
+    ctx.redis.set(flag, 1)
+    publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
+    with running(flaky_worker(ctx, flag)):
+        wait_for(lambda: len(dead_letters(ctx)) == 1)
+        run_cli(capsys, "dlq", "replay", "--all")
+        wait_for(lambda: len(dead_letters(ctx)) == 1 and dead_letters(ctx)[0].replays == 1)
+
+
+def test_replay_publishes_exactly_the_bytes_received(
+    capsys: pytest.CaptureFixture[str], cli_env: Context
+) -> None:
+    ctx = cli_env
+    raw = b'\xff{"odd": "bytes"}'
+    publish(ctx.redis, ctx.keys.new_data, raw)
+    with running(flaky_worker(ctx, "unused")):
+        wait_for(lambda: len(dead_letters(ctx)) == 1)
+    assert dead_letters(ctx)[0].payload_encoding == "base64"
+    ctx.redis.delete(ctx.keys.new_data)
+    code, _, _ = run_cli(capsys, "dlq", "replay", "--all")
+    assert code == 0
+    ((_, fields),) = ctx.redis.xrange(ctx.keys.new_data)
+    assert fields[EVENT_FIELD] == raw
+
+
+# ---------------------------------------------------------------------- schemas
+
+
+def test_schema_files_match_the_code() -> None:
+    assert drift(REPO / "schemas") == [], "run 'forge schemas export' and commit the result"
+
+
+def test_schemas_export_and_check(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, "schemas", "export", "--dir", str(tmp_path), "--check")
+    assert_one_line_error(code, err, "out of date")
+    code, out, _ = run_cli(capsys, "schemas", "export", "--dir", str(tmp_path))
+    assert code == 0
+    assert "new-data.schema.json" in out
+    schema = json.loads((tmp_path / "new-data.schema.json").read_text())
+    assert schema["$schema"].endswith("2020-12/schema")
+    code, _, _ = run_cli(capsys, "schemas", "export", "--dir", str(tmp_path), "--check")
+    assert code == 0

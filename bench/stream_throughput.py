@@ -3,9 +3,10 @@
     .venv/bin/python bench/stream_throughput.py [--events 20000] [--batch-sizes 32,100]
         [--redis-url redis://127.0.0.1:6379/0] [--repeat 3]
 
-Every run pre-publishes ``--events`` new-data events (about 200 bytes of JSON each, one
-record of twelve words, unique event ids) to a fresh input stream under a unique key
-prefix, then times consumption from the first read until the last entry is settled.
+Every run pre-publishes ``--events`` new-data events (about 200 bytes of JSON each: one
+record of 18 words and a small metadata map, unique event ids) to a fresh input stream
+under a unique key prefix, then times consumption from the first read until the last
+entry is settled.
 The handler does nothing, so what is measured is the runtime's own per-message cost.
 Variants, each on its own streams, same payloads, same batch size (XREADGROUP COUNT):
 
@@ -16,16 +17,23 @@ Variants, each on its own streams, same payloads, same batch size (XREADGROUP CO
   and the XACK of the batch. Metrics are updated as in production.
 * ``raw-same``: the same Redis work written by hand with redis-py: XREADGROUP COUNT
   n, msgspec decode of each payload into ``forge.events.NewData``, MGET of one marker
-  key per event, then one MULTI/EXEC pipeline with, per event, an XADD (MAXLEN ~) of a
-  small completion JSON (type, id, source id/stream/entry id, status, worker:
-  about 200 bytes) and a SET EX of a marker, and one XACK of the batch.
+  key per event, then one MULTI/EXEC pipeline with, per event, an XADD (MAXLEN ~) of
+  a ``forge.events.Completion`` (same fields and size as Forge's, about 400 bytes,
+  clock read once per batch) and a SET EX of the same marker value, and one XACK of
+  the batch. Commands are queued with redis-py's methods (``pipe.xadd``, ``pipe.set``),
+  as hand-written code usually does.
+* ``raw-same-ec``: ``raw-same`` queuing XADD and SET with ``pipe.execute_command`` and
+  ready-made arguments, as Forge's ``StreamBroker.settle`` does: the same commands on
+  the wire without redis-py's per-call option checks. The tightest same-work loop.
 * ``raw-minimal``: XREADGROUP COUNT n, msgspec decode into ``NewData``, then a plain
-  pipeline (no MULTI) with one XADD of the same small completion per event and one
-  XACK of the batch. No idempotency markers, no atomicity.
+  pipeline (no MULTI) with one XADD (``pipe.xadd``) of a small completion (type, id,
+  source id/stream/entry id, status, worker: about 200 bytes) per event and one XACK
+  of the batch. No idempotency markers, no atomicity, no timings.
 
 Each variant runs ``--repeat`` times (variants interleaved) and its best run counts.
-The script checks every run: N completions on the output stream, nothing pending.
-Only keys under its own ``bench:<uuid>:`` prefix are touched, and deleted at the end.
+The script checks every run: N completions on the output stream, nothing pending,
+and N markers where the variant writes them. Only keys under its own ``bench:<uuid>:``
+prefix are touched, and they are deleted at the end.
 """
 
 from __future__ import annotations
@@ -35,24 +43,27 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
-from forge.context import Context, connect_redis  # noqa: E402
-from forge.events import EVENT_FIELD, NewData  # noqa: E402
-from forge.metrics import Metrics  # noqa: E402
-from forge.registry import HandlerSpec, Message, Registry  # noqa: E402
-from forge.settings import Settings  # noqa: E402
-from forge.worker import Worker  # noqa: E402
+from forge.context import Context, connect_redis
+from forge.events import EVENT_FIELD, Completion, NewData, Timings
+from forge.metrics import Metrics
+from forge.registry import HandlerSpec, Message, Registry
+from forge.settings import Settings
+from forge.worker import Worker
 
 GROUP = "forge"
 CONSUMER = "bench-consumer"
 MAXLEN = 100_000
 MARKER_TTL_S = 7 * 24 * 3600
+TIMEOUT_S = 300.0  # per run: a runtime that stops settling fails the benchmark
 TEXT = "the quick brown fox jumps over the lazy dog and then runs far away into the green hills"
 
 _encoder = msgspec.json.Encoder()
@@ -76,7 +87,7 @@ def payloads(count: int) -> list[bytes]:
                 "type": "new-data",
                 "id": f"e{i}",
                 "collection": "bench",
-                "records": [{"id": f"r{i}", "text": TEXT}],
+                "records": [{"id": f"r{i}", "text": TEXT, "metadata": {"lang": "en"}}],
             }
         )
         for i in range(count)
@@ -93,13 +104,22 @@ def prepare(client: redis.Redis, stream: str, data: Sequence[bytes]) -> None:
     client.xgroup_create(stream, GROUP, id="0")
 
 
-def verify(client: redis.Redis, stream: str, completions: str, expected: int) -> None:
+def verify(client: redis.Redis, prefix: str, expected: int, markers: bool) -> None:
+    """Every entry settled: acked, one completion each, and a marker each if ``markers``."""
+    stream, completions = f"{prefix}new-data", f"{prefix}completions"
     published = client.xlen(completions)
     pending = int(client.xpending(stream, GROUP)["pending"])
-    if published != expected or pending != 0:
+    marked = sum(1 for _ in client.scan_iter(match=f"{prefix}done:*", count=1000))
+    if published != expected or pending != 0 or marked != (expected if markers else 0):
         raise SystemExit(
-            f"{stream}: {published} completions (expected {expected}), {pending} pending"
+            f"{stream}: {published} completions, {marked} markers (expected {expected}),"
+            f" {pending} pending"
         )
+
+
+def check_deadline(started: float, settled: int, expected: int) -> None:
+    if time.perf_counter() - started > TIMEOUT_S:
+        raise SystemExit(f"only {settled} of {expected} entries settled in {TIMEOUT_S:.0f} s")
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> None:
@@ -140,52 +160,78 @@ def run_forge(url: str, prefix: str, data: Sequence[bytes], batch: int) -> float
     started = time.perf_counter()
     while settled < len(data):
         settled += worker.run_once()
+        check_deadline(started, settled, len(data))
     elapsed = time.perf_counter() - started
-    verify(client, ctx.keys.new_data, ctx.keys.completions, len(data))
+    verify(client, prefix, len(data), markers=True)
     client.close()
     return elapsed
 
 
-def run_raw(url: str, prefix: str, data: Sequence[bytes], batch: int, markers: bool) -> float:
+def run_raw(
+    url: str, prefix: str, data: Sequence[bytes], batch: int, same: bool, direct: bool
+) -> float:
+    """``same``: markers, MULTI and Forge's ``Completion``, else the minimal loop;
+    ``direct``: queue XADD and SET with ``execute_command``."""
     client = connect_redis(url)
     stream, completions = f"{prefix}new-data", f"{prefix}completions"
     done_prefix = f"{prefix}done:{GROUP}:{stream}:"
     decoder = msgspec.json.Decoder(NewData)
     marker = _encoder.encode({"status": "succeeded", "result": {}, "error": None})
+    trim = (b"MAXLEN", b"~", str(MAXLEN), "*", EVENT_FIELD)
     prepare(client, stream, data)
     settled = 0
     started = time.perf_counter()
     while settled < len(data):
-        reply = client.xreadgroup(GROUP, CONSUMER, {stream: ">"}, count=batch, block=10)
+        reply: Any = client.xreadgroup(GROUP, CONSUMER, {stream: ">"}, count=batch, block=10)
         if not reply:
+            check_deadline(started, settled, len(data))
             continue
         items = reply[0][1]
         ids = [eid.decode() for eid, _ in items]
         events = [decoder.decode(fields[EVENT_FIELD]) for _, fields in items]
-        if markers:
-            seen = client.mget([done_prefix + e.id for e in events])
-        pipe = client.pipeline(transaction=markers)
-        for i, (entry_id, event) in enumerate(zip(ids, events, strict=True)):
-            if markers and seen[i] is not None:
+        seen = client.mget([done_prefix + e.id for e in events]) if same else [None] * len(ids)
+        now, created_at = time.time(), datetime.now(UTC)
+        pipe = client.pipeline(transaction=same)
+        queue: Callable[..., Any] = pipe.execute_command
+        for entry_id, event, stored in zip(ids, events, seen, strict=True):
+            if stored is not None:
                 continue
-            completion = RawCompletion(
-                id=uuid.uuid4().hex,
-                source_id=event.id,
-                source_stream=stream,
-                source_entry_id=entry_id,
-                status="succeeded",
-                worker=CONSUMER,
-            )
-            pipe.xadd(
-                completions, {EVENT_FIELD: _encoder.encode(completion)}, maxlen=MAXLEN, approximate=True
-            )
-            if markers:
+            completion: Completion | RawCompletion
+            if same:
+                queued_s = round(max(now - int(entry_id.split("-", 1)[0]) / 1000, 0.0), 6)
+                completion = Completion(
+                    id=uuid.uuid4().hex,
+                    created_at=created_at,
+                    source_id=event.id,
+                    source_stream=stream,
+                    source_entry_id=entry_id,
+                    status="succeeded",
+                    worker=CONSUMER,
+                    timings=Timings(queue_s=queued_s, handler_s=0.0, total_s=queued_s),
+                )
+            else:
+                completion = RawCompletion(
+                    id=uuid.uuid4().hex,
+                    source_id=event.id,
+                    source_stream=stream,
+                    source_entry_id=entry_id,
+                    status="succeeded",
+                    worker=CONSUMER,
+                )
+            payload = _encoder.encode(completion)
+            if direct:
+                queue("XADD", completions, *trim, payload)
+            else:
+                pipe.xadd(completions, {EVENT_FIELD: payload}, maxlen=MAXLEN, approximate=True)
+            if same and direct:
+                queue("SET", done_prefix + event.id, marker, "EX", MARKER_TTL_S)
+            elif same:
                 pipe.set(done_prefix + event.id, marker, ex=MARKER_TTL_S)
         pipe.xack(stream, GROUP, *ids)
         pipe.execute()
         settled += len(ids)
     elapsed = time.perf_counter() - started
-    verify(client, stream, completions, len(data))
+    verify(client, prefix, len(data), markers=same)
     client.close()
     return elapsed
 
@@ -194,8 +240,9 @@ Runner = Callable[[str, str, Sequence[bytes], int], float]
 
 VARIANTS: dict[str, Runner] = {
     "forge": run_forge,
-    "raw-same": lambda url, prefix, data, batch: run_raw(url, prefix, data, batch, True),
-    "raw-minimal": lambda url, prefix, data, batch: run_raw(url, prefix, data, batch, False),
+    "raw-same": lambda url, prefix, data, batch: run_raw(url, prefix, data, batch, True, False),
+    "raw-same-ec": lambda url, prefix, data, batch: run_raw(url, prefix, data, batch, True, True),
+    "raw-minimal": lambda url, prefix, data, batch: run_raw(url, prefix, data, batch, False, False),
 }
 
 
@@ -232,15 +279,15 @@ def main() -> None:
         delete_prefix(admin, root)
         admin.close()
 
-    print()
-    header = f"{'batch':>5}  {'forge':>10}  {'raw-same':>10}  {'raw-minimal':>11}"
-    print(f"{header}  {'forge/raw-same':>14}  {'forge/raw-minimal':>17}")
+    raws = [name for name in VARIANTS if name != "forge"]
+    print("\nmsgs/s (best run), and forge / raw")
+    print(f"{'batch':>5}" + "".join(f"  {name:>11}" for name in VARIANTS), end="")
+    print("".join(f"  {'/' + name:>12}" for name in raws))
     for batch in batch_sizes:
-        forge, same, minimal = (best[v, batch] for v in VARIANTS)
-        print(
-            f"{batch:>5}  {forge:>10,.0f}  {same:>10,.0f}  {minimal:>11,.0f}"
-            f"  {forge / same:>14.2f}  {forge / minimal:>17.2f}"
-        )
+        forge = best["forge", batch]
+        rates = "".join(f"  {best[name, batch]:>11,.0f}" for name in VARIANTS)
+        ratios = "".join(f"  {forge / best[name, batch]:>12.2f}" for name in raws)
+        print(f"{batch:>5}{rates}{ratios}")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ def make_consumer_name() -> str:
 
 def connect_redis(url: str) -> redis.Redis:
     """A client whose pool reconnects on its own; the worker adds backoff around it."""
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=5, socket_keepalive=True, health_check_interval=30
-    )
+    # TCP keepalive notices a peer that vanished without closing; unix sockets have none.
+    tcp = {"socket_keepalive": True} if not url.startswith("unix:") else {}
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, **tcp)
 
 
 def connect_redis_probe(url: str) -> redis.Redis:

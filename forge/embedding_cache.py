@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -139,9 +140,17 @@ class TextEncoder(Protocol):
     def encode(self, texts: list[str], batch_size: int) -> Vector: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """Vectors in input order, and which rows came from the cache."""
+
+    vectors: Vector
+    cached: list[bool]
+
+
 def encode_cached(
     encoder: TextEncoder, cache: EmbeddingCache | None, texts: Sequence[str], batch_size: int
-) -> Vector:
+) -> Encoded:
     """Embed ``texts`` (one row each, in order), computing only uncached distinct texts."""
     unique = list(dict.fromkeys(texts))
     if cache is None:
@@ -160,4 +169,4 @@ def encode_cached(
     out = np.empty((len(texts), encoder.dimension), dtype=np.float32)
     for row, text in enumerate(texts):
         out[row] = by_text[text]
-    return out
+    return Encoded(out, [text not in fresh for text in texts])

@@ -8,7 +8,7 @@ the JSON Schema files under ``schemas/``.
 
 from __future__ import annotations
 
-import uuid
+import os
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -20,15 +20,16 @@ from forge.errors import InvalidEvent
 SCHEMA_VERSION = 1
 EVENT_FIELD = b"event"
 
-# Producer-chosen ids: printable, no whitespace or control characters.
-EventId = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x20\x7f]+$")]
+# Producer-chosen ids: printable, no whitespace or control characters. ``(?!\n)$``
+# because ``$`` alone also matches before a trailing newline.
+EventId = Annotated[str, Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x20\x7f]+(?!\n)$")]
 # Collection and model names become SQL identifiers and folder names: keep them plain.
 Name = Annotated[
     str,
     Meta(
         min_length=1,
         max_length=63,
-        pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*$",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_\-]*(?!\n)$",
         description="letters, digits, '_' and '-', starting with a letter or '_'",
     ),
 ]
@@ -39,8 +40,14 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# A random (version 4, RFC 4122 variant) UUID as 32 hex digits, like ``uuid4().hex``
+# at half the cost: one is made per completion, so it is on the hot path.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
 def new_id() -> str:
-    return uuid.uuid4().hex
+    return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"
 
 
 class Event(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=False):

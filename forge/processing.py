@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 import structlog
+from prometheus_client import Counter
 
 from forge.broker import Entry, Settlement
 from forge.context import Context
@@ -52,6 +53,9 @@ class Exhausted(msgspec.Struct, frozen=True):
 
 Verdict = Outcome | DeliveryFailed | Exhausted
 _marker_decoder = msgspec.json.Decoder(DoneMarker)
+_marker_encoder = msgspec.json.Encoder()
+# The marker nearly every entry gets (a handler returning None): encoded once.
+_SUCCEEDED_MARKER = _marker_encoder.encode(DoneMarker("succeeded"))
 
 
 @dataclass(slots=True)
@@ -70,6 +74,9 @@ class BatchProcessor:
         self.decoder: Decoder[Any] = Decoder(spec.event_type)
         self.dlq = DeadLetterQueue(ctx.broker)
         self.max_deliveries = ctx.settings.max_deliveries
+        # Metric children, looked up once (labels() costs a lock and a dict lookup).
+        self._processed: dict[str, Counter] = {}
+        self._dead_lettered: dict[str, Counter] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -77,26 +84,31 @@ class BatchProcessor:
         started = time.time()
         verdicts: dict[str, Verdict] = {}
         messages = self._decode(entries, verdicts)
-        fresh, duplicates = self._split_duplicates(stream, messages)
+        marker_keys = [self.ctx.keys.done(stream, m.event.id) for m in messages]
+        fresh, duplicates = self._split_duplicates(messages, marker_keys)
         handler_s = self._run_handler(fresh, verdicts)
         for entry_id, dup in duplicates.items():
             verdicts[entry_id] = _duplicate_verdict(dup, verdicts)
         self._exhaust_last_deliveries(entries, verdicts)
-        timing = _Timing(started, handler_s)
-        by_entry = {m.entry_id: m for m in messages}
+        by_entry = {m.entry_id: (m, key) for m, key in zip(messages, marker_keys, strict=True)}
         result = BatchResult(Settlement())
         replays = self._replay_counts(entries, verdicts)
+        # One clock reading for the whole batch: its completions are published together.
+        timing = _Timing(started, handler_s, time.time(), utcnow())
+        outcomes: dict[tuple[str, str], int] = {}
         for entry in entries:
             verdict = verdicts[entry.entry_id]
             if isinstance(verdict, DeliveryFailed):
                 result.failed.append(entry)
                 self._note_failure(result.settlement, entry, verdict)
                 continue
-            message = by_entry.get(entry.entry_id)
+            message, marker_key = by_entry.get(entry.entry_id, (None, ""))
             duplicate = entry.entry_id in duplicates
-            self._settle_entry(
-                result.settlement, entry, message, verdict, duplicate, timing, replays
+            outcome = self._settle_entry(
+                result.settlement, entry, message, marker_key, verdict, duplicate, timing, replays
             )
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        self._count(outcomes)
         return result
 
     # ------------------------------------------------------------------ decoding
@@ -142,12 +154,11 @@ class BatchProcessor:
     # ------------------------------------------------------------------ idempotency
 
     def _split_duplicates(
-        self, stream: str, messages: list[Message[Any]]
+        self, messages: list[Message[Any]], marker_keys: list[str]
     ) -> tuple[list[Message[Any]], dict[str, DoneMarker | str]]:
         """Fresh messages, and duplicates: entry id -> stored marker, or the entry id of
         an earlier message in this same batch with the same event id."""
-        keys = [self.ctx.keys.done(stream, m.event.id) for m in messages]
-        stored = self.ctx.broker.done_results(keys)
+        stored = self.ctx.broker.done_results(marker_keys)
         fresh: list[Message[Any]] = []
         duplicates: dict[str, DoneMarker | str] = {}
         first_seen: dict[str, str] = {}
@@ -203,11 +214,14 @@ class BatchProcessor:
         settlement: Settlement,
         entry: Entry,
         message: Message[Any] | None,
+        marker_key: str,
         verdict: Outcome | Exhausted,
         duplicate: bool,
         timing: _Timing,
         replays: dict[str, int],
-    ) -> None:
+    ) -> tuple[str, str]:
+        """Add the entry's completion, dead letter or marker, and ack; returns its
+        outcome and dead-letter reason (``""`` when not dead-lettered) for the metrics."""
         keys = self.ctx.keys
         completion = self._completion(entry, message, verdict, timing)
         completion.duplicate = duplicate
@@ -223,14 +237,9 @@ class BatchProcessor:
             settlement.publish(keys.dead_letter, record)
         elif message is not None and not duplicate:
             # Dead letters get no marker: a replay of the same event must run again.
-            marker = DoneMarker(completion.status, completion.result, completion.error)
-            settlement.write(
-                keys.done(entry.stream, message.event.id),
-                msgspec.json.encode(marker),
-                self.ctx.settings.idempotency_ttl_s,
-            )
+            settlement.write(marker_key, _marker(completion), self.ctx.settings.idempotency_ttl_s)
         settlement.ack(entry.stream, entry.entry_id)
-        self._count(verdict, duplicate)
+        return _outcome(verdict, duplicate)
 
     def _exhaust_last_deliveries(
         self, entries: Sequence[Entry], verdicts: dict[str, Verdict]
@@ -275,7 +284,6 @@ class BatchProcessor:
         verdict: Outcome | Exhausted,
         timing: _Timing,
     ) -> Completion:
-        finished = time.time()
         status: Status
         if isinstance(verdict, Succeeded):
             status, result, error = "succeeded", verdict.result, None
@@ -287,7 +295,7 @@ class BatchProcessor:
         arrived = entry.arrived_at_s
         return Completion(
             id=new_id(),
-            created_at=utcnow(),
+            created_at=timing.finished_at,
             source_id=source_id,
             source_stream=entry.stream,
             source_entry_id=entry.entry_id,
@@ -297,26 +305,48 @@ class BatchProcessor:
             timings=Timings(
                 queue_s=round(max(timing.started - arrived, 0.0), 6),
                 handler_s=round(timing.handler_s, 6),
-                total_s=round(max(finished - arrived, 0.0), 6),
+                total_s=round(max(timing.finished - arrived, 0.0), 6),
             ),
             result=result,
             error=_public_error(error),
         )
 
-    def _count(self, verdict: Outcome | Exhausted, duplicate: bool) -> None:
+    def _count(self, outcomes: dict[tuple[str, str], int]) -> None:
+        """Count a batch's outcomes: one increment per kind, not one per entry."""
         metrics = self.ctx.metrics
         stream = self.spec.stream
-        if duplicate:
-            outcome = "duplicate"
-        elif isinstance(verdict, Succeeded):
-            outcome = "succeeded"
-        elif isinstance(verdict, Failed):
-            outcome = "failed"
-        else:
-            outcome = "dead-lettered"
-            reason = "max-deliveries" if isinstance(verdict, Exhausted) else "invalid"
-            metrics.dead_lettered_total.labels(stream=stream, reason=reason).inc()
-        metrics.events_processed_total.labels(stream=stream, outcome=outcome).inc()
+        for (outcome, reason), count in outcomes.items():
+            if reason:
+                dead = self._dead_lettered.get(reason)
+                if dead is None:
+                    dead = metrics.dead_lettered_total.labels(stream=stream, reason=reason)
+                    self._dead_lettered[reason] = dead
+                dead.inc(count)
+            processed = self._processed.get(outcome)
+            if processed is None:
+                processed = metrics.events_processed_total.labels(stream=stream, outcome=outcome)
+                self._processed[outcome] = processed
+            processed.inc(count)
+
+
+def _marker(completion: Completion) -> bytes:
+    """The idempotency marker's value: what a duplicate of this event is answered with."""
+    if completion.status == "succeeded" and not completion.result and completion.error is None:
+        return _SUCCEEDED_MARKER
+    return _marker_encoder.encode(
+        DoneMarker(completion.status, completion.result, completion.error)
+    )
+
+
+def _outcome(verdict: Outcome | Exhausted, duplicate: bool) -> tuple[str, str]:
+    """The ``outcome`` label of an entry, and its dead-letter ``reason`` (or ``""``)."""
+    if duplicate:
+        return "duplicate", ""
+    if isinstance(verdict, Succeeded):
+        return "succeeded", ""
+    if isinstance(verdict, Failed):
+        return "failed", ""
+    return "dead-lettered", "max-deliveries" if isinstance(verdict, Exhausted) else "invalid"
 
 
 def _verdict_for(exc: BaseException) -> Verdict:
@@ -360,3 +390,5 @@ def _entry_time(entry: Entry) -> datetime:
 class _Timing:
     started: float
     handler_s: float
+    finished: float
+    finished_at: datetime

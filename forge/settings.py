@@ -79,6 +79,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     drain_timeout_s: float = 30.0
     idempotency_ttl_s: int = 7 * 24 * 3600
     max_payload_bytes: int = 1_048_576
+    max_records_per_event: int = 10_000
+    max_text_chars: int = 20_000
 
     # ML.
     model_cache_size_bytes: int = 2 * 10**9
@@ -188,6 +190,8 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_DRAIN_TIMEOUT_S": ("drain_timeout_s", float),
     "FORGE_IDEMPOTENCY_TTL_S": ("idempotency_ttl_s", int),
     "FORGE_MAX_PAYLOAD_BYTES": ("max_payload_bytes", parse_size),
+    "FORGE_MAX_RECORDS_PER_EVENT": ("max_records_per_event", int),
+    "FORGE_MAX_TEXT_CHARS": ("max_text_chars", int),
     "FORGE_CACHE_TTL_S": ("cache_ttl_s", int),
     "FORGE_TRAINING_TIMEOUT_S": ("training_timeout_s", float),
     "FORGE_EMBEDDING_MODEL": ("embedding_model", str),

@@ -24,6 +24,7 @@ from types import FrameType
 
 import redis
 import structlog
+from prometheus_client import Counter
 
 from forge.broker import Entry
 from forge.context import Context
@@ -75,6 +76,7 @@ class Worker:
         self._redeliveries: dict[str, dict[str, float]] = {s: {} for s in self.streams}
         self._next_reclaim = 0.0
         self._max_waiting = max(4 * ctx.settings.max_batch_size, 16)
+        self._received: dict[str, Counter] = {}  # metric children, looked up once
 
     def _processor(self, registry: Registry, short: str) -> BatchProcessor:
         retries = self.ctx.metrics.retries_total.labels(stream=short)
@@ -144,10 +146,16 @@ class Worker:
             self.settings.max_batch_size,
             max(int(block_s * 1000), 1),
         )
+        counts: dict[str, int] = {}
         for entry in entries:
-            self.ctx.metrics.events_received_total.labels(
-                stream=self.keys.short(entry.stream)
-            ).inc()
+            counts[entry.stream] = counts.get(entry.stream, 0) + 1
+        for stream, count in counts.items():
+            received = self._received.get(stream)
+            if received is None:
+                short = self.keys.short(stream)
+                received = self.ctx.metrics.events_received_total.labels(stream=short)
+                self._received[stream] = received
+            received.inc(count)
         return entries
 
     def _due_redeliveries(self) -> list[Entry]:

@@ -15,6 +15,8 @@ from forge.metrics import Metrics
 from forge.settings import Settings
 from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, new_prefix
 
+pytest_plugins = ["tests.pg_fixtures", "tests.model_fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def _logs_to_real_stderr() -> None:

@@ -7,11 +7,13 @@ ends in one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import msgspec
+import psycopg
 import redis
 
 from forge import __version__
@@ -48,7 +50,7 @@ def _port(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from forge.cli import cmd_streams, cmd_worker
+    from forge.cli import cmd_search, cmd_streams, cmd_worker
 
     parser = _Parser(prog="forge", description="Redis Streams ML training and embedding engine.")
     parser.add_argument("--version", action="version", version=f"forge {__version__}")
@@ -74,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(run=cmd_streams.run_status)
 
     cmd_streams.add_dlq_parser(sub)
+    cmd_search.add_search_parser(sub)
 
     schemas = sub.add_parser("schemas", help="event JSON Schemas")
     schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)
@@ -93,29 +96,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_reporting_errors(args: argparse.Namespace) -> int:
     try:
         settings = Settings.from_env()
+        if args.command != "worker" and "FORGE_LOG_LEVEL" not in os.environ:
+            # One-shot commands print results; their progress chatter is noise.
+            settings = settings.replace(log_level="WARNING")
         # Logs go to stderr so that stdout carries only the command's output.
         configure_logging(settings)
         command: Command = args.run
         return command(args, settings)
     except KeyboardInterrupt:
         return 130
-    except ForgeError as exc:
-        return _fail(str(exc))
-    except redis.ConnectionError as exc:
-        return _fail(f"cannot reach Redis: {_redact_message(str(exc))}")
-    except redis.RedisError as exc:
-        return _fail(f"Redis error: {_redact_message(str(exc))}")
-    except (OSError, msgspec.DecodeError, ValueError) as exc:
-        return _fail(f"{type(exc).__name__}: {_redact_message(str(exc))}")
+    except Exception as exc:
+        message = describe_error(exc)
+        if message is None:
+            raise
+        sys.stderr.write(f"forge: error: {message}\n")
+        return EXIT_ERROR
+
+
+def describe_error(exc: Exception) -> str | None:
+    """The one line a user sees for an error they can act on; None for a bug."""
+    if isinstance(exc, ForgeError):
+        return str(exc)
+    text = _redact_message(str(exc).splitlines()[0] if str(exc) else "")
+    if isinstance(exc, redis.ConnectionError):
+        return f"cannot reach Redis: {text}"
+    if isinstance(exc, redis.RedisError):
+        return f"Redis error: {text}"
+    if isinstance(exc, psycopg.OperationalError):
+        return f"cannot reach PostgreSQL: {text}"
+    if isinstance(exc, OSError | msgspec.DecodeError | ValueError):
+        return f"{type(exc).__name__}: {text}"
+    return None
 
 
 def _redact_message(message: str) -> str:
     return " ".join(redact_url(word) or word if "://" in word else word for word in message.split())
-
-
-def _fail(message: str) -> int:
-    sys.stderr.write(f"forge: error: {message}\n")
-    return EXIT_ERROR
 
 
 def entrypoint() -> None:

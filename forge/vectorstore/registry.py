@@ -47,8 +47,8 @@ def ensure_collection(
 def check_dimension(collection: Collection, dimension: int) -> None:
     if dimension != collection.dimension:
         raise InvalidEvent(
-            f"collection {collection.name!r} holds {collection.dimension}-d vectors,"
-            f" got {dimension}-d"
+            f"collection {collection.name!r} has dimension {collection.dimension},"
+            f" got a {dimension}-d vector"
         )
 
 

@@ -24,3 +24,22 @@ def register_slow(registry: Registry, ctx: Context) -> None:
         return [Succeeded({"n": len(m.event.records)}) for m in messages]
 
     registry.register(HandlerSpec("new-data", NewData, handle, name="slow"))
+
+
+def register_crash_after_commit(registry: Registry, ctx: Context) -> None:
+    """The real handlers, but the process dies right after new-data's database commit
+    and before the runtime can ack: the crash window exactly-once effects must cover."""
+    import signal
+
+    from consumers import register
+
+    inner = Registry()
+    register(inner, ctx)
+    real = inner.get("new-data")
+
+    def handle(messages: Sequence[Message[NewData]]) -> Sequence[Outcome] | None:
+        outcomes = real.handle(messages)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return outcomes
+
+    registry.register(HandlerSpec("new-data", NewData, handle, name="crashing"))

@@ -1,0 +1,217 @@
+"""The new-data handler: records become embeddings in a pgvector collection.
+
+Per batch: reject events that break a limit, answer events already written (the
+processed-events table is the idempotency record, written in the same transaction as
+the rows), then per collection embed every text of the batch in one go (cache first),
+and write all events' rows in one transaction. An event whose rows cannot be stored
+(wrong dimension, say) is rejected and the rest of its batch is written without it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from forge.deadletter import error_info
+from forge.embedding import EmbeddingService
+from forge.errors import InvalidEvent
+from forge.events import NewData, Record
+from forge.registry import Message, Outcome, Rejected, Succeeded
+from forge.settings import Settings
+from forge.vectorstore import Delete, InvalidWrite, Row, VectorStore, Write
+
+PRUNE_INTERVAL_S = 3600.0
+
+
+@dataclass(slots=True)
+class _Job:
+    """One event's share of a collection batch."""
+
+    index: int
+    event: NewData
+    writes: list[Write] = field(default_factory=list)
+    from_cache: int = 0
+    embedded: int = 0
+    model: str | None = None
+    model_version: str | None = None
+
+    @property
+    def result(self) -> dict[str, Any]:
+        upserted = sum(isinstance(w, Row) for w in self.writes)
+        return {
+            "collection": self.event.collection,
+            "records": len(self.event.records),
+            "upserted": upserted,
+            "deleted": len(self.writes) - upserted,
+            "from_cache": self.from_cache,
+            "embedded": self.embedded,
+            "model": self.model,
+            "model_version": self.model_version,
+        }
+
+
+class NewDataHandler:
+    def __init__(
+        self,
+        settings: Settings,
+        open_store: Callable[[], VectorStore],
+        embedding: EmbeddingService,
+    ) -> None:
+        self.settings = settings
+        self._open_store = open_store
+        self._store: VectorStore | None = None
+        self._lock = threading.Lock()
+        self.embedding = embedding
+        self._next_prune = 0.0
+
+    @property
+    def store(self) -> VectorStore:
+        """Opened on first use, so a worker that never sees new-data never connects."""
+        with self._lock:
+            if self._store is None:
+                self._store = self._open_store()
+            return self._store
+
+    def __call__(self, messages: Sequence[Message[NewData]]) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        jobs: dict[str, list[_Job]] = {}
+        # Event ids are unique per input stream; the full stream name (prefix included)
+        # keeps deployments that share a database apart.
+        scope = messages[0].stream
+        done = self.store.already_processed(scope, [m.event.id for m in messages])
+        for index, message in enumerate(messages):
+            event = message.event
+            if event.id in done:
+                outcomes[index] = Succeeded({**done[event.id], "duplicate": True})
+                continue
+            try:
+                self._check_limits(event)
+            except InvalidEvent as exc:
+                outcomes[index] = Rejected(error_info(exc))
+                continue
+            jobs.setdefault(event.collection, []).append(_Job(index, event))
+        for collection, group in jobs.items():
+            outcomes.update(self._write_collection(scope, collection, group))
+        self._prune_markers(scope)
+        return [outcomes[i] for i in range(len(messages))]
+
+    def _prune_markers(self, scope: str) -> None:
+        """Forget processed-event markers older than the idempotency window, hourly,
+        so the table stays the size of that window."""
+        now = time.monotonic()
+        if now < self._next_prune:
+            return
+        self._next_prune = now + PRUNE_INTERVAL_S
+        self.store.prune_processed(self.settings.idempotency_ttl_s, scope)
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_limits(self, event: NewData) -> None:
+        limit = self.settings.max_records_per_event
+        if len(event.records) > limit:
+            raise InvalidEvent(f"{len(event.records)} records, over the limit of {limit}")
+        for record in event.records:
+            _check_record(record, self.settings.max_text_chars)
+
+    # ------------------------------------------------------------------ writing
+
+    def _write_collection(
+        self, scope: str, collection: str, jobs: list[_Job]
+    ) -> dict[int, Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        model = self.embedding.model_for(self.store, collection, jobs[0].event.model)
+        for job in list(jobs):
+            if job.event.model and job.event.model != model:
+                message = f"collection {collection!r} uses model {model!r}, not {job.event.model!r}"
+                outcomes[job.index] = Rejected(error_info(InvalidEvent(message)))
+                jobs.remove(job)
+        started = time.perf_counter()
+        version = self._prepare_writes(jobs, model)
+        embed_s = time.perf_counter() - started
+        started = time.perf_counter()
+        raced: dict[str, dict[str, Any]] = {}
+        while jobs:
+            try:
+                raced = self._write(scope, collection, jobs, model, version)
+                break
+            except InvalidWrite as exc:
+                bad = next(j for j in jobs if j.event.id == exc.event_id)
+                outcomes[bad.index] = Rejected(error_info(exc))
+                jobs.remove(bad)
+        write_s = time.perf_counter() - started
+        timings = {"embed_s": round(embed_s, 6), "write_s": round(write_s, 6)}
+        for job in jobs:
+            if job.event.id in raced:  # another worker wrote it first; report its result
+                outcomes[job.index] = Succeeded({**raced[job.event.id], "duplicate": True})
+            else:
+                outcomes[job.index] = Succeeded({**job.result, **timings})
+        return outcomes
+
+    def _prepare_writes(self, jobs: list[_Job], model: str) -> str | None:
+        """Build every job's writes, embedding all the texts of the batch at once."""
+        texts = [
+            r.text
+            for job in jobs
+            for r in job.event.records
+            if not r.deleted and r.vector is None and r.text is not None
+        ]
+        version = None
+        vectors: list[np.ndarray[Any, Any]] = []
+        cached: list[bool] = []
+        if texts:
+            embedder = self.embedding.embedder(model)
+            version = embedder.version
+            encoded = self.embedding.encode(embedder, texts)
+            vectors, cached = list(encoded.vectors), encoded.cached
+        position = 0
+        for job in jobs:
+            for record in job.event.records:
+                if record.deleted:
+                    job.writes.append(Delete(record.id, job.event.id))
+                    continue
+                if record.vector is not None:
+                    embedding = np.asarray(record.vector, dtype=np.float32)
+                else:
+                    embedding, hit = vectors[position], cached[position]
+                    position += 1
+                    job.from_cache += hit
+                    job.embedded += not hit
+                job.writes.append(
+                    Row(record.id, embedding, job.event.id, record.text, record.metadata, model)
+                )
+        return version
+
+    def _write(
+        self, scope: str, collection: str, jobs: list[_Job], model: str, version: str | None
+    ) -> dict[str, dict[str, Any]]:
+        """Write the jobs in one transaction; returns events a racing worker wrote first."""
+        for job in jobs:
+            job.model, job.model_version = model, version
+        result = self.store.write_batch(
+            collection,
+            [w for job in jobs for w in job.writes],
+            [job.event.id for job in jobs],
+            scope,
+            model=model,
+            results={job.event.id: job.result for job in jobs},
+        )
+        return result.duplicates
+
+
+def _check_record(record: Record, max_text_chars: int) -> None:
+    if record.text is not None and len(record.text) > max_text_chars:
+        raise InvalidEvent(
+            f"record {record.id!r}: text of {len(record.text)} characters, "
+            f"over the limit of {max_text_chars}"
+        )
+    if record.vector is not None:
+        if not record.vector:
+            raise InvalidEvent(f"record {record.id!r}: empty vector")
+        if not all(math.isfinite(x) for x in record.vector):
+            raise InvalidEvent(f"record {record.id!r}: vector has NaN or infinite values")

@@ -1,0 +1,42 @@
+"""``forge search``: nearest records of a collection to a text."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from forge.cli.output import print_json, print_table, shorten
+from forge.embedded_postgres import resolve_postgres_url
+from forge.embedding import EmbeddingService
+from forge.search import Searcher, parse_filters
+from forge.settings import Settings
+from forge.vectorstore import VectorStore
+
+
+def add_search_parser(sub: Any) -> None:
+    search = sub.add_parser("search", help="find the records nearest to a text")
+    search.add_argument("collection")
+    search.add_argument("text")
+    search.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(run=run_search)
+
+
+def run_search(args: argparse.Namespace, settings: Settings) -> int:
+    filters = parse_filters(args.filter)
+    url, embedded = resolve_postgres_url(settings)
+    try:
+        with VectorStore(url) as store:
+            # The query embedding is not worth caching: no Redis needed to search.
+            searcher = Searcher(store, EmbeddingService.from_settings(settings, None))
+            hits = searcher.search(args.collection, args.text, args.k, filters)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    if args.json:
+        print_json(hits)
+        return 0
+    rows = [[f"{h.score:.4f}", h.id, shorten(h.text or "", 70)] for h in hits]
+    print_table(["score", "id", "text"], rows)
+    return 0

@@ -1,0 +1,72 @@
+"""Embedding as a service inside a worker: models from the byte-bounded model cache,
+vectors through the Redis embedding cache, and the model chosen per collection.
+
+Shared by the new-data handler and by search, so both embed a collection's texts with
+the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import redis
+
+from forge.embedder import Embedder
+from forge.embedding_cache import EmbeddingCache, Encoded, encode_cached
+from forge.metrics import Metrics
+from forge.model_cache import ModelCache
+from forge.settings import Settings
+from forge.vectorstore import VectorStore
+
+
+class EmbeddingService:
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelCache,
+        cache: EmbeddingCache | None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.models = models
+        self.cache = cache
+        self.metrics = metrics
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, client: redis.Redis | None, metrics: Metrics | None = None
+    ) -> EmbeddingService:
+        cache = EmbeddingCache.from_settings(client, settings) if client is not None else None
+        return cls(settings, ModelCache.from_settings(settings), cache, metrics)
+
+    def embedder(self, name: str | None = None) -> Embedder:
+        """The loaded model ``name`` (default: the configured one), loaded at most once."""
+        model = name or self.settings.embedding_model
+        return self.models.get_or_load(
+            f"embedder:{model}",
+            lambda: Embedder.from_settings(self.settings, model),
+            lambda e: e.size_bytes,
+        )
+
+    def model_for(self, store: VectorStore, collection: str, requested: str | None) -> str:
+        """The collection's model: the one it was created with, else the requested or
+        configured one. Mixing models in one collection would make scores meaningless."""
+        existing = store.collection(collection)
+        if existing is not None and existing.model:
+            return existing.model
+        return requested or self.settings.embedding_model
+
+    def encode(self, embedder: Embedder, texts: Sequence[str]) -> Encoded:
+        """Embed ``texts``, computing only distinct texts the cache does not hold."""
+        encoded = encode_cached(embedder, self.cache, texts, self.settings.max_batch_size)
+        hits = sum(encoded.cached)
+        self._count(embedder.name, hits=hits, misses=len(texts) - hits)
+        return encoded
+
+    def _count(self, model: str, *, hits: int, misses: int) -> None:
+        if self.metrics is None:
+            return
+        if hits:
+            self.metrics.embedding_cache_hits_total.labels(model=model).inc(hits)
+        if misses:
+            self.metrics.embedding_cache_misses_total.labels(model=model).inc(misses)

@@ -1,0 +1,15 @@
+"""The packaged embedding model, loaded once per test session.
+
+Use from a test module with ``pytest_plugins = ["tests.model_fixtures"]``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from forge.embedder import Embedder
+
+
+@pytest.fixture(scope="session")
+def embedder() -> Embedder:
+    return Embedder.load(device="cpu")

@@ -1,0 +1,129 @@
+"""Redis going away and coming back, embedded defaults, bounded output streams."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import redis
+
+from forge.context import Context, connect_redis
+from forge.embedded_redis import EmbeddedRedis
+from forge.events import NewData
+from forge.metrics import Metrics
+from forge.registry import HandlerSpec, Message, Registry
+from forge.settings import Settings
+from forge.worker import Worker
+from tests.conftest import new_data, publish
+from tests.support.redis_helpers import running, wait_for
+from tests.test_worker import completions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_output_streams_are_trimmed(ctx: Context) -> None:
+    ctx.broker.maxlen = 10
+    for i in range(1000):
+        ctx.publish(ctx.keys.completions, _completion(ctx, i))
+    # Approximate trimming works in whole radix-tree nodes (100 entries by default).
+    assert ctx.redis.xlen(ctx.keys.completions) <= 200
+
+
+def _completion(ctx: Context, i: int):  # type: ignore[no-untyped-def]
+    from forge.events import Completion
+
+    return Completion(
+        id=f"c{i}",
+        source_id=f"e{i}",
+        source_stream=ctx.keys.new_data,
+        source_entry_id="0-1",
+        status="succeeded",
+        worker="w",
+    )
+
+
+def test_worker_rides_out_a_redis_restart_and_loses_nothing(tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "redis")
+    url = server.start()
+    settings = Settings(
+        redis_url=url,
+        home_dir=tmp_path,
+        read_block_s=0.05,
+        retry_backoff_initial_s=0.01,
+        retry_backoff_max_s=0.05,
+    )
+    client = connect_redis(url)
+    seen: list[str] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        seen.extend(m.event.id for m in messages)
+
+    ctx = Context(settings=settings, redis=client, metrics=Metrics(gpu=False))
+    registry = Registry()
+    registry.register(HandlerSpec("new-data", NewData, handle))
+    worker = Worker(ctx, registry)
+    try:
+        with running(worker):
+            for i in range(5):
+                publish(client, ctx.keys.new_data, new_data(f"a{i}"))
+            wait_for(lambda: len(completions(ctx)) == 5)
+            server.stop()  # SIGTERM: the AOF is flushed
+            wait_for(
+                lambda: (
+                    ctx.metrics.infrastructure_errors_total.labels(component="redis")._value.get()
+                    > 0
+                )
+            )
+            server.start()
+            for i in range(5):
+                _publish_retrying(client, ctx.keys.new_data, new_data(f"b{i}"))
+            wait_for(lambda: len(completions(ctx)) == 10, timeout_s=30)
+    finally:
+        client.close()
+        server.stop()
+    assert sorted(seen) == sorted([f"a{i}" for i in range(5)] + [f"b{i}" for i in range(5)])
+
+
+def _publish_retrying(client: redis.Redis, stream: str, event: dict[str, object]) -> None:
+    wait_for(lambda: _try_publish(client, stream, event), timeout_s=10)
+
+
+def _try_publish(client: redis.Redis, stream: str, event: dict[str, object]) -> bool:
+    try:
+        publish(client, stream, event)
+    except redis.ConnectionError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("command", [["status", "--json"]])
+def test_cli_uses_the_embedded_redis_when_redis_url_is_unset(
+    tmp_path: Path, command: list[str]
+) -> None:
+    env = {"FORGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    def forge(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "forge.cli.main", *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            check=False,
+            timeout=60,
+        )
+
+    published = forge("publish", "new-data", json.dumps(new_data("e1")))
+    assert published.returncode == 0, published.stderr
+    status = forge(*command)
+    assert status.returncode == 0, status.stderr
+    snap = json.loads(status.stdout)
+    lengths = {s["stream"]: s["length"] for s in snap["streams"]}
+    assert lengths["forge:new-data"] == 1  # persisted by the embedded server's AOF
+    assert (tmp_path / "data" / "redis" / "forge.aof").exists() or any(
+        (tmp_path / "data" / "redis").glob("*.aof*")
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -188,7 +189,7 @@ def test_bad_events_are_dead_lettered_with_reasons_while_neighbours_succeed(
     assert sorted(statuses.values()).count("dead-lettered") == len(cases)
     # Malformed JSON has no readable id: name such records by their payload's id field.
     reasons = {
-        r.source_id or r.payload.split('"id":"')[1].split('"')[0]: r.error.message
+        r.source_id or _payload_id(r.payload): r.error.message
         for r in dead_letters(ctx)
     }
     assert "dimension" in reasons["dimension"]
@@ -199,6 +200,12 @@ def test_bad_events_are_dead_lettered_with_reasons_while_neighbours_succeed(
     assert "collection" in reasons["name"]
     assert vector_store.count(collection) == 1
     assert pending(ctx) == 0
+
+
+def _payload_id(payload: str) -> str:
+    match = re.search(r'"id":\s*"([^"]+)"', payload)
+    assert match is not None
+    return match.group(1)
 
 
 def test_sigkill_between_commit_and_ack_leaves_one_copy(

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -188,10 +188,7 @@ def test_bad_events_are_dead_lettered_with_reasons_while_neighbours_succeed(
     assert sorted(statuses.values()).count("succeeded") == 1
     assert sorted(statuses.values()).count("dead-lettered") == len(cases)
     # Malformed JSON has no readable id: name such records by their payload's id field.
-    reasons = {
-        r.source_id or _payload_id(r.payload): r.error.message
-        for r in dead_letters(ctx)
-    }
+    reasons = {r.source_id or _payload_id(r.payload): r.error.message for r in dead_letters(ctx)}
     assert "dimension" in reasons["dimension"]
     assert "out of range" in reasons["infinite"]
     assert "malformed JSON" in reasons["nan"] or "NaN" in reasons["nan"]

@@ -76,7 +76,21 @@ class Worker:
         self._redeliveries: dict[str, dict[str, float]] = {s: {} for s in self.streams}
         self._next_reclaim = 0.0
         self._max_waiting = max(4 * ctx.settings.max_batch_size, 16)
+        self._read_plan = self._plan_reads()
+        self._read_turn = 0
         self._received: dict[str, Counter] = {}  # metric children, looked up once
+
+    def _plan_reads(self) -> list[tuple[list[str], int]]:
+        """Streams grouped by batch size: one XREADGROUP per group."""
+        groups: dict[int, list[str]] = {}
+        for stream in self.processors:
+            groups.setdefault(self._batch_size(stream), []).append(stream)
+        return [(streams, count) for count, streams in groups.items()]
+
+    def _batch_size(self, stream: str) -> int:
+        """MAX_BATCH_SIZE, or less where the stream's handler asks for less."""
+        wanted = self.processors[stream].spec.max_batch_size
+        return min(wanted or self.settings.max_batch_size, self.settings.max_batch_size)
 
     def _processor(self, registry: Registry, short: str) -> BatchProcessor:
         retries = self.ctx.metrics.retries_total.labels(stream=short)
@@ -140,12 +154,7 @@ class Worker:
             time.sleep(min(self._time_to_next_redelivery(), self.settings.read_block_s))
             return []
         block_s = min(self.settings.read_block_s, self._time_to_next_redelivery())
-        entries = self.ctx.broker.read(
-            self.streams,
-            self.ctx.consumer,
-            self.settings.max_batch_size,
-            max(int(block_s * 1000), 1),
-        )
+        entries = self._read_groups(max(int(block_s * 1000 / len(self._read_plan)), 1))
         counts: dict[str, int] = {}
         for entry in entries:
             counts[entry.stream] = counts.get(entry.stream, 0) + 1
@@ -158,10 +167,22 @@ class Worker:
             received.inc(count)
         return entries
 
+    def _read_groups(self, block_ms: int) -> list[Entry]:
+        """Read streams grouped by batch size (a trainer takes one request at a time,
+        so it must not hold 32 leased), starting with a different group each time so a
+        busy stream cannot starve the others."""
+        plan = self._read_plan
+        self._read_turn = (self._read_turn + 1) % len(plan)
+        for streams, count in plan[self._read_turn :] + plan[: self._read_turn]:
+            entries = self.ctx.broker.read(streams, self.ctx.consumer, count, block_ms)
+            if entries:
+                return entries
+        return []
+
     def _due_redeliveries(self) -> list[Entry]:
         now = time.monotonic()
         for stream, due in self._redeliveries.items():
-            ready = [eid for eid, at in due.items() if at <= now][: self.settings.max_batch_size]
+            ready = [eid for eid, at in due.items() if at <= now][: self._batch_size(stream)]
             if ready:
                 for eid in ready:
                     del due[eid]
@@ -176,7 +197,7 @@ class Worker:
         min_idle_ms = int(self.settings.claim_min_idle_s * 1000)
         for stream in self.streams:
             claimed = self.ctx.broker.claim_stale(
-                stream, self.ctx.consumer, min_idle_ms, self.settings.max_batch_size
+                stream, self.ctx.consumer, min_idle_ms, self._batch_size(stream)
             )
             if claimed:
                 short = self.keys.short(stream)

@@ -271,3 +271,39 @@ def test_redis_connection_errors_back_off_and_resume(ctx: Context) -> None:
                 ctx.metrics.infrastructure_errors_total.labels(component="redis")._value.get() >= 2
             )
         )
+
+
+def test_a_handler_can_ask_for_smaller_batches(ctx: Context) -> None:
+    from forge.events import TrainingRequest
+
+    sizes: dict[str, list[int]] = {"new-data": [], "training-requests": []}
+
+    def handle_data(messages: Sequence[Message[NewData]]) -> None:
+        sizes["new-data"].append(len(messages))
+
+    def handle_training(messages: Sequence[Message[TrainingRequest]]) -> None:
+        sizes["training-requests"].append(len(messages))
+
+    registry = Registry()
+    registry.register(HandlerSpec("new-data", NewData, handle_data))
+    registry.register(
+        HandlerSpec("training-requests", TrainingRequest, handle_training, max_batch_size=1)
+    )
+    worker = Worker(ctx, registry)
+    worker.ctx.broker.ensure_groups(worker.streams)
+    for i in range(3):
+        publish(ctx.redis, ctx.keys.new_data, new_data(f"d{i}"))
+        request = {
+            "type": "training-request",
+            "id": f"t{i}",
+            "model": "m",
+            "task": "classifier",
+            "collection": "c",
+        }
+        publish(ctx.redis, ctx.keys.training_requests, request)
+    with running(worker):
+        wait_for(lambda: len(completions(ctx)) == 6)
+    assert sizes["training-requests"] == [1, 1, 1]
+    assert sizes["new-data"] == [3]
+    # While the trainer works on one request, the others stay unread for other workers.
+    assert ctx.redis.xpending(ctx.keys.training_requests, ctx.keys.group)["pending"] == 0

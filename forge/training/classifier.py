@@ -1,0 +1,257 @@
+"""The ``classifier`` task: fine-tune an MLP head over a collection's vectors to predict
+a metadata field, with early stopping on a held-out split."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import numpy as np
+import structlog
+import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
+from msgspec import Meta
+from torch import nn
+
+from forge.errors import PermanentError
+from forge.training.base import (
+    Dataset,
+    EpochCallback,
+    EpochReport,
+    TrainedModel,
+    check_deadline,
+    coerce_params,
+    eta_s,
+    require_labels,
+)
+from forge.training.classifier_model import (
+    ClassifierConfig,
+    ClassifierModel,
+    MLPHead,
+    can_transfer,
+    transfer_weights,
+)
+from forge.training.losses import LOSSES, LossOptions, get_loss, unknown_loss_message
+from forge.training.validation import classification_metrics, stratified_split
+
+log = structlog.get_logger(__name__)
+
+
+class ClassifierParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    label_field: str
+    hidden_dim: Annotated[int, Meta(ge=1, le=65_536)] = 256
+    epochs: Annotated[int, Meta(ge=1, le=100_000)] = 50
+    batch_size: Annotated[int, Meta(ge=1)] = 64
+    learning_rate: Annotated[float, Meta(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Meta(ge=0)] = 0.01
+    dropout: Annotated[float, Meta(ge=0, lt=1)] = 0.1
+    validation_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.2
+    # Epochs without a better validation loss before stopping.
+    patience: Annotated[int, Meta(ge=1)] = 5
+    loss: str = "cross_entropy"
+    label_smoothing: Annotated[float, Meta(ge=0, lt=1)] = 0.1
+    focal_gamma: Annotated[float, Meta(ge=0)] = 2.0
+    # "balanced" weighs each class by n_rows / (n_classes * class_rows).
+    class_weights: Literal["none", "balanced"] = "none"
+    seed: int = 0
+    min_rows: Annotated[int, Meta(ge=2)] = 20
+    # Ignore the previous version even when its weights would fit.
+    fresh: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(unknown_loss_message(self.loss))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class _Split:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+
+
+@dataclass
+class _Fit:
+    """The best epoch so far (by validation loss) and how training went."""
+
+    state: dict[str, torch.Tensor]
+    val_loss: float = float("inf")
+    train_loss: float = float("nan")
+    best_epoch: int = 0
+    epochs_run: int = 0
+
+
+class _Loop:
+    """One training run's optimiser state; mixed precision on CUDA only."""
+
+    def __init__(
+        self, net: MLPHead, criterion: nn.Module, params: ClassifierParams, device: torch.device
+    ) -> None:
+        self.net, self.criterion, self.params, self.device = net, criterion, params, device
+        self.amp = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            net.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
+
+    def train_epoch(self, x: torch.Tensor, y: torch.Tensor, deadline_s: float) -> float:
+        """One pass in shuffled mini-batches; the mean training loss."""
+        self.net.train()
+        # Summed on the device: reading each batch's loss would wait for the GPU.
+        total, order = torch.zeros((), device=self.device), torch.randperm(len(x))
+        for batch in torch.split(order, self.params.batch_size):
+            check_deadline(deadline_s)
+            xb, yb = x[batch].to(self.device), y[batch].to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                loss = self.criterion(self.net(xb), yb)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            total += loss.detach().float() * len(batch)
+        mean = float(total) / len(x)
+        if not math.isfinite(mean):
+            raise PermanentError(f"training diverged (loss {mean}); try a lower learning_rate")
+        return mean
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """Plain cross-entropy (comparable whatever the training loss) and predictions."""
+        self.net.eval()
+        logits = []
+        with torch.inference_mode():
+            for batch in torch.split(x, 8192):
+                with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                    logits.append(self.net(batch.to(self.device)).float())
+            out = torch.cat(logits).cpu()
+        return float(F.cross_entropy(out, y)), out.argmax(dim=-1)
+
+
+class ClassifierTrainer:
+    task = "classifier"
+    params_type: type[msgspec.Struct] = ClassifierParams
+
+    def train(
+        self,
+        data: Dataset,
+        params: Any,
+        *,
+        warm_start: TrainedModel | None,
+        on_epoch: EpochCallback,
+        deadline_s: float,
+    ) -> ClassifierModel:
+        p = coerce_params(params, ClassifierParams)
+        labelled, labels = require_labels(data, p.label_field, min_rows=p.min_rows)
+        check_deadline(deadline_s)
+        classes = sorted(set(labels))
+        split = _split(labelled, labels, classes, p)
+        device = default_device()
+        with torch.random.fork_rng(devices=_rng_devices(device)):
+            torch.manual_seed(p.seed)
+            net = MLPHead(labelled.dim, p.hidden_dim, len(classes), p.dropout)
+            carried = self._warm_start(net, classes, p, None if p.fresh else warm_start)
+            criterion = get_loss(p.loss, _loss_options(p, split.y_train, len(classes)))
+            loop = _Loop(net.to(device), criterion.to(device), p, device)
+            fit = _fit(loop, split, on_epoch, deadline_s)
+            net.load_state_dict(fit.state)
+        config = ClassifierConfig(
+            input_dim=labelled.dim,
+            hidden_dim=p.hidden_dim,
+            dropout=p.dropout,
+            labels=classes,
+            label_field=p.label_field,
+            metrics=_metrics(loop, split, fit, classes, carried),
+        )
+        return ClassifierModel(net, config)
+
+    def load(self, directory: Path) -> ClassifierModel:
+        return ClassifierModel.load(directory)
+
+    @staticmethod
+    def _warm_start(
+        net: MLPHead, classes: list[str], p: ClassifierParams, previous: TrainedModel | None
+    ) -> int | None:
+        """Classes carried over from ``previous``, or None when training from scratch."""
+        if previous is None or not can_transfer(previous, net.hidden.in_features, p.hidden_dim):
+            return None
+        carried = transfer_weights(previous, net, classes)
+        log.info("warm start", classes_carried=carried, classes=len(classes))
+        return carried
+
+
+def _split(data: Dataset, labels: list[str], classes: list[str], p: ClassifierParams) -> _Split:
+    train, val = stratified_split(labels, p.validation_fraction, p.seed)
+    index = {label: i for i, label in enumerate(classes)}
+    x = torch.from_numpy(np.ascontiguousarray(data.vectors, dtype=np.float32))
+    y = torch.tensor([index[label] for label in labels], dtype=torch.long)
+    t, v = torch.from_numpy(train), torch.from_numpy(val)
+    return _Split(x[t], y[t], x[v], y[v])
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    # fork_rng restores the global RNGs afterwards, so seeding here leaves callers'
+    # randomness alone; on CUDA the GPU's generator is forked too.
+    return [torch.cuda.current_device()] if device.type == "cuda" else []
+
+
+def _loss_options(p: ClassifierParams, y_train: torch.Tensor, n_classes: int) -> LossOptions:
+    weights = None
+    if p.class_weights == "balanced":
+        counts = torch.bincount(y_train, minlength=n_classes).float().clamp(min=1)
+        weights = len(y_train) / (n_classes * counts)
+    return LossOptions(
+        label_smoothing=p.label_smoothing, focal_gamma=p.focal_gamma, class_weights=weights
+    )
+
+
+def _fit(loop: _Loop, split: _Split, on_epoch: EpochCallback, deadline_s: float) -> _Fit:
+    """Train until ``epochs`` or ``patience`` epochs without a better validation loss."""
+    p, started_s = loop.params, time.monotonic()
+    fit = _Fit(state=_snapshot(loop.net))
+    for epoch in range(1, p.epochs + 1):
+        check_deadline(deadline_s)
+        train_loss = loop.train_epoch(split.x_train, split.y_train, deadline_s)
+        val_loss, predicted = loop.evaluate(split.x_val, split.y_val)
+        fit.epochs_run = epoch
+        if val_loss < fit.val_loss:
+            fit.state, fit.val_loss, fit.train_loss, fit.best_epoch = (
+                _snapshot(loop.net),
+                val_loss,
+                train_loss,
+                epoch,
+            )
+        accuracy = float((predicted == split.y_val).float().mean())
+        on_epoch(
+            EpochReport(epoch, p.epochs, train_loss, accuracy, eta_s(started_s, epoch, p.epochs))
+        )
+        if epoch - fit.best_epoch >= p.patience:
+            break
+    return fit
+
+
+def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+
+
+def _metrics(
+    loop: _Loop, split: _Split, fit: _Fit, classes: list[str], carried: int | None
+) -> dict[str, float]:
+    val_loss, predicted = loop.evaluate(split.x_val, split.y_val)
+    truth = [classes[i] for i in split.y_val.tolist()]
+    metrics = classification_metrics(truth, [classes[i] for i in predicted.tolist()])
+    metrics.update(
+        train_loss=fit.train_loss,
+        val_loss=val_loss,
+        epochs_run=float(fit.epochs_run),
+        best_epoch=float(fit.best_epoch),
+        warm_start_classes=float(carried or 0),
+    )
+    return metrics

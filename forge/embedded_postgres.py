@@ -27,7 +27,9 @@ from forge.vectorstore.migrations import SCHEMA_LOCK_KEY
 log = structlog.get_logger(__name__)
 
 # The wheel runs the server as this system user when Forge runs as root, because
-# PostgreSQL refuses to run as root.
+# PostgreSQL refuses to run as root. It opens every folder above the data folder to
+# that user when the server starts; closing one later (chmod 0700) locks the running
+# server out of its own files, and it PANICs at its next checkpoint.
 SYSTEM_USER = "pgserver"
 _HANDLE_FILE = ".handle_pids.json"
 # Allows for coarse file-system timestamps when comparing a process start with mtime.

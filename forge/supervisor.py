@@ -77,8 +77,8 @@ class Supervisor:
         # time (lag, pending, dead-letter depth) and from the GPU is the parent's to report.
         self._metrics = Metrics()
         keys = Keys(prefix=settings.stream_prefix, group=settings.group)
-        watched = [keys.resolve(s) for s in streams] or list(keys.input_streams)
-        self._metrics.watch_streams(lambda: self._redis, keys, watched)
+        # All input streams, as a single-process worker reports (see serve_worker).
+        self._metrics.watch_streams(lambda: self._redis, keys, keys.input_streams)
 
     def run(self) -> int:
         prepare_multiprocess_dir(self._metrics_dir)

@@ -45,8 +45,9 @@ def test_configured_url_starts_nothing() -> None:
     assert (url, handle) == ("postgresql://db.example/forge", None)
 
 
-def test_lifecycle_with_pgvector_and_recovery_after_sigkill(tmp_path: Path) -> None:
-    settings = Settings(home_dir=tmp_path / "home")
+def test_lifecycle_with_pgvector_and_recovery_after_sigkill(pg_tmp_path: Path) -> None:
+    # Not ``tmp_path``: a pytest run started meanwhile would lock the server out of it.
+    settings = Settings(home_dir=pg_tmp_path / "home")
     pgdata = settings.data_dir / "postgres"
 
     child = subprocess.run(
@@ -87,3 +88,20 @@ def test_lifecycle_with_pgvector_and_recovery_after_sigkill(tmp_path: Path) -> N
         handle.stop()
     assert not _server_answers(url)
     assert _handle_pids(pgdata) == []
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("FORGE_TEST_POSTGRES_URL")), reason="tests the embedded session server"
+)
+def test_session_server_survives_another_pytest_session_starting(
+    pg_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # A pytest session that starts makes pytest's temporary root private again, as here.
+    # Were the session server's data below it, its system user (as root) could no longer
+    # reach it and the server would PANIC at its next checkpoint, then stay down.
+    root = tmp_path_factory.getbasetemp().parent
+    if root.name.startswith("pytest-of-"):
+        root.chmod(root.stat().st_mode & ~0o077)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    assert _server_answers(pg_url)

@@ -1,0 +1,166 @@
+"""An AsyncAPI 3.0 description of Forge's streams, generated from the msgspec event types.
+
+The message payload schemas are the very ones ``schemas/*.schema.json`` are made from
+(``msgspec.json.schema_components`` over ``forge.events``), so the two cannot disagree.
+Operations are from Forge's point of view: it receives the input streams and sends
+the output streams. Channel addresses use the default ``forge:`` prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from forge import __version__
+from forge.events import (
+    ALL_EVENTS,
+    INPUT_STREAM_EVENTS,
+    Completion,
+    DeadLetter,
+    Event,
+    ModelVersion,
+    TrainingProgress,
+    event_type_name,
+)
+from forge.keys import Keys
+
+ASYNCAPI_VERSION = "3.0.0"
+# Output streams (short names) and the event type each carries; inputs are in events.py.
+OUTPUT_STREAM_EVENTS: dict[str, type[Event]] = {
+    "completions": Completion,
+    "model-versions": ModelVersion,
+    "dead-letter": DeadLetter,
+    "training-progress": TrainingProgress,
+}
+
+_DESCRIPTION = """\
+Forge turns a Redis Streams event bus into an ML training and embedding engine.
+
+Wire format: every stream entry has exactly one field, `event`, whose value is the
+event as UTF-8 JSON (the message payload below). Unknown fields are ignored; missing or
+invalid ones send the entry to the dead-letter stream. Forge reads the input streams
+through the consumer group `forge`; anyone may read the output streams with XREAD or
+their own consumer group. Stream names start with a configurable prefix
+(`FORGE_STREAM_PREFIX`, default `forge:`).
+"""
+
+_CHANNEL_DESCRIPTIONS = {
+    "new-data": "Records to embed and upsert into a collection.",
+    "training-requests": "Requests to train (or retrain) a model over a collection.",
+    "completions": "One completion for every input event that reached a final state "
+    "(succeeded, failed or dead-lettered).",
+    "model-versions": "Each newly registered model version.",
+    "dead-letter": "Input entries Forge gave up on; replay them with `forge dlq replay`.",
+    "training-progress": "Live training curve points (one per epoch) for dashboards.",
+}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("-")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def stream_events(keys: Keys) -> dict[str, type[Event]]:
+    """Full stream name -> the event type it carries, inputs first."""
+    by_short = {**INPUT_STREAM_EVENTS, **OUTPUT_STREAM_EVENTS}
+    streams = (*keys.input_streams, *keys.output_streams)
+    return {stream: by_short[keys.short(stream)] for stream in streams}
+
+
+def _message(cls: type[Event]) -> dict[str, Any]:
+    name = event_type_name(cls)
+    return {
+        "name": name,
+        "title": cls.__name__,
+        "summary": (cls.__doc__ or "").strip().splitlines()[0],
+        "contentType": "application/json",
+        "payload": {"$ref": f"#/components/schemas/{cls.__name__}"},
+    }
+
+
+def _channel(keys: Keys, stream: str, cls: type[Event]) -> dict[str, Any]:
+    short = keys.short(stream)
+    return {
+        "address": stream,
+        "title": short,
+        "description": _CHANNEL_DESCRIPTIONS[short],
+        "messages": {
+            _camel(event_type_name(cls)): {"$ref": f"#/components/messages/{cls.__name__}"}
+        },
+    }
+
+
+def _operation(keys: Keys, stream: str, cls: type[Event]) -> tuple[str, dict[str, Any]]:
+    short = keys.short(stream)
+    channel = _camel(short)
+    inbound = stream in keys.input_streams
+    action = "receive" if inbound else "send"
+    how = (
+        f"Forge reads `{short}` with XREADGROUP in the consumer group `{keys.group}`."
+        if inbound
+        else f"Forge appends to `{short}` with XADD (trimmed with MAXLEN ~)."
+    )
+    operation = {
+        "action": action,
+        "channel": {"$ref": f"#/channels/{channel}"},
+        "summary": how,
+        "messages": [{"$ref": f"#/channels/{channel}/messages/{_camel(event_type_name(cls))}"}],
+    }
+    return f"{action}{channel[0].upper()}{channel[1:]}", operation
+
+
+def document(keys: Keys | None = None) -> dict[str, Any]:
+    """The AsyncAPI document as plain data (key order is kept when rendered)."""
+    keys = keys or Keys()
+    streams = stream_events(keys)
+    _, schemas = msgspec.json.schema_components(
+        ALL_EVENTS, ref_template="#/components/schemas/{name}"
+    )
+    operations = dict(_operation(keys, stream, cls) for stream, cls in streams.items())
+    return {
+        "asyncapi": ASYNCAPI_VERSION,
+        "info": {
+            "title": "Forge",
+            "version": __version__,
+            "description": _DESCRIPTION,
+            "license": {"name": "Apache-2.0"},
+        },
+        "defaultContentType": "application/json",
+        "servers": {
+            "redis": {
+                "host": "localhost:6379",
+                "protocol": "redis",
+                "description": "Any Redis 7 server; Forge connects to `REDIS_URL`.",
+            }
+        },
+        "channels": {_camel(keys.short(s)): _channel(keys, s, c) for s, c in streams.items()},
+        "operations": operations,
+        "components": {
+            "messages": {cls.__name__: _message(cls) for cls in ALL_EVENTS},
+            "schemas": schemas,
+        },
+    }
+
+
+def render_yaml(doc: dict[str, Any] | None = None) -> str:
+    """The document as YAML, in a stable layout (the drift test compares the text)."""
+    import yaml  # type: ignore[import-untyped]  # PyYAML ships no stubs; only docs need it
+
+    class Dumper(yaml.SafeDumper):  # type: ignore[misc]
+        """Multi-line strings as ``|`` blocks, so descriptions read as written."""
+
+    def text(dumper: Any, value: str) -> Any:
+        style = "|" if "\n" in value else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, text)
+    body: str = yaml.dump(
+        doc if doc is not None else document(),
+        Dumper=Dumper,
+        sort_keys=False,
+        allow_unicode=True,
+        width=88,
+        default_flow_style=False,
+    )
+    return "# Generated by `forge docs export` from forge/events.py: do not edit.\n" + body

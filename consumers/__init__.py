@@ -7,20 +7,43 @@ it with a registry and the worker's context.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 from consumers.new_data import NewDataHandler
+from consumers.retrain import RetrainOnNewData
+from consumers.training import TrainingHandler, progress_publisher
 from forge.context import Context
 from forge.embedded_postgres import resolve_postgres_url
 from forge.embedding import EmbeddingService
-from forge.events import NewData
+from forge.events import NewData, TrainingRequest
 from forge.registry import HandlerSpec, Registry
+from forge.training.service import TrainingService
 from forge.vectorstore import VectorStore
+
+T = TypeVar("T")
 
 
 def register(registry: Registry, ctx: Context) -> None:
     """Register every Forge handler."""
     embedding = EmbeddingService.from_settings(ctx.settings, ctx.redis, ctx.metrics)
-    handler = NewDataHandler(ctx.settings, lambda: open_store(ctx), embedding)
-    registry.register(HandlerSpec("new-data", NewData, handler, name="embed"))
+    store = Once(lambda: open_store(ctx))
+    # Trained models share the embedders' byte budget (MODEL_CACHE_SIZE).
+    training = Once(
+        lambda: TrainingService.from_settings(
+            ctx.settings, embedding.models, progress_publisher(ctx)
+        )
+    )
+    new_data = NewDataHandler(ctx.settings, store, embedding)
+    retraining = RetrainOnNewData(new_data, ctx.keys, lambda: training().registry)
+    registry.register(HandlerSpec("new-data", NewData, retraining, name="embed"))
+    trainer = TrainingHandler(ctx, store, training)
+    # One training at a time: a worker holds no requests it is not working on.
+    spec = HandlerSpec(
+        "training-requests", TrainingRequest, trainer, name="train", max_batch_size=1
+    )
+    registry.register(spec)
 
 
 def open_store(ctx: Context) -> VectorStore:
@@ -32,3 +55,19 @@ def open_store(ctx: Context) -> VectorStore:
     store.open()
     ctx.on_close(store.close)
     return store
+
+
+class Once(Generic[T]):
+    """A factory called at most once, on first use: both handlers share one store
+    and one training service, and a worker that never needs them never opens them."""
+
+    def __init__(self, factory: Callable[[], T]) -> None:
+        self._factory = factory
+        self._value: T | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> T:
+        with self._lock:
+            if self._value is None:
+                self._value = self._factory()
+            return self._value

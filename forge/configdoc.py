@@ -48,7 +48,7 @@ DESCRIPTIONS: dict[str, str] = {
     "model_cache_size_bytes": "Memory budget of the in-process model cache (least recently "
     "used models are evicted).",
     "cache_ttl_s": "Lifetime of entries in the Redis embedding cache.",
-    "training_timeout_s": "Default limit on one training; a request's `timeout_s` overrides it.",
+    "training_timeout_s": "Limit on one training; a request's `timeout_s` may only shorten it.",
     "embedding_model": "Default sentence-transformers model for `new-data` events.",
     "home_dir": "Forge's data folder: embedded servers' data, and the default for the "
     "folders below.",

@@ -92,6 +92,14 @@ class TrainingRequest(Event, tag="training-request"):
     collection: Name
     params: dict[str, Any] = msgspec.field(default_factory=dict)
     timeout_s: Annotated[float, Meta(gt=0)] | None = None
+    # An alias ("champion", "candidate"), a version number or "latest" of this model
+    # to continue from (warm start, transfer, partial_fit); none: train from scratch.
+    warm_start_from: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    # Train on these records of the collection only (incremental retraining).
+    record_ids: Annotated[list[EventId], Meta(min_length=1)] | None = None
+    # When the new version becomes the champion: if it beats the current one on the
+    # model's primary metric, always, or never (left as the candidate).
+    promote: Literal["if-better", "always", "never"] = "if-better"
 
 
 # --------------------------------------------------------------------------- outputs
@@ -208,6 +216,13 @@ class Decoder(Generic[E]):
             raise InvalidEvent(f"invalid {event_type_name(self.event_type)} event: {exc}") from exc
         except msgspec.DecodeError as exc:
             raise InvalidEvent(f"malformed JSON: {exc}") from exc
+        # msgspec raises these outside its own hierarchy; a producer's bytes must end
+        # in a dead letter, never in an exception that stops the worker.
+        except RecursionError:
+            raise InvalidEvent("malformed JSON: nested too deeply") from None
+        except UnicodeDecodeError as exc:
+            reason = f"malformed JSON: invalid UTF-8 in a string ({exc.reason})"
+            raise InvalidEvent(reason) from None
 
 
 def decode_as(event_type: type[E], payload: bytes | str) -> E:

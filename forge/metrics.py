@@ -96,6 +96,8 @@ class Metrics:
     dead_letter_replays_total: Counter
     embedding_cache_hits_total: Counter
     embedding_cache_misses_total: Counter
+    training_progress_ratio: Gauge
+    training_loss: Gauge
 
     def __init__(self, *, gpu: bool = True) -> None:
         self.registry = CollectorRegistry()
@@ -152,6 +154,22 @@ class Metrics:
         )
         self.embedding_cache_misses_total = c(
             "forge_embedding_cache_misses_total", "Embeddings computed.", "model"
+        )
+        # The progress stream carries the full curve; these give dashboards the latest
+        # point without reading Redis.
+        self.training_progress_ratio = Gauge(
+            "forge_training_progress_ratio",
+            "Epochs done over epochs planned, of the model's latest training.",
+            ["model"],
+            multiprocess_mode="livemostrecent",
+            registry=self.registry,
+        )
+        self.training_loss = Gauge(
+            "forge_training_loss",
+            "Loss of the model's latest training epoch.",
+            ["model"],
+            multiprocess_mode="livemostrecent",
+            registry=self.registry,
         )
 
     def init_streams(self, streams: Iterable[str]) -> None:

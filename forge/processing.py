@@ -225,6 +225,10 @@ class BatchProcessor:
         keys = self.ctx.keys
         completion = self._completion(entry, message, verdict, timing)
         completion.duplicate = duplicate
+        if isinstance(verdict, Succeeded) and not duplicate:
+            # Before the completion, so whoever sees the completion finds these too.
+            for stream, event in verdict.publish:
+                settlement.publish(stream, event)
         settlement.publish(keys.completions, completion)
         if isinstance(verdict, Rejected | Exhausted):
             record = build_record(

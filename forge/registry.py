@@ -41,7 +41,12 @@ class Message(Generic[E]):
 
 
 class Succeeded(msgspec.Struct, frozen=True):
+    """Done. ``publish`` lists ``(stream, event)`` pairs the runtime publishes in the
+    transaction that acks the entry, and only if this delivery settles the event (not
+    for a duplicate): side-effect events that must appear exactly once."""
+
     result: dict[str, Any] = msgspec.field(default_factory=dict)
+    publish: tuple[tuple[str, Event], ...] = ()
 
 
 class Failed(msgspec.Struct, frozen=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -18,11 +19,14 @@ import redis
 
 from forge import __version__
 from forge.errors import ForgeError
-from forge.logging import configure_logging
-from forge.settings import Settings, redact_url
+from forge.logging import configure_logging, redact_text
+from forge.settings import Settings
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+# libpq's connection-string parse errors (psycopg raises them as ProgrammingError).
+_CONNINFO_ERROR_RE = re.compile(r"connection info string|connection option|URI|percent-encoded")
+_QUOTED_RE = re.compile(r'"([^"]*)"')
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -50,7 +54,7 @@ def _port(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from forge.cli import cmd_search, cmd_streams, cmd_worker
+    from forge.cli import cmd_docs, cmd_models, cmd_search, cmd_streams, cmd_watch, cmd_worker
 
     parser = _Parser(prog="forge", description="Redis Streams ML training and embedding engine.")
     parser.add_argument("--version", action="version", version=f"forge {__version__}")
@@ -77,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd_streams.add_dlq_parser(sub)
     cmd_search.add_search_parser(sub)
+    cmd_models.add_models_parser(sub)
+    cmd_models.add_predict_parser(sub)
+    cmd_watch.add_watch_parser(sub)
+    cmd_docs.add_docs_parser(sub)
 
     schemas = sub.add_parser("schemas", help="event JSON Schemas")
     schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)
@@ -117,20 +125,31 @@ def describe_error(exc: Exception) -> str | None:
     """The one line a user sees for an error they can act on; None for a bug."""
     if isinstance(exc, ForgeError):
         return str(exc)
-    text = _redact_message(str(exc).splitlines()[0] if str(exc) else "")
+    text = redact_text(str(exc).splitlines()[0] if str(exc) else "")
     if isinstance(exc, redis.ConnectionError):
         return f"cannot reach Redis: {text}"
     if isinstance(exc, redis.RedisError):
         return f"Redis error: {text}"
-    if isinstance(exc, psycopg.OperationalError):
-        return f"cannot reach PostgreSQL: {text}"
+    if isinstance(exc, psycopg.Error):
+        return _describe_postgres_error(exc, text)
     if isinstance(exc, OSError | msgspec.DecodeError | ValueError):
         return f"{type(exc).__name__}: {text}"
     return None
 
 
-def _redact_message(message: str) -> str:
-    return " ".join(redact_url(word) or word if "://" in word else word for word in message.split())
+def _describe_postgres_error(exc: psycopg.Error, text: str) -> str | None:
+    if isinstance(exc, psycopg.OperationalError):
+        return f"cannot reach PostgreSQL: {text}"
+    if type(exc) is psycopg.ProgrammingError and _CONNINFO_ERROR_RE.search(text):
+        # libpq could not parse POSTGRES_URL, and its message quotes the string (or a
+        # token of it, such as a mistyped password): say what is wrong, not where.
+        return "invalid PostgreSQL connection string: " + _QUOTED_RE.sub(_hide_quoted, text)
+    return None
+
+
+def _hide_quoted(match: re.Match[str]) -> str:
+    # One-character quotes ('"="', '"]"') say what is missing and are kept.
+    return match.group(0) if len(match.group(1)) < 2 else '"***"'
 
 
 def entrypoint() -> None:

@@ -5,10 +5,12 @@ from forge.vectorstore.naming import table_name, validate_name
 from forge.vectorstore.store import VectorStore
 from forge.vectorstore.types import (
     Collection,
+    CollectionNotFound,
     Delete,
     Hit,
     InvalidWrite,
     Row,
+    Snapshot,
     StoredRecord,
     Write,
     WriteResult,
@@ -17,11 +19,13 @@ from forge.vectorstore.types import (
 __all__ = [
     "MIGRATIONS",
     "Collection",
+    "CollectionNotFound",
     "Delete",
     "Hit",
     "InvalidWrite",
     "Migration",
     "Row",
+    "Snapshot",
     "StoredRecord",
     "VectorStore",
     "Write",

@@ -26,6 +26,10 @@ _JSONB_VERSION = b"\x01"
 _EMPTY_JSONB = struct.pack("!i", 3) + _JSONB_VERSION + b"{}"
 # Rows per chunk handed to COPY: bounds memory for large batches.
 CHUNK_ROWS = 2048
+# Readers decode metadata recursively (psycopg's json.loads): far deeper nesting than
+# any real metadata would make every search, fetch and training read of the collection
+# fail with RecursionError, so the write is refused instead.
+MAX_METADATA_DEPTH = 64
 
 _json = msgspec.json.Encoder()
 _length = struct.Struct("!i")
@@ -84,11 +88,29 @@ def _jsonb(row: Row) -> bytes:
         return _EMPTY_JSONB
     try:
         data = _json.encode(row.metadata)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise _invalid(row, f"metadata is not JSON: {exc}") from exc
     if b"\\u0000" in data:
         raise _invalid(row, "NUL character in metadata")
+    # Counting brackets is cheap and bounds the depth from above; only then walk it.
+    nesting = data.count(b"[") + data.count(b"{")
+    if nesting > MAX_METADATA_DEPTH and _depth(row.metadata) > MAX_METADATA_DEPTH:
+        raise _invalid(row, f"metadata nested deeper than {MAX_METADATA_DEPTH} levels")
     return _length.pack(len(data) + 1) + _JSONB_VERSION + data
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and objects nest in ``value`` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def _invalid(row: Row, problem: str) -> InvalidWrite:

@@ -18,15 +18,17 @@ import structlog
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
-from forge.vectorstore import registry, search, writer
+from forge.vectorstore import registry, scan, search, writer
 from forge.vectorstore.migrations import migrate
 from forge.vectorstore.naming import validate_name
 from forge.vectorstore.types import (
     Collection,
+    CollectionNotFound,
     Hit,
     InvalidWrite,
     JsonObject,
     Row,
+    Snapshot,
     StoredRecord,
     Vector,
     Write,
@@ -211,6 +213,23 @@ class VectorStore:
             return 0
         with self._pool.connection() as conn:
             return search.count(conn, target)
+
+    def load_collection(self, name: str, ids: Sequence[str] | None = None) -> Snapshot:
+        """Every row of collection ``name`` (or those in ``ids``), ordered by id, with
+        vectors as one matrix; ``CollectionNotFound`` when there is no such collection."""
+        target = self.collection(name)
+        if target is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        with self._pool.connection() as conn:
+            return scan.load_rows(conn, target, ids)
+
+    def update_metadata(self, name: str, patches: Mapping[str, JsonObject]) -> int:
+        """Merge ``patches[id]`` into each record's metadata; returns the rows patched."""
+        target = self.collection(name)
+        if target is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        with self._pool.connection() as conn:
+            return scan.merge_metadata(conn, target, patches)
 
     # ------------------------------------------------------------------ helpers
 

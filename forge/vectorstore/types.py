@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from forge.errors import InvalidEvent
+from forge.errors import InvalidEvent, PermanentError
 
 Vector = npt.NDArray[np.float32]
 JsonObject = dict[str, Any]
@@ -97,3 +97,17 @@ class StoredRecord:
     embedding: Vector
     model: str | None
     updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Rows of a collection read in one go: row ``i`` is ``ids[i]``, ``vectors[i]``
+    (float32, ``(rows, dimension)``) and ``metadata[i]``."""
+
+    ids: list[str]
+    vectors: Vector
+    metadata: list[JsonObject]
+
+
+class CollectionNotFound(PermanentError):
+    """A request names a collection that does not exist (yet): retrying cannot help."""

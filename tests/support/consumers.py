@@ -43,3 +43,25 @@ def register_crash_after_commit(registry: Registry, ctx: Context) -> None:
         return outcomes
 
     registry.register(HandlerSpec("new-data", NewData, handle, name="crashing"))
+
+
+def register_crash_after_register(registry: Registry, ctx: Context) -> None:
+    """The real training handler, but the process dies right after the model version
+    is registered in MLflow and before the runtime can publish its event and ack: the
+    window the model-version event's exactly-once publication must cover."""
+    import signal
+
+    from consumers import register
+    from forge.events import TrainingRequest
+
+    inner = Registry()
+    register(inner, ctx)
+    real = inner.get("training-requests")
+
+    def handle(messages: Sequence[Message[TrainingRequest]]) -> Sequence[Outcome] | None:
+        outcomes = real.handle(messages)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return outcomes
+
+    spec = HandlerSpec("training-requests", TrainingRequest, handle, max_batch_size=1)
+    registry.register(spec)

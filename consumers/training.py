@@ -1,0 +1,138 @@
+"""The training-request handler: a collection's rows in, a registered model version out.
+
+One request at a time (its spec asks for batches of one). Idempotency first: a
+request whose version is already registered (an earlier delivery died before the
+runtime settled it) is answered from the registry, never trained again. The
+``model-version`` event travels in ``Succeeded.publish``, so the runtime publishes it
+in the transaction that acks the request: exactly one per version, whichever
+delivery gets there.
+
+Requests that cannot be done (unknown task or parameter, missing collection, too few
+labelled rows, timeout) raise ``PermanentError``: a ``failed`` completion, no retries.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from forge.context import Context
+from forge.errors import PermanentError
+from forge.events import TrainingProgress, TrainingRequest
+from forge.registry import Message, Outcome, Succeeded
+from forge.training.base import Dataset, TrainedModel
+from forge.training.service import TrainingService
+from forge.vectorstore import VectorStore
+
+log = structlog.get_logger(__name__)
+
+CLUSTERING = "clustering"
+
+
+def cluster_field(model: str) -> str:
+    """The metadata key a clustering model's assignments are written to."""
+    return f"{model}_cluster"
+
+
+class TrainingHandler:
+    def __init__(
+        self,
+        ctx: Context,
+        open_store: Callable[[], VectorStore],
+        open_service: Callable[[], TrainingService],
+    ) -> None:
+        self.ctx = ctx
+        self._open_store = open_store
+        self._open_service = open_service
+        self._store: VectorStore | None = None
+        self._service: TrainingService | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def store(self) -> VectorStore:
+        """Opened on first use, like the service: a worker that never trains never
+        connects to PostgreSQL or MLflow for it."""
+        with self._lock:
+            if self._store is None:
+                self._store = self._open_store()
+            return self._store
+
+    @property
+    def service(self) -> TrainingService:
+        with self._lock:
+            if self._service is None:
+                self._service = self._open_service()
+            return self._service
+
+    def __call__(self, messages: Sequence[Message[TrainingRequest]]) -> list[Outcome]:
+        # A PermanentError raised here fails only its own request: with batches of one
+        # the runtime turns it into that request's failed completion.
+        return [self.handle(message) for message in messages]
+
+    def handle(self, message: Message[TrainingRequest]) -> Outcome:
+        request = message.event
+        service = self.service
+        done = service.registered(request)
+        if done is None:
+            from forge.training.registry import get_trainer, parse_params
+
+            # Validate before loading data: a typo should not cost a collection scan.
+            parse_params(get_trainer(request.task), request.params)
+            data, embedding_model = self._dataset(request)
+            fitted = service.fit(
+                request,
+                data,
+                stream=message.stream,
+                embedding_model=embedding_model,
+                redelivery=message.is_redelivery,
+            )
+            self._write_assignments(request, fitted.model)
+            done = service.register(fitted)
+        result = dict(done.result)
+        if done.version.task == CLUSTERING:
+            result["cluster_field"] = cluster_field(request.model)
+        publish = ((self.ctx.keys.model_versions, done.event),)
+        return Succeeded(result, publish=publish)
+
+    def _dataset(self, request: TrainingRequest) -> tuple[Dataset, str | None]:
+        """The request's rows (all of the collection, or ``record_ids``) and the
+        embedding model that made their vectors."""
+        store = self.store
+        collection = store.collection(request.collection)
+        if collection is None:
+            raise PermanentError(f"collection {request.collection!r} does not exist")
+        snapshot = store.load_collection(request.collection, request.record_ids)
+        if not snapshot.ids:
+            which = "none of the requested records are" if request.record_ids else "it is empty"
+            raise PermanentError(f"nothing to train on in {request.collection!r}: {which}")
+        data = Dataset(ids=snapshot.ids, vectors=snapshot.vectors, metadata=snapshot.metadata)
+        return data, collection.model
+
+    def _write_assignments(self, request: TrainingRequest, model: TrainedModel) -> None:
+        """Write a clustering model's cluster per row back into the rows' metadata,
+        before registering: a redelivery that finds the version skips this step."""
+        assignments: dict[str, int] | None = getattr(model, "assignments", None)
+        if not assignments:
+            return
+        key = cluster_field(request.model)
+        patches = {record_id: {key: cluster} for record_id, cluster in assignments.items()}
+        patched = self.store.update_metadata(request.collection, patches)
+        log.info("cluster assignments written", collection=request.collection, rows=patched)
+
+
+def progress_publisher(ctx: Context) -> Callable[[TrainingProgress], Any]:
+    """Publishes training curves to the (trimmed) progress stream: best effort, live
+    data for dashboards, so not part of any transaction."""
+    stream = ctx.keys.training_progress
+
+    def publish(event: TrainingProgress) -> None:
+        ctx.metrics.training_progress_ratio.labels(model=event.model).set(
+            event.epoch / max(event.epochs, 1)
+        )
+        ctx.metrics.training_loss.labels(model=event.model).set(event.loss)
+        ctx.publish(stream, event)
+
+    return publish

@@ -1,0 +1,295 @@
+"""Training as a service inside a worker: a training request and its data in, a
+registered MLflow model version out.
+
+``fit`` runs the trainer under the request's deadline inside an MLflow run (params,
+a metric point per epoch, the model's files), ``register`` makes it a version of the
+model's registry entry tagged with the request's id, and ``registered`` finds that
+version again, so a redelivered request is answered without training twice.
+
+The trainers (torch, scikit-learn: seconds to import) load on the first training, not
+when a worker starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import structlog
+
+from forge.errors import PermanentError
+from forge.events import ModelVersion, TrainingProgress, TrainingRequest
+from forge.model_cache import ModelCache
+from forge.settings import Settings
+from forge.training import artifacts
+from forge.training.base import Dataset, EpochReport, TrainedModel, Trainer, TrainingTimeout
+from forge.training.promotion import apply_policy
+from forge.training.tracking import TrainingRun, connect, kill_stale_runs
+from forge.training.versions import (
+    TAG_COLLECTION,
+    TAG_EMBEDDING_MODEL,
+    TAG_PARAMS,
+    TAG_PRIMARY_METRIC,
+    TAG_REQUEST_ID,
+    TAG_STREAM,
+    TAG_TASK,
+    ModelRegistry,
+    VersionInfo,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = structlog.get_logger(__name__)
+
+ProgressFn = Callable[[TrainingProgress], None]
+# MLflow rejects longer tag values; params that long are not kept for retraining.
+_MAX_TAG_CHARS = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Fitted:
+    """A trained model whose MLflow run is finished, not yet registered."""
+
+    request: TrainingRequest
+    model: TrainedModel
+    run: TrainingRun
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A registered version, the event announcing it and the request's result."""
+
+    version: VersionInfo
+    event: ModelVersion
+    result: dict[str, Any]
+
+
+class TrainingService:
+    def __init__(
+        self,
+        settings: Settings,
+        client: MlflowClient,
+        models: ModelCache,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.registry = ModelRegistry(client)
+        self.models = models
+        self.progress = progress
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        models: ModelCache | None = None,
+        progress: ProgressFn | None = None,
+    ) -> TrainingService:
+        return cls(
+            settings, connect(settings), models or ModelCache.from_settings(settings), progress
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def registered(self, request: TrainingRequest) -> Registered | None:
+        """The version an earlier delivery of ``request`` registered, if any. A delivery
+        that died between registering and aliasing gets its aliases now."""
+        version = self.registry.find_by_request(request.model, request.id)
+        if version is None:
+            return None
+        latest = self.registry.latest(request.model)
+        if not version.aliases and latest is not None and latest.version == version.version:
+            version = apply_policy(self.registry, version, request.promote)
+        log.info(
+            "training request already registered", model=request.model, version=version.version
+        )
+        return self._registered(version)
+
+    def fit(
+        self,
+        request: TrainingRequest,
+        data: Dataset,
+        *,
+        stream: str = "",
+        embedding_model: str | None = None,
+        redelivery: bool = False,
+    ) -> Fitted:
+        """Train inside an MLflow run; the run is marked failed if training fails. On a
+        redelivery, runs an earlier delivery left unfinished are marked killed."""
+        from forge.training.registry import get_trainer, parse_params
+
+        trainer = get_trainer(request.task)
+        params = parse_params(trainer, request.params)
+        warm_start = self._warm_start(request)
+        if redelivery and kill_stale_runs(self.client, request.model, request.id):
+            log.info("marked runs of an earlier delivery killed", request_id=request.id)
+        tags = _tags(request, stream, embedding_model)
+        run_params = {**msgspec.to_builtins(params), "rows": len(data)}
+        if request.warm_start_from:
+            run_params["warm_start_from"] = request.warm_start_from
+        run = TrainingRun.start(self.client, request.model, tags, run_params)
+        try:
+            model = self.train_model(request, data, trainer, params, warm_start, run.log_epoch)
+            tags[TAG_PRIMARY_METRIC] = model.primary_metric
+            run.finish(model, {TAG_PRIMARY_METRIC: model.primary_metric})
+        except BaseException as exc:
+            run.fail(exc)
+            raise
+        return Fitted(request, model, run, tags)
+
+    def register(self, fitted: Fitted) -> Registered:
+        """Register the fitted model's files as a new version and apply the promotion
+        policy. Idempotent per request: a version the request already has is reused."""
+        request = fitted.request
+        existing = self.registry.find_by_request(request.model, request.id)
+        if existing is not None:  # a racing delivery got here first
+            return self._registered(existing)
+        tags = dict(fitted.tags)
+        params = msgspec.json.encode(request.params).decode()
+        if len(params) <= _MAX_TAG_CHARS:
+            tags[TAG_PARAMS] = params
+        version = self.registry.register(
+            request.model, fitted.run.model_uri, fitted.run.run_id, tags
+        )
+        version = apply_policy(self.registry, version, request.promote)
+        return self._registered(version)
+
+    def train(
+        self, request: TrainingRequest, data: Dataset, **kwargs: Any
+    ) -> tuple[Fitted, Registered]:
+        """``fit`` then ``register``: a request from data to version in one call."""
+        fitted = self.fit(request, data, **kwargs)
+        return fitted, self.register(fitted)
+
+    # ------------------------------------------------------------------ training
+
+    def train_model(
+        self,
+        request: TrainingRequest,
+        data: Dataset,
+        trainer: Trainer,
+        params: msgspec.Struct,
+        warm_start: TrainedModel | None,
+        on_epoch: Callable[[EpochReport], None] | None = None,
+    ) -> TrainedModel:
+        """The trainer alone under the request's deadline, with progress events: no
+        MLflow. The per-request timeout never exceeds the configured one."""
+        limit_s = min(
+            request.timeout_s or self.settings.training_timeout_s, self.settings.training_timeout_s
+        )
+        started = time.monotonic()
+
+        def epoch_done(report: EpochReport) -> None:
+            if on_epoch is not None:
+                _best_effort(on_epoch, report, "could not log the epoch to MLflow")
+            if self.progress is not None:
+                _best_effort(self.progress, _progress(request, report), "progress not published")
+
+        try:
+            return trainer.train(
+                data,
+                params,
+                warm_start=warm_start,
+                on_epoch=epoch_done,
+                deadline_s=started + limit_s,
+            )
+        except TrainingTimeout as exc:
+            raise TrainingTimeout(
+                f"training timed out: still running after {limit_s:g}s ({exc})"
+            ) from None
+
+    def load(self, model: str, ref: str | None = None) -> tuple[TrainedModel, VersionInfo]:
+        """Version ``ref`` of ``model`` (default: champion, else latest), loaded through
+        the byte-bounded model cache."""
+        from forge.training.registry import get_trainer
+
+        version = self.registry.resolve(model, ref)
+        trainer = get_trainer(version.task)
+        key = f"trained:{self.client.tracking_uri}:{model}:{version.version}"
+        loaded = self.models.get_or_load(
+            key, lambda: trainer.load(self._download(version)), lambda m: m.size_bytes
+        )
+        return loaded, version
+
+    # ------------------------------------------------------------------ helpers
+
+    def _warm_start(self, request: TrainingRequest) -> TrainedModel | None:
+        if request.warm_start_from is None:
+            return None
+        model, version = self.load(request.model, request.warm_start_from)
+        if version.task != request.task:
+            raise PermanentError(
+                f"cannot warm-start a {request.task} model from version {version.version}"
+                f" of {request.model!r}, a {version.task} model"
+            )
+        return model
+
+    def _download(self, version: VersionInfo) -> Path:
+        target = self.settings.cache_path / "models" / version.model / str(version.version)
+        return artifacts.fetch(version.source, target, self.client.tracking_uri)
+
+    def _registered(self, version: VersionInfo) -> Registered:
+        metrics = self.registry.metrics(version)
+        created = datetime.fromtimestamp(version.created_at_ms / 1000, UTC)
+        event = ModelVersion(
+            id=f"{version.model}:v{version.version}",
+            created_at=created,
+            model=version.model,
+            model_version=version.version,
+            run_id=version.run_id,
+            source_id=version.request_id,
+            metrics=metrics,
+            aliases=version.aliases,
+            artifact_uri=version.source,
+        )
+        result = {
+            "model": version.model,
+            "model_version": version.version,
+            "run_id": version.run_id,
+            "task": version.task,
+            "aliases": version.aliases,
+            "primary_metric": version.primary_metric,
+            "metrics": metrics,
+        }
+        return Registered(version, event, result)
+
+
+def _tags(request: TrainingRequest, stream: str, embedding_model: str | None) -> dict[str, str]:
+    tags = {
+        TAG_REQUEST_ID: request.id,
+        TAG_STREAM: stream,
+        TAG_TASK: request.task,
+        TAG_COLLECTION: request.collection,
+    }
+    if embedding_model:
+        tags[TAG_EMBEDDING_MODEL] = embedding_model
+    return tags
+
+
+def _progress(request: TrainingRequest, report: EpochReport) -> TrainingProgress:
+    return TrainingProgress(
+        id=f"{request.id}:epoch-{report.epoch}",
+        created_at=datetime.now(UTC),
+        model=request.model,
+        source_id=request.id,
+        epoch=report.epoch,
+        epochs=report.epochs,
+        loss=report.loss,
+        metric=report.metric,
+        eta_s=report.eta_s,
+    )
+
+
+def _best_effort(fn: Callable[[Any], None], value: Any, message: str) -> None:
+    """Progress reporting must never fail a training: log and carry on."""
+    try:
+        fn(value)
+    except Exception as exc:
+        log.warning(message, error=f"{type(exc).__name__}: {exc}")

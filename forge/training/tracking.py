@@ -1,0 +1,207 @@
+"""MLflow tracking: where runs live, and one run per training.
+
+The tracking URI is ``settings.mlflow_tracking_uri`` (``MLRUN_DBPATH`` or
+``MLFLOW_TRACKING_URI``) or, when unset, an embedded SQLite store under
+``<home_dir>/mlflow``: no server to run, and SQLite's transactions keep the model
+registry consistent where MLflow's file store would not. Runs of a local SQLite store
+keep their artifacts in an ``artifacts`` folder beside the database (MLflow would
+otherwise pick ``./mlruns`` under whatever directory the worker started in); a
+tracking server chooses its own artifact store.
+
+mlflow is imported on first use: it costs about a second, which commands and workers
+that never train should not pay.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import structlog
+
+from forge.settings import Settings
+from forge.training.base import EpochReport, TrainedModel
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+log = structlog.get_logger(__name__)
+MLFLOW_DIR = "mlflow"
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+# The artifact folder of a run holding ``TrainedModel.save``'s files.
+MODEL_ARTIFACT_PATH = "model"
+EPOCH_FLUSH_INTERVAL_S = 5.0
+# MLflow caps a param value at 6000 characters; longer ones are cut, not rejected.
+_MAX_PARAM_CHARS = 6000
+_QUIET_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
+# Values that can go into a filter string as they are; MLflow's filter grammar has no
+# documented escape for quotes, so others are matched in Python or not at all.
+_FILTER_SAFE = re.compile(r"[A-Za-z0-9_:.@/+\-]+")
+
+
+def filter_safe(value: str) -> bool:
+    return _FILTER_SAFE.fullmatch(value) is not None
+
+
+def tracking_uri(settings: Settings) -> str:
+    if settings.mlflow_tracking_uri:
+        return settings.mlflow_tracking_uri
+    return f"sqlite:///{(settings.home_dir / MLFLOW_DIR / DB_FILE).resolve()}"
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a local SQLite store's artifacts go; ``None`` for a tracking server."""
+    parts = urlsplit(uri)
+    if parts.scheme != "sqlite" or not parts.path or parts.path in {"/", "/:memory:"}:
+        return None
+    # sqlite:////abs/path.db has path "//abs/path.db"; sqlite:///rel.db has "/rel.db".
+    database = Path(unquote(parts.path[1:]))
+    return database.resolve().parent / ARTIFACTS_DIR
+
+
+def experiment_name(model: str) -> str:
+    return f"forge/{model}"
+
+
+def quiet_mlflow() -> None:
+    """MLflow logs schema migrations and every artifact upload at INFO: Forge's own
+    logs say what matters. After importing mlflow, which sets its loggers' levels."""
+    import mlflow  # noqa: F401
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def connect(settings: Settings) -> MlflowClient:
+    """A client for runs and the model registry at the configured (or embedded) store."""
+    quiet_mlflow()
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(settings)
+    root = artifact_root(uri)
+    if root is not None:
+        root.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(client: MlflowClient, model: str) -> str:
+    """The model's experiment (``forge/<model>``), created on first use."""
+    from mlflow.exceptions import MlflowException
+
+    name = experiment_name(model)
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    root = artifact_root(client.tracking_uri)
+    location = (root / model).as_uri() if root is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        # Another worker created it between our lookup and create.
+        raced = client.get_experiment_by_name(name)
+        if raced is None:
+            raise
+        return str(raced.experiment_id)
+
+
+def kill_stale_runs(client: MlflowClient, model: str, request_id: str) -> int:
+    """Mark runs of ``request_id`` still RUNNING as KILLED: their worker died (this is a
+    redelivery), so nothing will finish them. Returns how many there were."""
+    found = client.get_experiment_by_name(experiment_name(model))
+    if found is None or not filter_safe(request_id):
+        return 0
+    query = f"tags.`forge.request_id` = '{request_id}' and attributes.status = 'RUNNING'"
+    stale = client.search_runs([str(found.experiment_id)], query)
+    for run in stale:
+        client.set_terminated(run.info.run_id, "KILLED")
+    return len(stale)
+
+
+class TrainingRun:
+    """One MLflow run: parameters and tags up front, a metric point per epoch, then the
+    final metrics and the model's files, or a failure."""
+
+    def __init__(self, client: MlflowClient, run_id: str, artifact_uri: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.artifact_uri = artifact_uri
+        self._pending: list[Metric] = []
+        self._flushed_s = time.monotonic()
+
+    @classmethod
+    def start(
+        cls, client: MlflowClient, model: str, tags: dict[str, str], params: dict[str, Any]
+    ) -> TrainingRun:
+        from mlflow.entities import Param
+
+        run = client.create_run(experiment_id(client, model), tags=tags)
+        flat = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+        if flat:
+            client.log_batch(run.info.run_id, params=flat)
+        return cls(client, run.info.run_id, str(run.info.artifact_uri))
+
+    @property
+    def model_uri(self) -> str:
+        """The artifact URI of the saved model, the source of its registered version."""
+        return f"{self.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+
+    def log_epoch(self, report: EpochReport) -> None:
+        """Buffer the epoch's points and write them at most every few seconds: one
+        store write (a SQLite commit, an HTTP call) per epoch would slow short epochs
+        down, and live curves have the progress stream."""
+        from mlflow.entities import Metric
+
+        now_ms = int(time.time() * 1000)
+        self._pending.append(Metric("epoch_loss", report.loss, now_ms, report.epoch))
+        if report.metric is not None:
+            self._pending.append(Metric("epoch_val_metric", report.metric, now_ms, report.epoch))
+        if time.monotonic() - self._flushed_s >= EPOCH_FLUSH_INTERVAL_S:
+            self._flush()
+
+    def finish(self, model: TrainedModel, tags: dict[str, str]) -> None:
+        """Log the final metrics, ``tags`` and the model's files (its own format: no
+        pickles), once every epoch point is written."""
+        from mlflow.entities import Metric, RunTag
+
+        self._flush()
+        now_ms = int(time.time() * 1000)
+        finals = [Metric(k, float(v), now_ms, 0) for k, v in sorted(model.metrics.items())]
+        run_tags = [RunTag(k, v) for k, v in sorted(tags.items())]
+        self.client.log_batch(self.run_id, metrics=finals, tags=run_tags)
+        with tempfile.TemporaryDirectory(prefix="forge-model-") as tmp:
+            directory = Path(tmp) / MODEL_ARTIFACT_PATH
+            directory.mkdir()
+            model.save(directory)
+            self.client.log_artifacts(self.run_id, str(directory), MODEL_ARTIFACT_PATH)
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the run failed with its reason; never raises (the caller has an error)."""
+        try:
+            self._flush()
+            self.client.set_tag(self.run_id, "forge.error", f"{type(error).__name__}: {error}")
+            self.client.set_terminated(self.run_id, "FAILED")
+        except Exception as exc:
+            log.warning("could not mark the run failed", run_id=self.run_id, error=str(exc))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self._flushed_s = time.monotonic()
+        if pending:
+            self.client.log_batch(self.run_id, metrics=pending)
+
+
+def _param_value(value: Any) -> str:
+    import msgspec
+
+    text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    return text[:_MAX_PARAM_CHARS]

@@ -18,6 +18,7 @@ import msgspec
 from forge.broker import Entry, StreamBroker
 from forge.errors import InvalidEvent
 from forge.events import EVENT_FIELD, DeadLetter, ErrorInfo, decode_as, new_id, utcnow
+from forge.logging import redact_text
 
 _MAX_TRACEBACK_CHARS = 8_000
 FILTER_FIELDS = ("source_stream", "source_id", "error_type", "error", "consumer")
@@ -28,9 +29,13 @@ class _IdOnly(msgspec.Struct):
 
 
 def error_info(exc: BaseException) -> ErrorInfo:
-    """A serialisable description of an exception, traceback bounded in size."""
-    tb = "".join(traceback.format_exception(exc))[-_MAX_TRACEBACK_CHARS:]
-    return ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=tb)
+    """A serialisable description of an exception, traceback bounded in size.
+
+    Redacted like logs: it is stored in completions and dead-letter records, and an
+    exception's message can carry a connection string.
+    """
+    tb = redact_text("".join(traceback.format_exception(exc))[-_MAX_TRACEBACK_CHARS:])
+    return ErrorInfo(type=type(exc).__name__, message=redact_text(str(exc)), traceback=tb)
 
 
 def sniff_event_id(payload: bytes | None) -> str | None:
@@ -39,7 +44,9 @@ def sniff_event_id(payload: bytes | None) -> str | None:
         return None
     try:
         return msgspec.json.decode(payload, type=_IdOnly).id
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    # ValueError covers msgspec's errors and invalid UTF-8 in a string; RecursionError
+    # deep nesting: hostile payloads are dead-lettered through here.
+    except (ValueError, RecursionError):
         return None
 
 

@@ -112,6 +112,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # The stdlib dispatches on ``do_<METHOD>``; without these it would answer 501.
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+    do_TRACE = do_CONNECT = _not_allowed  # noqa: N815
 
     def _respond(self, *, send_body: bool) -> None:
         path = urlsplit(self.path).path

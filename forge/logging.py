@@ -20,7 +20,7 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from forge.errors import ConfigError
-from forge.settings import Settings, redact_url
+from forge.settings import SECRET_PARAM_RE, Settings, redact_url
 
 # A URL carrying credentials: ``scheme://user:password@host...``. Deliberately loose
 # (any non-space run after the scheme) so that passwords with odd characters are caught.
@@ -145,7 +145,10 @@ def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) 
 
 
 def redact_text(text: str) -> str:
-    """Replace the password of every ``scheme://user:pass@host`` URL inside ``text``."""
+    """Replace the password of every ``scheme://user:pass@host`` URL inside ``text``,
+    and the value of every ``password=``-like query parameter."""
+    if "=" in text:
+        text = SECRET_PARAM_RE.sub(r"\1\2=***", text)
     if "://" not in text:
         return text
     return _CREDENTIAL_URL_RE.sub(_redact_match, text)

@@ -35,18 +35,37 @@ def parse_size(value: str) -> int:
     return int(number * factor)
 
 
+# Query parameters that carry secrets: redis-py and libpq both take ``?password=``.
+# libpq's keyword form (``host=db password='a b'``) too, quoted values included.
+SECRET_PARAM_RE = re.compile(
+    r"(?i)(^|[?&;\s])(password|passwd|pwd|sslpassword|secret|token|access_token|api_?key)="
+    r"('(?:[^'\\]|\\.)*'|[^&;#\s'\"<>]*)"
+)
+
+
+_USERINFO_RE = re.compile(r"^(?P<scheme>[^:/]*://)[^/?#]*@")
+
+
 def redact_url(url: str | None) -> str | None:
-    """Return ``url`` with any password replaced by ``***`` (safe to log or print)."""
+    """Return ``url`` with any password replaced by ``***`` (safe to log or print):
+    the userinfo's and those of secret-bearing query parameters."""
     if not url:
         return url
-    parts = urlsplit(url)
-    if parts.password is None:
+    if "://" not in url:  # a libpq keyword string, or no URL at all
+        return SECRET_PARAM_RE.sub(r"\1\2=***", url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a broken IPv6 literal: blank all of the userinfo, and the query
+        return _USERINFO_RE.sub(r"\g<scheme>***@", url).split("?", 1)[0]
+    query = SECRET_PARAM_RE.sub(r"\1\2=***", parts.query)
+    netloc = parts.netloc
+    if parts.password is not None:
+        # The host part as written: ``hostname``/``port`` would drop IPv6 brackets
+        # and raise on a bad port.
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{user}:***@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _default_home() -> Path:
@@ -140,7 +159,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     def redacted(self) -> dict[str, Any]:
         """A printable view with secrets removed."""
-        data: dict[str, Any] = msgspec.to_builtins(self)
+        # Paths as strings: msgspec has no encoding of its own for them.
+        data: dict[str, Any] = msgspec.to_builtins(self, enc_hook=str)
         for key in ("redis_url", "postgres_url", "mlflow_tracking_uri"):
             data[key] = redact_url(data[key])
         return data

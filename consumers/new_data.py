@@ -27,6 +27,8 @@ from forge.settings import Settings
 from forge.vectorstore import Delete, InvalidWrite, Row, VectorStore, Write
 
 PRUNE_INTERVAL_S = 3600.0
+# Vectors are stored as float32; a larger value would silently become infinity.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(slots=True)
@@ -215,3 +217,5 @@ def _check_record(record: Record, max_text_chars: int) -> None:
             raise InvalidEvent(f"record {record.id!r}: empty vector")
         if not all(math.isfinite(x) for x in record.vector):
             raise InvalidEvent(f"record {record.id!r}: vector has NaN or infinite values")
+        if any(abs(x) > _FLOAT32_MAX for x in record.vector):
+            raise InvalidEvent(f"record {record.id!r}: vector value beyond float32 range")

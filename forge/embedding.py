@@ -13,6 +13,7 @@ import redis
 
 from forge.embedder import Embedder
 from forge.embedding_cache import EmbeddingCache, Encoded, encode_cached
+from forge.errors import InvalidEvent
 from forge.metrics import Metrics
 from forge.model_cache import ModelCache
 from forge.settings import Settings
@@ -40,13 +41,23 @@ class EmbeddingService:
         return cls(settings, ModelCache.from_settings(settings), cache, metrics)
 
     def embedder(self, name: str | None = None) -> Embedder:
-        """The loaded model ``name`` (default: the configured one), loaded at most once."""
+        """The loaded model ``name`` (default: the configured one), loaded at most once.
+
+        A model an event asked for that cannot be loaded is that event's fault
+        (``InvalidEvent``: dead-lettered with the reason, not retried); the configured
+        default failing to load is an operator's problem and propagates as is.
+        """
         model = name or self.settings.embedding_model
-        return self.models.get_or_load(
-            f"embedder:{model}",
-            lambda: Embedder.from_settings(self.settings, model),
-            lambda e: e.size_bytes,
-        )
+        try:
+            return self.models.get_or_load(
+                f"embedder:{model}",
+                lambda: Embedder.from_settings(self.settings, model),
+                lambda e: e.size_bytes,
+            )
+        except (OSError, ValueError) as exc:
+            if model == self.settings.embedding_model:
+                raise
+            raise InvalidEvent(f"cannot load embedding model {model!r}: {exc}") from exc
 
     def model_for(self, store: VectorStore, collection: str, requested: str | None) -> str:
         """The collection's model: the one it was created with, else the requested or

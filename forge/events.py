@@ -33,6 +33,19 @@ Name = Annotated[
         description="letters, digits, '_' and '-', starting with a letter or '_'",
     ),
 ]
+# An embedding model an event may ask for: a hub-style id ("all-MiniLM-L6-v2",
+# "org/name"), never a filesystem path: events are untrusted, and loading whatever
+# path they name would let any producer make a worker read its disk. Operators who
+# want a local path configure it with FORGE_EMBEDDING_MODEL instead.
+ModelName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=96,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?(?!\n)$",
+        description="a model id such as 'all-MiniLM-L6-v2' or 'org/name'; no paths",
+    ),
+]
 Status = Literal["succeeded", "failed", "dead-lettered"]
 
 
@@ -80,7 +93,7 @@ class NewData(Event, tag="new-data"):
 
     collection: Name
     records: Annotated[list[Record], Meta(min_length=1)]
-    model: str | None = None
+    model: ModelName | None = None
     retrain: Name | None = None
 
 

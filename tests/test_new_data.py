@@ -276,3 +276,24 @@ def test_a_failing_database_is_retried_then_redelivered(
     assert done.status == "succeeded"
     assert done.deliveries == 2  # three attempts failed in-process, the redelivery worked
     assert vector_store.count(collection) == 1
+
+
+def test_an_event_cannot_name_a_path_or_an_unloadable_model(
+    ctx: Context, worker: Callable[[], Worker], vector_store: VectorStore
+) -> None:
+    records = [{"id": "a", "text": "some text"}]
+    for event_id, model in (
+        ("path", "/etc"),
+        ("dots", "../models/x"),
+        ("missing", "no-such/model"),
+    ):
+        payload = {**event(event_id, f"c_{event_id}_{ctx.consumer[-6:]}", records), "model": model}
+        publish(ctx.redis, ctx.keys.new_data, payload)
+    run_until(worker, ctx, 3)
+    reasons = {r.source_id: r.error.message for r in dead_letters(ctx)}
+    assert "model" in reasons["path"]
+    assert "regex" in reasons["path"]
+    assert "regex" in reasons["dots"]
+    assert "cannot load embedding model 'no-such/model'" in reasons["missing"]
+    by_id = {r.source_id: r.deliveries for r in dead_letters(ctx)}
+    assert by_id["missing"] == 1  # the event's fault: not retried

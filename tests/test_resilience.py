@@ -127,3 +127,28 @@ def test_cli_uses_the_embedded_redis_when_redis_url_is_unset(
     assert (tmp_path / "data" / "redis" / "forge.aof").exists() or any(
         (tmp_path / "data" / "redis").glob("*.aof*")
     )
+
+
+def test_wrong_redis_credentials_fail_fast_instead_of_retrying_forever(ctx: Context) -> None:
+    bad = connect_redis("redis://nobody:not-the-password@127.0.0.1:6379/0")
+    broken = Context(settings=ctx.settings, redis=bad, metrics=Metrics(gpu=False))
+    registry = Registry()
+    registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
+    with pytest.raises(redis.AuthenticationError):
+        Worker(broken, registry).run()
+
+
+def test_wrong_redis_credentials_are_one_line_without_the_password() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "forge.cli.main", "status"],
+        env={"REDIS_URL": "redis://nobody:s3cret-pw@127.0.0.1:6379/0", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("forge: error: Redis refused the credentials")
+    assert "s3cret-pw" not in proc.stderr
+    assert proc.stderr.count("\n") == 1

@@ -121,15 +121,22 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
+# Error classes a user can act on, most specific first, and how each is introduced.
+_ERROR_PREFIXES: tuple[tuple[type[BaseException], str], ...] = (
+    (redis.AuthenticationError, "Redis refused the credentials"),
+    (redis.ConnectionError, "cannot reach Redis"),
+    (redis.RedisError, "Redis error"),
+)
+
+
 def describe_error(exc: Exception) -> str | None:
     """The one line a user sees for an error they can act on; None for a bug."""
     if isinstance(exc, ForgeError):
         return str(exc)
     text = redact_text(str(exc).splitlines()[0] if str(exc) else "")
-    if isinstance(exc, redis.ConnectionError):
-        return f"cannot reach Redis: {text}"
-    if isinstance(exc, redis.RedisError):
-        return f"Redis error: {text}"
+    for cls, prefix in _ERROR_PREFIXES:
+        if isinstance(exc, cls):
+            return f"{prefix}: {text}"
     if isinstance(exc, psycopg.Error):
         return _describe_postgres_error(exc, text)
     if isinstance(exc, OSError | msgspec.DecodeError | ValueError):

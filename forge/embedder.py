@@ -84,6 +84,11 @@ class Embedder:
         )
 
     @property
+    def model(self) -> Any:
+        """The underlying ``SentenceTransformer``."""
+        return self._model
+
+    @property
     def name(self) -> str:
         return self._name
 

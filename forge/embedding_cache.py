@@ -10,7 +10,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -74,17 +74,25 @@ class EmbeddingCache:
     def key(self, model_id: str, text: str) -> str:
         return self._keys.embedding_cache(model_id, content_hash(text))
 
+    def keys_for(self, model_id: str, texts: Sequence[str]) -> list[str]:
+        """The cache keys of ``texts``, in order."""
+        return [self._keys.embedding_cache(model_id, content_hash(text)) for text in texts]
+
     def get_many(
         self, model_id: str, texts: Sequence[str], dimension: int | None = None
     ) -> list[Vector | None]:
         """Cached vectors for ``texts`` in order; ``None`` where missing or unusable."""
-        if not texts:
+        return self.get_keys(self.keys_for(model_id, texts), dimension)
+
+    def get_keys(self, keys: Sequence[str], dimension: int | None = None) -> list[Vector | None]:
+        """``get_many`` with the keys already built (``keys_for``)."""
+        if not keys:
             return []
         try:
-            raw = self._redis.mget([self.key(model_id, text) for text in texts])
+            raw = self._redis.mget(keys)
         except (redis.exceptions.RedisError, OSError) as exc:
             self._warn("get", exc)
-            raw = [None] * len(texts)
+            raw = [None] * len(keys)
         vectors = [_decode(value, dimension) for value in raw]
         hits = sum(vector is not None for vector in vectors)
         self._on_hit(hits)
@@ -95,13 +103,22 @@ class EmbeddingCache:
         """Store one vector per text (rows of ``vectors``), each with the TTL."""
         if len(texts) != len(vectors):
             raise ValueError(f"{len(texts)} texts but {len(vectors)} vectors")
-        if not texts:
+        self.put_keys(self.keys_for(model_id, texts), vectors)
+
+    def put_keys(self, keys: Sequence[str], vectors: Vector) -> None:
+        """``put_many`` with the keys already built (``keys_for``)."""
+        if len(keys) != len(vectors):
+            raise ValueError(f"{len(keys)} keys but {len(vectors)} vectors")
+        if not keys:
             return
         rows = np.ascontiguousarray(vectors, dtype="<f4")
         try:
             with self._redis.pipeline(transaction=False) as pipe:
-                for text, row in zip(texts, rows, strict=True):
-                    pipe.set(self.key(model_id, text), row.tobytes(), ex=self._ttl_s)
+                # SET key value EX ttl, as ``pipe.set(..., ex=ttl)`` sends it, without
+                # redis-py's per-call option checks.
+                queue: Callable[..., Any] = pipe.execute_command
+                for key, row in zip(keys, rows, strict=True):
+                    queue("SET", key, row.tobytes(), "EX", self._ttl_s)
                 pipe.execute()
         except (redis.exceptions.RedisError, OSError) as exc:
             self._warn("put", exc)
@@ -153,14 +170,21 @@ def encode_cached(
 ) -> Encoded:
     """Embed ``texts`` (one row each, in order), computing only uncached distinct texts."""
     unique = list(dict.fromkeys(texts))
+    keys: list[str] = []
     if cache is None:
         found: list[Vector | None] = [None] * len(unique)
     else:
-        found = cache.get_many(encoder.cache_id, unique, encoder.dimension)
-    missing = [text for text, vector in zip(unique, found, strict=True) if vector is None]
+        keys = cache.keys_for(encoder.cache_id, unique)  # hashed once, for get and put
+        found = cache.get_keys(keys, encoder.dimension)
+    misses = [i for i, vector in enumerate(found) if vector is None]
+    missing = [unique[i] for i in misses]
     computed = encoder.encode(missing, batch_size)
     if cache is not None and missing:
-        cache.put_many(encoder.cache_id, missing, computed)
+        cache.put_keys([keys[i] for i in misses], computed)
+    if missing and len(missing) == len(texts):  # the common case: all distinct, none cached
+        vectors = np.asarray(computed, dtype=np.float32)
+        if vectors.shape == (len(texts), encoder.dimension):
+            return Encoded(vectors, [False] * len(texts))
     fresh = dict(zip(missing, computed, strict=True))
     by_text = {
         text: fresh[text] if vector is None else vector

@@ -250,7 +250,12 @@ def test_cli_redis_errors_are_one_redacted_line(
     for argv in (["status", "--json"], ["publish", "new-data", json.dumps(new_data("x"))]):
         code, out, err = run_cli(capsys, *argv)
         assert code == 1
-        assert err.startswith("forge: error: cannot reach Redis")
+        expected = (
+            "forge: error: Redis refused the credentials"
+            if variant == "wrong-password"
+            else "forge: error: cannot reach Redis"
+        )
+        assert err.startswith(expected)
         assert err.count("\n") == 1
         assert SECRET not in out + err
 
@@ -284,9 +289,16 @@ def test_worker_start_failures_log_no_secret(
     settings = ctx.settings.replace(redis_url=url)
     broken = Context(settings=settings, redis=connect_redis(url), metrics=Metrics(gpu=False))
     with capture_logs() as logs:
-        run_briefly(make_worker(broken, lambda messages: None), 0.5)
+        if variant == "wrong-password":
+            # Wrong credentials do not heal: the worker fails at once instead of backing off.
+            with pytest.raises(redis.AuthenticationError) as raised:
+                make_worker(broken, lambda messages: None).run()
+            assert secretless(str(raised.value))
+        else:
+            run_briefly(make_worker(broken, lambda messages: None), 0.5)
     events = [entry["event"] for entry in logs]
-    assert "redis unavailable, backing off" in events
+    if variant != "wrong-password":
+        assert "redis unavailable, backing off" in events
     assert secretless(logs)
 
 

@@ -18,6 +18,9 @@ def fetch(artifact_uri: str, target: Path, tracking_uri: str) -> Path:
     """The directory ``artifact_uri`` as a local folder at ``target``."""
     if target.is_dir():
         return target
+    # MLflow draws a tqdm bar on stderr for every download: noise in `forge predict`
+    # and in worker logs. It reads this variable when it downloads, not at import.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow.artifacts
 
     target.parent.mkdir(parents=True, exist_ok=True)

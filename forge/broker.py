@@ -184,6 +184,22 @@ class StreamBroker:
             pipe.xack(stream, self.keys.group, *ids)
         pipe.execute()
 
+    def acked_any(self, settlement: Settlement) -> bool:
+        """Whether any entry ``settlement`` acks is no longer pending in the group.
+
+        A connection lost after EXEC was sent leaves it unknown whether the transaction
+        ran: Redis may have applied it and only the reply was lost (a server stopping
+        does not send the replies of its last commands). The transaction is atomic, so
+        if it ran, none of its entries is pending any more; if one is no longer pending
+        it ran, or another worker took the entry over and settled it. Either way running
+        it again would publish a second completion.
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for stream, ids in settlement.acks.items():
+            for entry_id in ids:
+                pipe.xpending_range(stream, self.keys.group, min=entry_id, max=entry_id, count=1)
+        return any(not found for found in pipe.execute())
+
     def done_results(self, keys: Sequence[str]) -> list[bytes | None]:
         """The stored results of idempotency markers (None where not done)."""
         if not keys:

@@ -119,6 +119,9 @@ class Worker:
                 try:
                     self.run_once()
                     failures = 0
+                except redis.AuthenticationError:
+                    # Wrong credentials do not heal with time: fail loudly, once.
+                    raise
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     failures += 1
                     self._backoff(exc, failures)
@@ -148,8 +151,7 @@ class Worker:
     def _read(self) -> list[Entry]:
         if self.stopping:
             return []
-        waiting = sum(len(d) for d in self._redeliveries.values())
-        if waiting >= self._max_waiting:
+        if self._backlogged():
             # Backpressure: hold no more unacknowledged entries until these are retried.
             time.sleep(min(self._time_to_next_redelivery(), self.settings.read_block_s))
             return []
@@ -173,7 +175,15 @@ class Worker:
         busy stream cannot starve the others."""
         plan = self._read_plan
         self._read_turn = (self._read_turn + 1) % len(plan)
-        for streams, count in plan[self._read_turn :] + plan[: self._read_turn]:
+        order = plan[self._read_turn :] + plan[: self._read_turn]
+        if len(order) > 1:
+            # First without blocking: a blocking read of an idle group would make a
+            # backlog in another group wait the whole block time, every other turn.
+            for streams, count in order:
+                entries = self.ctx.broker.read(streams, self.ctx.consumer, count, None)
+                if entries:
+                    return entries
+        for streams, count in order:
             entries = self.ctx.broker.read(streams, self.ctx.consumer, count, block_ms)
             if entries:
                 return entries
@@ -191,7 +201,9 @@ class Worker:
 
     def _reclaim(self) -> list[Entry]:
         now = time.monotonic()
-        if now < self._next_reclaim or self.stopping:
+        # Reclaimed entries count against the backlog like read ones: a worker whose
+        # reclaims keep failing must not pile up other workers' entries without bound.
+        if now < self._next_reclaim or self.stopping or self._backlogged():
             return []
         self._next_reclaim = now + self.settings.reclaim_interval_s
         min_idle_ms = int(self.settings.claim_min_idle_s * 1000)
@@ -205,6 +217,10 @@ class Worker:
                 log.info("reclaimed entries of a silent worker", stream=stream, count=len(claimed))
                 return claimed
         return []
+
+    def _backlogged(self) -> bool:
+        """As many entries await redelivery as a worker may hold."""
+        return sum(len(d) for d in self._redeliveries.values()) >= self._max_waiting
 
     def _time_to_next_redelivery(self) -> float:
         times = [at for due in self._redeliveries.values() for at in due.values()]
@@ -228,9 +244,27 @@ class Worker:
     def _settle(self, result: BatchResult) -> None:
         """Finish the batch in Redis; while Redis is away, keep trying rather than redo
         the work (the lease is still held, so nobody else takes the entries meanwhile)."""
+        settlement = result.settlement
+        sent = False
+
+        def attempt() -> None:
+            nonlocal sent
+            # After a lost connection the last attempt may have been applied with only
+            # its reply lost; never apply it twice. If it was not applied but another
+            # worker settled some of its entries, the rest stay pending and are
+            # reclaimed: their effects are idempotent, their completions not.
+            if sent and settlement.acks and self.ctx.broker.acked_any(settlement):
+                log.warning(
+                    "batch already settled (reply lost) or taken over; not settling again",
+                    entries=sum(len(ids) for ids in settlement.acks.values()),
+                )
+                return
+            sent = True
+            self.ctx.broker.settle(settlement)
+
         while True:
             try:
-                self.settle_retrier.call(lambda: self.ctx.broker.settle(result.settlement))
+                self.settle_retrier.call(attempt)
                 return
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if self._signals > 1:
@@ -256,6 +290,8 @@ class Worker:
             try:
                 self.ctx.broker.ensure_groups(self.streams)
                 return
+            except redis.AuthenticationError:
+                raise
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 attempt += 1
                 self._backoff(exc, attempt)

@@ -19,6 +19,7 @@ from forge.embedded_postgres import resolve_postgres_url
 from forge.embedding import EmbeddingService
 from forge.events import NewData, TrainingRequest
 from forge.registry import HandlerSpec, Registry
+from forge.retry import Retrier
 from forge.training.service import TrainingService
 from forge.vectorstore import VectorStore
 
@@ -51,9 +52,20 @@ def open_store(ctx: Context) -> VectorStore:
     url, embedded = resolve_postgres_url(ctx.settings)
     if embedded is not None:
         ctx.on_close(embedded.stop)
-    store = VectorStore(url)
-    store.open()
+    # A worker whose first connection falls in a database outage waits for the server
+    # (as an open pool waits for a connection) instead of failing at once: that would
+    # spend an event's deliveries within seconds and dead-letter a valid event for an
+    # outage. One-shot commands (`forge search`) still fail fast.
+    wait = Retrier(
+        attempts=1_000, initial_s=0.5, max_s=5.0, max_total_s=ctx.settings.db_connect_wait_s
+    )
+    store = wait.call(lambda: _opened(VectorStore(url)))
     ctx.on_close(store.close)
+    return store
+
+
+def _opened(store: VectorStore) -> VectorStore:
+    store.open()
     return store
 
 

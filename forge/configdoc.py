@@ -40,6 +40,8 @@ DESCRIPTIONS: dict[str, str] = {
     "reclaim_interval_s": "How often a worker looks for entries of dead workers to reclaim.",
     "drain_timeout_s": "On SIGTERM, how long the batch in flight may take before the process "
     "exits anyway (its entries stay pending and are reclaimed).",
+    "db_connect_wait_s": "How long a worker waits for PostgreSQL on its first connection "
+    "before failing the event (an outage must not spend its deliveries).",
     "idempotency_ttl_s": "How long done markers remember a processed event id (duplicates "
     "within it are answered without running the handler again).",
     "max_payload_bytes": "Largest `event` field accepted; larger entries are dead-lettered.",

@@ -96,6 +96,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     claim_min_idle_s: float = 60.0
     reclaim_interval_s: float = 5.0
     drain_timeout_s: float = 30.0
+    db_connect_wait_s: float = 60.0
     idempotency_ttl_s: int = 7 * 24 * 3600
     max_payload_bytes: int = 1_048_576
     max_records_per_event: int = 10_000
@@ -208,6 +209,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_CLAIM_MIN_IDLE_S": ("claim_min_idle_s", float),
     "FORGE_RECLAIM_INTERVAL_S": ("reclaim_interval_s", float),
     "FORGE_DRAIN_TIMEOUT_S": ("drain_timeout_s", float),
+    "FORGE_DB_CONNECT_WAIT_S": ("db_connect_wait_s", float),
     "FORGE_IDEMPOTENCY_TTL_S": ("idempotency_ttl_s", int),
     "FORGE_MAX_PAYLOAD_BYTES": ("max_payload_bytes", parse_size),
     "FORGE_MAX_RECORDS_PER_EVENT": ("max_records_per_event", int),

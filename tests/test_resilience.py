@@ -152,3 +152,34 @@ def test_wrong_redis_credentials_are_one_line_without_the_password() -> None:
     assert proc.stderr.startswith("forge: error: Redis refused the credentials")
     assert "s3cret-pw" not in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_a_worker_waits_for_postgresql_on_its_first_connection(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage at a worker's first connection must not fail (and so dead-letter)
+    events within seconds: opening the store waits, up to FORGE_DB_CONNECT_WAIT_S."""
+    import psycopg
+
+    import consumers
+    from forge.vectorstore import VectorStore
+
+    attempts: list[int] = []
+
+    def flaky_open(self: VectorStore, *, timeout_s: float = 30.0) -> None:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr(VectorStore, "open", flaky_open)
+    monkeypatch.setattr(VectorStore, "close", lambda self: None)
+    ctx.settings = ctx.settings.replace(
+        postgres_url="postgresql://forge@127.0.0.1:1/forge", db_connect_wait_s=30.0
+    )
+    assert isinstance(consumers.open_store(ctx), VectorStore)
+    assert len(attempts) == 3
+
+    attempts.clear()
+    ctx.settings = ctx.settings.replace(db_connect_wait_s=0.0)
+    with pytest.raises(psycopg.OperationalError):
+        consumers.open_store(ctx)

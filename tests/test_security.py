@@ -479,6 +479,7 @@ def test_worker_with_an_unreachable_postgres_password_url_leaks_nothing(ctx: Con
         postgres_url=f"postgresql://forge:{SECRET}@127.0.0.1:{free_port()}/forge",
         max_deliveries=1,
         retry_attempts=1,
+        db_connect_wait_s=0.5,
     )
     registry = Registry()
     register(registry, ctx)

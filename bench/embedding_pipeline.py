@@ -87,6 +87,7 @@ from forge.settings import Settings
 from forge.vectorstore import VectorStore
 from forge.vectorstore.naming import index_name
 from forge.worker import Worker
+from tests.support.redis_helpers import delete_prefix
 
 CONSUMER = "bench-pipeline"
 TIMEOUT_S = 1800.0  # per pipeline run: a pipeline that stops settling fails the benchmark
@@ -136,17 +137,6 @@ def payloads(texts: Sequence[str], per_event: int, collection: str) -> list[byte
         )
         for start in range(0, len(texts), per_event)
     ]
-
-
-def delete_prefix(client: redis.Redis, prefix: str) -> None:
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            client.delete(*batch)
-            batch.clear()
-    if batch:
-        client.delete(*batch)
 
 
 class ServerCpu:

@@ -58,6 +58,7 @@ from forge.metrics import Metrics
 from forge.registry import HandlerSpec, Message, Registry
 from forge.settings import Settings
 from forge.worker import Worker
+from tests.support.redis_helpers import delete_prefix
 
 GROUP = "forge"
 CONSUMER = "bench-consumer"
@@ -120,17 +121,6 @@ def verify(client: redis.Redis, prefix: str, expected: int, markers: bool) -> No
 def check_deadline(started: float, settled: int, expected: int) -> None:
     if time.perf_counter() - started > TIMEOUT_S:
         raise SystemExit(f"only {settled} of {expected} entries settled in {TIMEOUT_S:.0f} s")
-
-
-def delete_prefix(client: redis.Redis, prefix: str) -> None:
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=f"{prefix}*", count=1000):
-        batch.append(key)
-        if len(batch) >= 1000:
-            client.delete(*batch)
-            batch.clear()
-    if batch:
-        client.delete(*batch)
 
 
 # ---------------------------------------------------------------------------- variants

@@ -19,16 +19,18 @@ import ctypes
 import os
 import random
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import psutil  # type: ignore[import-untyped]
@@ -893,3 +895,53 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class RunReport(Protocol):
+    checks: list[Check]
+    wall_s: float
+
+    @property
+    def ok(self) -> bool: ...
+
+
+def run_supervised(
+    root: Path,
+    report: RunReport,
+    body: Callable[[Servers, list[Workers]], None],
+    *,
+    keep: bool = False,
+) -> None:
+    """Run ``body`` with dedicated servers in ``root``, then always: stop every worker
+    and server it started, check that no process of the run is left, record the wall
+    time, and remove ``root`` unless the run failed or ``keep`` asks to keep it.
+
+    ``body`` appends each ``Workers`` it starts to the list it is given, so cleanup
+    finds them even when it fails halfway.
+    """
+    began = time.monotonic()
+    servers = Servers(root)
+    started: list[Workers] = []
+    try:
+        with sigterm_as_exit():
+            body(servers, started)
+    except Exception as exc:
+        log(traceback.format_exc())
+        report.checks.append(Check("run completed", False, f"{type(exc).__name__}: {exc}"))
+    finally:
+        for workers in started:
+            if workers.alive:
+                workers.stop(timeout_s=15)
+        servers.stop()
+        tracked = servers.tracked + [p for w in started for p in w.tracked]
+        leaks = leaked_processes(tracked, root)
+        report.checks.append(
+            Check(
+                "no process of the run left (psutil)",
+                not leaks,
+                f"{len(tracked)} tracked; left: {leaks or 'none'}",
+            )
+        )
+        report.wall_s = time.monotonic() - began
+        if report.ok and not keep:
+            shutil.rmtree(root, ignore_errors=True)

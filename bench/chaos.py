@@ -43,11 +43,9 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,12 +68,11 @@ from bench._harness import (
     connect,
     create_group,
     holders,
-    leaked_processes,
     log,
     open_store,
     print_checks,
     print_table,
-    sigterm_as_exit,
+    run_supervised,
     verify,
 )
 from forge.keys import Keys
@@ -129,7 +126,6 @@ class ChaosReport:
     wall_s: float = 0.0
     processing_s: float = 0.0
     startup_failures: list[str] = field(default_factory=list)
-    leaks: list[str] = field(default_factory=list)
     log_events: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -184,33 +180,13 @@ def plan_events(cfg: ChaosConfig) -> list[Planned]:
 def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     root = cfg.root or Path(tempfile.mkdtemp(prefix="forge-chaos-"))
     report = ChaosReport(cfg, root)
-    began = time.monotonic()
-    servers = Servers(root)
-    started: list[Workers] = []  # filled by _run, so cleanup finds the workers if it fails
     log(f"chaos run in {root}")
-    try:
-        with sigterm_as_exit():
-            _run(cfg, report, servers, started)
-    except Exception as exc:
-        log(traceback.format_exc())
-        report.checks.append(Check("run completed", False, f"{type(exc).__name__}: {exc}"))
-    finally:
-        for workers in started:
-            if workers.alive:
-                workers.stop(timeout_s=15)
-        servers.stop()
-        tracked = servers.tracked + [p for w in started for p in w.tracked]
-        report.leaks = leaked_processes(tracked, root)
-        report.checks.append(
-            Check(
-                "no process of the run left (psutil)",
-                not report.leaks,
-                f"{len(tracked)} tracked; left: {report.leaks or 'none'}",
-            )
-        )
-        report.wall_s = time.monotonic() - began
-        if report.ok and not cfg.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    run_supervised(
+        root,
+        report,
+        lambda servers, started: _run(cfg, report, servers, started),
+        keep=cfg.keep,
+    )
     return report
 
 

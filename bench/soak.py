@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,14 +61,13 @@ from bench._harness import (
     create_group,
     drain,
     latency_s,
-    leaked_processes,
     log,
     open_store,
     percentile,
     print_checks,
     print_table,
     rss_bytes,
-    sigterm_as_exit,
+    run_supervised,
     verify,
 )
 from forge.keys import Keys
@@ -180,33 +177,13 @@ def _ms_pair(values: list[float]) -> str:
 def run_soak(cfg: SoakConfig) -> SoakReport:
     root = cfg.root or Path(tempfile.mkdtemp(prefix="forge-soak-"))
     report = SoakReport(cfg, root)
-    began = time.monotonic()
-    servers = Servers(root)
-    started: list[Workers] = []
     log(f"soak run in {root}")
-    try:
-        with sigterm_as_exit():
-            _run(cfg, report, servers, started)
-    except Exception as exc:
-        log(traceback.format_exc())
-        report.checks.append(Check("run completed", False, f"{type(exc).__name__}: {exc}"))
-    finally:
-        for workers in started:
-            if workers.alive:
-                workers.stop(timeout_s=15)
-        servers.stop()
-        tracked = servers.tracked + [p for w in started for p in w.tracked]
-        leaks = leaked_processes(tracked, root)
-        report.checks.append(
-            Check(
-                "no process of the run left (psutil)",
-                not leaks,
-                f"{len(tracked)} tracked; left: {leaks or 'none'}",
-            )
-        )
-        report.wall_s = time.monotonic() - began
-        if report.ok and not cfg.keep:
-            shutil.rmtree(root, ignore_errors=True)
+    run_supervised(
+        root,
+        report,
+        lambda servers, started: _run(cfg, report, servers, started),
+        keep=cfg.keep,
+    )
     return report
 
 

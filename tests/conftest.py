@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import redis
+import structlog
 
 from forge.context import Context
 from forge.events import EVENT_FIELD
@@ -22,6 +24,17 @@ pytest_plugins = ["tests.pg_fixtures", "tests.model_fixtures"]
 def _logs_to_real_stderr() -> None:
     """Workers running in threads log to the process's stderr, never to a test's stdout."""
     configure_logging(Settings(log_format="console", log_level="INFO"), sys.__stderr__)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put the root logger and structlog back as they were (for tests that reconfigure)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
 
 
 @pytest.fixture

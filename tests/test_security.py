@@ -13,7 +13,6 @@ import contextlib
 import http.client
 import io
 import json
-import logging
 import os
 import shutil
 import socket
@@ -29,7 +28,6 @@ from urllib.parse import urlencode
 import psycopg
 import pytest
 import redis
-import structlog
 from psycopg.conninfo import conninfo_to_dict
 from structlog.testing import capture_logs
 
@@ -325,16 +323,6 @@ def test_handler_errors_carrying_a_url_are_redacted_everywhere(ctx: Context) -> 
     assert "batch failed, isolating messages" in rendered
     assert "delivery failed" in rendered
     assert SECRET not in rendered
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    structlog.reset_defaults()
 
 
 @pytest.mark.parametrize(

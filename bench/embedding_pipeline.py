@@ -2,8 +2,9 @@
 and the vector write path against a raw binary COPY of the same vectors.
 
     .venv/bin/python bench/embedding_pipeline.py [--events 2000] [--records-per-event 1]
-        [--batch-size 32] [--postgres-url URL] [--redis-url redis://127.0.0.1:6379/0]
-        [--repeat 1] [--profile] [--skip-no-index] [--skip-write-path]
+        [--batch-size 32] [--depth 4] [--torch-threads N] [--postgres-url URL]
+        [--redis-url redis://127.0.0.1:6379/0] [--repeat 1] [--profile] [--skip-no-index]
+        [--skip-write-path]
 
 The model is the packaged all-MiniLM-L6-v2, loaded as Forge loads it: on CUDA when
 ``torch.cuda.is_available()`` (fp16 there), else on the CPU with torch's default thread
@@ -274,6 +275,7 @@ def build_worker(
         postgres_url=url,
         stream_prefix=prefix,
         max_batch_size=args.batch_size,
+        embed_pipeline_depth=args.depth,
         read_block_s=0.01,
         home_dir=home,
     )
@@ -292,7 +294,9 @@ def build_worker(
         return result
 
     registry = Registry()
-    registry.register(HandlerSpec("new-data", NewData, handle, name="embed"))
+    # Read as `consumers.register` reads: several model batches at once.
+    reads = settings.embed_pipeline_depth * settings.max_batch_size
+    registry.register(HandlerSpec("new-data", NewData, handle, name="embed", max_batch_size=reads))
     return ctx, Worker(ctx, registry), handler, timed_handler
 
 
@@ -442,6 +446,19 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=2000)
     parser.add_argument("--records-per-event", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32, help="MAX_BATCH_SIZE")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=Settings().embed_pipeline_depth,
+        help="FORGE_EMBED_PIPELINE_DEPTH: model batches per read (1: no overlap)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's, one per core); with 1 on a 2-core"
+        " machine the database has a core of its own, as on a separate server",
+    )
     parser.add_argument("--postgres-url", default=None, help="default: embedded, temporary")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--repeat", type=int, default=1)
@@ -468,6 +485,8 @@ def main() -> None:
 def run_all(args: argparse.Namespace, url: str, home: Path, server_cpu: ServerCpu) -> None:
     import torch
 
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     texts = make_texts(args.events * args.records_per_event)
     embedder = Embedder.load()
     model: Any = embedder.model
@@ -477,7 +496,8 @@ def run_all(args: argparse.Namespace, url: str, home: Path, server_cpu: ServerCp
     words = sum(len(t.split()) for t in texts) / len(texts)
     print(
         f"{args.events} events x {args.records_per_event} record(s): {len(texts)} distinct"
-        f" texts of {words:.1f} words on average; batch size {args.batch_size}"
+        f" texts of {words:.1f} words on average; batch size {args.batch_size},"
+        f" pipeline depth {args.depth}"
     )
     print(
         f"model {embedder.name} on {embedder.device} (torch {torch.__version__},"

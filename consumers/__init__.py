@@ -38,7 +38,11 @@ def register(registry: Registry, ctx: Context) -> None:
     )
     new_data = NewDataHandler(ctx.settings, store, embedding)
     retraining = RetrainOnNewData(new_data, ctx.keys, lambda: training().registry)
-    registry.register(HandlerSpec("new-data", NewData, retraining, name="embed"))
+    # Several model batches per read, so writing one overlaps embedding the next.
+    reads = ctx.settings.embed_pipeline_depth * ctx.settings.max_batch_size
+    registry.register(
+        HandlerSpec("new-data", NewData, retraining, name="embed", max_batch_size=reads)
+    )
     trainer = TrainingHandler(ctx, store, training)
     # One training at a time: a worker holds no requests it is not working on.
     spec = HandlerSpec(
@@ -59,7 +63,7 @@ def open_store(ctx: Context) -> VectorStore:
     wait = Retrier(
         attempts=1_000, initial_s=0.5, max_s=5.0, max_total_s=ctx.settings.db_connect_wait_s
     )
-    store = wait.call(lambda: _opened(VectorStore(url)))
+    store = wait.call(lambda: _opened(VectorStore.from_settings(url, ctx.settings)))
     ctx.on_close(store.close)
     return store
 

@@ -2,9 +2,15 @@
 
 Per batch: reject events that break a limit, answer events already written (the
 processed-events table is the idempotency record, written in the same transaction as
-the rows), then per collection embed every text of the batch in one go (cache first),
-and write all events' rows in one transaction. An event whose rows cannot be stored
-(wrong dimension, say) is rejected and the rest of its batch is written without it.
+the rows), then per collection embed the texts and write the rows in chunks of about
+``MAX_BATCH_SIZE`` records. Each chunk of whole events is one transaction, written on a
+writer thread while the next chunk is embedded, so the model does not sit idle while
+PostgreSQL maintains its HNSW index. An event whose rows cannot be stored (wrong
+dimension, say) is rejected and the rest of its chunk is written without it.
+
+A batch that fails part-way (the database goes away, say) leaves its earlier chunks
+committed; the retry finds those events in the processed-events table and answers them
+with their stored results, so every event is still written exactly once.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +78,7 @@ class NewDataHandler:
         self._lock = threading.Lock()
         self.embedding = embedding
         self._next_prune = 0.0
+        self._executor: futures.ThreadPoolExecutor | None = None
 
     @property
     def store(self) -> VectorStore:
@@ -133,9 +141,45 @@ class NewDataHandler:
                 message = f"collection {collection!r} uses model {model!r}, not {job.event.model!r}"
                 outcomes[job.index] = Rejected(error_info(InvalidEvent(message)))
                 jobs.remove(job)
-        started = time.perf_counter()
-        version = self._prepare_writes(jobs, model)
-        embed_s = time.perf_counter() - started
+        chunks = list(_chunks(jobs, self.settings.max_batch_size))
+        writing: futures.Future[dict[int, Outcome]] | None = None
+        try:
+            for position, chunk in enumerate(chunks):
+                started = time.perf_counter()
+                version = self._prepare_writes(chunk, model)
+                embed_s = time.perf_counter() - started
+                if writing is not None:
+                    outcomes.update(writing.result())
+                    writing = None
+                args = (scope, collection, chunk, model, version, embed_s)
+                if position == len(chunks) - 1:  # nothing left to overlap with
+                    outcomes.update(self._write_chunk(*args))
+                else:
+                    writing = self._writer.submit(self._write_chunk, *args)
+        finally:
+            if writing is not None:
+                # A failed embed must not leave a write running into the retry.
+                futures.wait([writing])
+        return outcomes
+
+    @property
+    def _writer(self) -> futures.ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None:
+                self._executor = futures.ThreadPoolExecutor(1, "forge-embed-writer")
+            return self._executor
+
+    def _write_chunk(
+        self,
+        scope: str,
+        collection: str,
+        jobs: list[_Job],
+        model: str,
+        version: str | None,
+        embed_s: float,
+    ) -> dict[int, Outcome]:
+        """Write one chunk in one transaction, leaving out events whose rows are bad."""
+        outcomes: dict[int, Outcome] = {}
         started = time.perf_counter()
         raced: dict[str, dict[str, Any]] = {}
         while jobs:
@@ -204,6 +248,22 @@ class NewDataHandler:
             results={job.event.id: job.result for job in jobs},
         )
         return result.duplicates
+
+
+def _chunks(jobs: list[_Job], texts_per_chunk: int) -> Iterator[list[_Job]]:
+    """Consecutive runs of whole events with about ``texts_per_chunk`` records each
+    (an event is never split: its rows and its marker commit together)."""
+    chunk: list[_Job] = []
+    size = 0
+    for job in jobs:
+        records = max(len(job.event.records), 1)
+        if chunk and size + records > texts_per_chunk:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(job)
+        size += records
+    if chunk:
+        yield chunk
 
 
 def _check_record(record: Record, max_text_chars: int) -> None:

@@ -27,7 +27,8 @@ DESCRIPTIONS: dict[str, str] = {
     "share one Redis.",
     "group": "Consumer group that Forge's workers read the input streams in.",
     "stream_maxlen": "Approximate length (MAXLEN ~) output streams are trimmed to.",
-    "max_batch_size": "Entries read per XREADGROUP and handed to a handler at once.",
+    "max_batch_size": "Entries read per XREADGROUP and handed to a handler at once, and texts "
+    "per model call. `new-data` reads `FORGE_EMBED_PIPELINE_DEPTH` times as many entries.",
     "read_block_s": "How long one XREADGROUP blocks waiting for new entries.",
     "retry_attempts": "In-process attempts at a handler call failing with a transient error "
     "(connection, timeout, resource) before the delivery counts as failed.",
@@ -52,6 +53,18 @@ DESCRIPTIONS: dict[str, str] = {
     "cache_ttl_s": "Lifetime of entries in the Redis embedding cache.",
     "training_timeout_s": "Limit on one training; a request's `timeout_s` may only shorten it.",
     "embedding_model": "Default sentence-transformers model for `new-data` events.",
+    "embed_pipeline_depth": "Model batches one `new-data` read may hold: each batch's rows are "
+    "written while the next batch is embedded, so the model does not wait for the database. "
+    "1 turns the overlap off.",
+    "hnsw_m": "HNSW graph links per vector (pgvector `m`, 2-100) of collections created from "
+    "now on; existing collections keep the index they were built with. Lower: cheaper "
+    "ingest, lower recall.",
+    "hnsw_ef_construction": "HNSW candidate list while building (pgvector `ef_construction`, "
+    "4-1000, at least twice `FORGE_HNSW_M`) of collections created from now on. Lower: "
+    "cheaper ingest, lower recall.",
+    "hnsw_ef_search": "HNSW candidate list of a search (pgvector `hnsw.ef_search`, 1-1000), "
+    "raised to k for larger k. Higher: better recall, slower searches; applies to every "
+    "collection.",
     "home_dir": "Forge's data folder: embedded servers' data, and the default for the "
     "folders below.",
     "model_dir": "Downloaded and trained models.",

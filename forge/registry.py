@@ -75,7 +75,8 @@ class HandlerSpec(Generic[E]):
     ``handle`` gets a batch and returns one outcome per message, in order (``None``
     means all succeeded with no result). Raising fails the whole batch: transient
     errors are retried, then the runtime retries message by message so one poison
-    event cannot sink its neighbours.
+    event cannot sink its neighbours. ``max_batch_size`` is the most entries one read
+    hands it (default ``MAX_BATCH_SIZE``).
     """
 
     stream: str

@@ -72,6 +72,29 @@ def _default_home() -> Path:
     return Path.home() / ".local" / "share" / "forge"
 
 
+# pgvector's limits on HNSW parameters: it refuses other values, at index creation or
+# at query time, so they are refused when Forge starts instead.
+HNSW_M_RANGE = (2, 100)
+HNSW_EF_CONSTRUCTION_RANGE = (4, 1000)
+HNSW_EF_SEARCH_RANGE = (1, 1000)
+
+
+def check_hnsw(m: int, ef_construction: int, ef_search: int) -> None:
+    """Raise ``ConfigError`` unless pgvector accepts these HNSW parameters."""
+    limits = {
+        "hnsw_m": (m, HNSW_M_RANGE),
+        "hnsw_ef_construction": (ef_construction, HNSW_EF_CONSTRUCTION_RANGE),
+        "hnsw_ef_search": (ef_search, HNSW_EF_SEARCH_RANGE),
+    }
+    for name, (value, (low, high)) in limits.items():
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be {low}-{high}, got {value}")
+    if ef_construction < 2 * m:
+        raise ConfigError(
+            f"hnsw_ef_construction must be at least twice hnsw_m ({2 * m}), got {ef_construction}"
+        )
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Every knob Forge has. Field names carry their units."""
 
@@ -107,6 +130,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cache_ttl_s: int = 3600
     training_timeout_s: float = 3600.0
     embedding_model: str = "all-MiniLM-L6-v2"
+    embed_pipeline_depth: int = 8
+
+    # Vector store: HNSW index parameters. m and ef_construction apply to collections
+    # created from then on; ef_search to every search.
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 40
 
     # Files. Container images set these to /models, /cache and /var/log/datapunk/forge.
     home_dir: Path = msgspec.field(default_factory=_default_home)
@@ -123,6 +153,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         positive = {
             "max_batch_size": self.max_batch_size,
+            "embed_pipeline_depth": self.embed_pipeline_depth,
             "retry_attempts": self.retry_attempts,
             "max_deliveries": self.max_deliveries,
             "claim_min_idle_s": self.claim_min_idle_s,
@@ -133,6 +164,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigError(f"{name} must be positive, got {value}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port must be 0-65535, got {self.http_port}")
+        check_hnsw(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search)
 
     @property
     def lease_renew_interval_s(self) -> float:
@@ -217,6 +249,10 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_CACHE_TTL_S": ("cache_ttl_s", int),
     "FORGE_TRAINING_TIMEOUT_S": ("training_timeout_s", float),
     "FORGE_EMBEDDING_MODEL": ("embedding_model", str),
+    "FORGE_EMBED_PIPELINE_DEPTH": ("embed_pipeline_depth", int),
+    "FORGE_HNSW_M": ("hnsw_m", int),
+    "FORGE_HNSW_EF_CONSTRUCTION": ("hnsw_ef_construction", int),
+    "FORGE_HNSW_EF_SEARCH": ("hnsw_ef_search", int),
     "FORGE_HOME": ("home_dir", Path),
     "FORGE_MODEL_DIR": ("model_dir", Path),
     "FORGE_CACHE_DIR": ("cache_dir", Path),

@@ -3,8 +3,9 @@
 One iteration: settle anything left unsettled by a Redis outage, then redeliver this
 worker's failed entries that are due, else reclaim entries of dead workers (every
 ``reclaim_interval_s``), else read new entries (XREADGROUP, blocking). Batches are
-processed one at a time, so a worker never holds more than ``max_batch_size`` entries
-in flight plus a bounded set awaiting redelivery.
+processed one at a time, so a worker never holds more than one batch (its handler's
+``max_batch_size``, else ``MAX_BATCH_SIZE`` entries) in flight plus a bounded set
+awaiting redelivery.
 
 Shutdown: the first SIGTERM/SIGINT stops reading; the batch in flight finishes and is
 settled, then the loop exits 0. If draining takes longer than ``drain_timeout_s`` the
@@ -75,8 +76,9 @@ class Worker:
         self._signals = 0
         self._redeliveries: dict[str, dict[str, float]] = {s: {} for s in self.streams}
         self._next_reclaim = 0.0
-        self._max_waiting = max(4 * ctx.settings.max_batch_size, 16)
         self._read_plan = self._plan_reads()
+        largest = max((count for _, count in self._read_plan), default=1)
+        self._max_waiting = max(4 * largest, 16)
         self._read_turn = 0
         self._received: dict[str, Counter] = {}  # metric children, looked up once
 
@@ -88,9 +90,8 @@ class Worker:
         return [(streams, count) for count, streams in groups.items()]
 
     def _batch_size(self, stream: str) -> int:
-        """MAX_BATCH_SIZE, or less where the stream's handler asks for less."""
-        wanted = self.processors[stream].spec.max_batch_size
-        return min(wanted or self.settings.max_batch_size, self.settings.max_batch_size)
+        """What the stream's handler asks for, else MAX_BATCH_SIZE."""
+        return self.processors[stream].spec.max_batch_size or self.settings.max_batch_size
 
     def _processor(self, registry: Registry, short: str) -> BatchProcessor:
         retries = self.ctx.metrics.retries_total.labels(stream=short)

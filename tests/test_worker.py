@@ -62,6 +62,22 @@ def test_reads_in_batches_up_to_max_batch_size(ctx: Context) -> None:
     assert pending(ctx) == 0
 
 
+def test_a_handler_may_ask_for_larger_batches_than_max_batch_size(ctx: Context) -> None:
+    ctx.settings = ctx.settings.replace(max_batch_size=2)
+    sizes: list[int] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        sizes.append(len(messages))
+
+    registry = Registry()
+    registry.register(HandlerSpec("new-data", NewData, handle, max_batch_size=6))
+    worker = Worker(ctx, registry)
+    for i in range(10):
+        publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
+    drain(worker, ctx, 10)
+    assert sizes == [6, 4]
+
+
 def test_completion_describes_the_input_event(ctx: Context) -> None:
     def handle(messages: Sequence[Message[NewData]]) -> list[Outcome]:
         return [Succeeded({"records": len(m.event.records)}) for m in messages]

@@ -27,7 +27,7 @@ def run_search(args: argparse.Namespace, settings: Settings) -> int:
     filters = parse_filters(args.filter)
     url, embedded = resolve_postgres_url(settings)
     try:
-        with VectorStore(url) as store:
+        with VectorStore.from_settings(url, settings) as store:
             # The query embedding is not worth caching: no Redis needed to search.
             searcher = Searcher(store, EmbeddingService.from_settings(settings, None))
             hits = searcher.search(args.collection, args.text, args.k, filters)

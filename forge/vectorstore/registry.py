@@ -10,10 +10,11 @@ from psycopg import sql
 from forge.errors import InvalidEvent
 from forge.vectorstore.migrations import COLLECTION_LOCK_CLASS
 from forge.vectorstore.naming import index_name, table_name, validate_name
-from forge.vectorstore.types import Collection
+from forge.vectorstore.types import Collection, IndexOptions
 
 # pgvector cannot index ``vector`` columns with more dimensions than this.
 MAX_INDEXED_DIMENSION = 2000
+PGVECTOR_DEFAULTS = IndexOptions()
 
 _SELECT = "SELECT name, table_name, dimension, model FROM forge_collections WHERE name = %s"
 
@@ -24,13 +25,20 @@ def get_collection(conn: psycopg.Connection[Any], name: str) -> Collection | Non
 
 
 def ensure_collection(
-    conn: psycopg.Connection[Any], name: str, dimension: int, model: str | None
+    conn: psycopg.Connection[Any],
+    name: str,
+    dimension: int,
+    model: str | None,
+    index: IndexOptions = PGVECTOR_DEFAULTS,
 ) -> Collection:
-    """Return collection ``name``, creating it (table and index) on first use.
+    """Return collection ``name``, creating it (table and ``index``) on first use.
 
     Raises ``InvalidEvent`` when it exists with another dimension. Runs in its own
-    transaction; creators of one name serialise on an advisory lock, because
-    concurrent ``CREATE TABLE IF NOT EXISTS`` can still collide in the catalog.
+    transaction, or in a savepoint of the caller's: the creation then commits or rolls
+    back with the caller's writes. Creators of one name serialise on an advisory lock
+    held to the end of the outer transaction, because concurrent ``CREATE TABLE IF NOT
+    EXISTS`` can still collide in the catalog; a later creator then finds the
+    collection, or creates it if the first one rolled back.
     """
     _check_dimension(name, dimension)
     with conn.transaction():
@@ -39,7 +47,7 @@ def ensure_collection(
             conn.execute(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [COLLECTION_LOCK_CLASS, name]
             )
-            existing = get_collection(conn, name) or _create(conn, name, dimension, model)
+            existing = get_collection(conn, name) or _create(conn, name, dimension, model, index)
     check_dimension(existing, dimension)
     return existing
 
@@ -71,7 +79,11 @@ def _check_dimension(name: str, dimension: int) -> None:
 
 
 def _create(
-    conn: psycopg.Connection[Any], name: str, dimension: int, model: str | None
+    conn: psycopg.Connection[Any],
+    name: str,
+    dimension: int,
+    model: str | None,
+    index: IndexOptions,
 ) -> Collection:
     collection = Collection(name, table_name(name), dimension, model)
     table = sql.Identifier(collection.table)
@@ -92,7 +104,13 @@ def _create(
     conn.execute(
         sql.SQL(
             "CREATE INDEX IF NOT EXISTS {index} ON {table} USING hnsw (embedding vector_cosine_ops)"
-        ).format(index=sql.Identifier(index_name(collection.table)), table=table)
+            " WITH (m = {m}, ef_construction = {ef_construction})"
+        ).format(
+            index=sql.Identifier(index_name(collection.table)),
+            table=table,
+            m=sql.Literal(index.m),
+            ef_construction=sql.Literal(index.ef_construction),
+        )
     )
     conn.execute(
         "INSERT INTO forge_collections (name, table_name, dimension, model)"

@@ -12,9 +12,9 @@ from psycopg.types.json import Jsonb
 
 from forge.vectorstore.types import Collection, Hit, StoredRecord, Vector
 
-# HNSW explores this many candidates by default (pgvector's ``ef_search``), which caps
-# the number of results; raise it for larger k, up to pgvector's maximum.
-_DEFAULT_EF_SEARCH = 40
+# HNSW explores ``ef_search`` candidates, which caps the number of results: raise it
+# for larger k, up to pgvector's maximum.
+DEFAULT_EF_SEARCH = 40
 _MAX_EF_SEARCH = 1000
 
 _SEARCH = """
@@ -33,24 +33,31 @@ def search(
     k: int,
     filters: Mapping[str, Any] | None = None,
     *,
+    ef_search: int = DEFAULT_EF_SEARCH,
     iterative_scan: bool = False,
 ) -> list[Hit]:
     """The ``k`` records nearest to ``vector`` by cosine similarity, best first.
 
-    ``filters`` keeps records whose metadata contains them (jsonb ``@>``). With
-    ``iterative_scan`` (pgvector >= 0.8) the index keeps scanning until ``k`` records
-    pass the filter instead of filtering only its first candidates.
+    ``filters`` keeps records whose metadata contains them (jsonb ``@>``). The index
+    explores ``ef_search_for(k, ef_search)`` candidates. With ``iterative_scan``
+    (pgvector >= 0.8) it keeps scanning until ``k`` records pass the filter instead of
+    filtering only its first candidates.
     """
     where = sql.SQL("WHERE metadata @> %(filters)s") if filters else sql.SQL("")
     query = sql.SQL(_SEARCH).format(table=sql.Identifier(collection.table), where=where)
     params = {"query": np.asarray(vector, dtype=np.float32), "k": k, "filters": Jsonb(filters)}
     with conn.transaction():
-        ef_search = min(max(_DEFAULT_EF_SEARCH, k), _MAX_EF_SEARCH)
-        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(ef_search)])
+        candidates = ef_search_for(k, ef_search)
+        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(candidates)])
         if filters and iterative_scan:
             conn.execute("SELECT set_config('hnsw.iterative_scan', 'strict_order', true)")
         rows = conn.execute(query, params).fetchall()
     return [Hit(id=r[0], score=float(r[3]), text=r[1], metadata=r[2]) for r in rows]
+
+
+def ef_search_for(k: int, ef_search: int) -> int:
+    """Candidates a search for ``k`` records explores: ``ef_search``, or k when larger."""
+    return min(max(ef_search, k), _MAX_EF_SEARCH)
 
 
 def fetch(

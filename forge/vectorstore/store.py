@@ -18,6 +18,7 @@ import structlog
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
+from forge.settings import Settings
 from forge.vectorstore import registry, scan, search, writer
 from forge.vectorstore.migrations import migrate
 from forge.vectorstore.naming import validate_name
@@ -25,6 +26,7 @@ from forge.vectorstore.types import (
     Collection,
     CollectionNotFound,
     Hit,
+    IndexOptions,
     InvalidWrite,
     JsonObject,
     Row,
@@ -47,7 +49,11 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
 
 
 class VectorStore:
-    """Thread-safe; open it once per process and share it."""
+    """Thread-safe; open it once per process and share it.
+
+    ``index``: HNSW parameters of the collections it creates and of its searches
+    (default: pgvector's).
+    """
 
     def __init__(
         self,
@@ -57,8 +63,10 @@ class VectorStore:
         max_connections: int = 4,
         timeout_s: float = 10.0,
         connect_timeout_s: int = 10,
+        index: IndexOptions | None = None,
     ) -> None:
         self._url = url
+        self._index = index or IndexOptions()
         self._connect_timeout_s = connect_timeout_s
         self._pool = ConnectionPool(
             url,
@@ -74,6 +82,16 @@ class VectorStore:
         self._collections: dict[str, Collection] = {}
         self._lock = threading.Lock()
         self._iterative_scan = False
+
+    @classmethod
+    def from_settings(cls, url: str, settings: Settings, **pool: Any) -> VectorStore:
+        """A store at ``url`` with the HNSW parameters of ``settings``; ``pool``: the
+        other keyword arguments of the constructor."""
+        return cls(url, index=IndexOptions.from_settings(settings), **pool)
+
+    @property
+    def index(self) -> IndexOptions:
+        return self._index
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -110,7 +128,8 @@ class VectorStore:
             registry.check_dimension(cached, dimension)
             return cached
         with self._pool.connection() as conn:
-            return self._remember(registry.ensure_collection(conn, name, dimension, model))
+            created = registry.ensure_collection(conn, name, dimension, model, self._index)
+            return self._remember(created)
 
     def collection(self, name: str) -> Collection | None:
         cached = self._cached(validate_name(name))
@@ -163,11 +182,18 @@ class VectorStore:
             return WriteResult(processed=[], duplicates={}, upserted=0, deleted=0)
         rows = [write for write in writes if isinstance(write, Row)]
         with self._pool.connection() as conn:
-            target = self._target(conn, name, rows, model)
-            if target is not None:
-                writer.check_rows(rows, target.dimension)
+            existing = self._existing(conn, name)
+            if rows:
+                dimension = existing.dimension if existing else _dimension_of(rows[0])
+                writer.check_rows(rows, dimension)
             with conn.transaction():
-                return writer.write_claimed(conn, target, writes, event_ids, scope, results)
+                # Created in the write's transaction: a batch rejected while it is
+                # written (a NUL in a text) must not leave an empty collection behind.
+                target = existing or self._create_for(conn, name, rows, model)
+                result = writer.write_claimed(conn, target, writes, event_ids, scope, results)
+        if target is not None:
+            self._remember(target)  # only once committed: a rollback undid the creation
+        return result
 
     def prune_processed(self, older_than_s: float, scope: str | None = None) -> int:
         """Forget processed-event markers older than ``older_than_s``; returns how many."""
@@ -197,7 +223,13 @@ class VectorStore:
         registry.check_dimension(target, int(np.size(vector)))
         with self._pool.connection() as conn:
             return search.search(
-                conn, target, vector, k, filters, iterative_scan=self._iterative_scan
+                conn,
+                target,
+                vector,
+                k,
+                filters,
+                ef_search=self._index.ef_search,
+                iterative_scan=self._iterative_scan,
             )
 
     def fetch(self, collection: str, ids: Iterable[str]) -> dict[str, StoredRecord]:
@@ -233,16 +265,23 @@ class VectorStore:
 
     # ------------------------------------------------------------------ helpers
 
-    def _target(
+    def _existing(self, conn: psycopg.Connection[Any], name: str) -> Collection | None:
+        cached = self._cached(name)
+        if cached is not None:
+            return cached
+        found = registry.get_collection(conn, name)
+        return self._remember(found) if found else None
+
+    def _create_for(
         self, conn: psycopg.Connection[Any], name: str, rows: Sequence[Row], model: str | None
     ) -> Collection | None:
-        """The collection to write to, created by the first upsert."""
-        existing = self._cached(name) or registry.get_collection(conn, name)
-        if existing is None and rows:
-            dimension = _dimension_of(rows[0])
-            model = model or rows[0].model
-            existing = registry.ensure_collection(conn, name, dimension, model)
-        return self._remember(existing) if existing else None
+        """The collection a first upsert creates (or a racing writer created); ``None``
+        when there are only deletes."""
+        if not rows:
+            return None
+        dimension = _dimension_of(rows[0])
+        model = model or rows[0].model
+        return registry.ensure_collection(conn, name, dimension, model, self._index)
 
     def _cached(self, name: str) -> Collection | None:
         with self._lock:

@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from forge.errors import InvalidEvent, PermanentError
+from forge.settings import Settings, check_hnsw
 
 Vector = npt.NDArray[np.float32]
 JsonObject = dict[str, Any]
@@ -47,6 +48,28 @@ class Collection:
     table: str
     dimension: int
     model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IndexOptions:
+    """HNSW parameters; the defaults are pgvector's.
+
+    ``m`` and ``ef_construction`` shape the index of a collection when it is created:
+    existing collections keep the index they were built with. ``ef_search`` is the
+    candidate list of every search (raised to k for larger k). ``ConfigError`` for
+    values pgvector would refuse.
+    """
+
+    m: int = 16
+    ef_construction: int = 64
+    ef_search: int = 40
+
+    def __post_init__(self) -> None:
+        check_hnsw(self.m, self.ef_construction, self.ef_search)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IndexOptions:
+        return cls(settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 and the vector write path against a raw binary COPY of the same vectors.
 
     .venv/bin/python bench/embedding_pipeline.py [--events 2000] [--records-per-event 1]
-        [--batch-size 32] [--depth 4] [--torch-threads N] [--postgres-url URL]
+        [--batch-size 32] [--depth 8] [--torch-threads N] [--hnsw-m 16]
+        [--hnsw-ef-construction 64] [--postgres-url URL]
         [--redis-url redis://127.0.0.1:6379/0] [--repeat 1] [--profile] [--skip-no-index]
         [--skip-write-path]
 
@@ -20,7 +21,9 @@ In each repeat, in this order:
   how a worker reading ``--batch-size`` events hands them to the model.
 * ``pipeline``: the events are pre-published to a fresh ``new-data`` stream under a
   ``bench:<uuid>:`` prefix; a ``Worker`` with the real ``NewDataHandler`` (embedding
-  cache on, empty, so every text is a miss and is encoded) is driven with
+  cache on, empty, so every text is a miss and is encoded) reading ``--depth`` x
+  ``--batch-size`` events at a time, as ``consumers.register`` sets it up (each model
+  batch is written on the writer thread while the next is embedded), is driven with
   ``run_once()`` from the first read until every entry is settled, writing into a fresh
   collection that the store creates, with its HNSW index, on the first write. Checked
   afterwards: one succeeded completion per event, nothing pending, every record in the
@@ -55,7 +58,7 @@ import pstats
 import random
 import resource
 import sys
-import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -73,10 +76,9 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
-from bench.write_path import fresh_collection, raw_copy, timed, write_path
+from bench.write_path import fresh_collection, postgres_server, raw_copy, timed, write_path
 from consumers.new_data import NewDataHandler
 from forge.context import Context, connect_redis
-from forge.embedded_postgres import start_embedded_postgres
 from forge.embedder import Embedder
 from forge.embedding import EmbeddingService
 from forge.embedding_cache import EmbeddingCache
@@ -230,6 +232,7 @@ class PipelineRun:
     encode_s: list[float]  # per batch, inside Embedder.encode (tokenising included)
     service_s: float  # inside EmbeddingService.encode: the model and the embedding cache
     write_s: float  # inside VectorStore.write_batch: the database transaction
+    write_behind_s: float  # the part of write_s spent on the writer thread, beside the model
     handler_s: float  # inside NewDataHandler: all of the above and the rest of the handler
 
     def describe(self, sentences: int, cpu: str) -> str:
@@ -238,8 +241,9 @@ class PipelineRun:
         return (
             f"\n{'':8}{self.wall_s:.2f} s: model {encode:.2f},"
             f" embedding cache {self.service_s - encode:.2f},"
-            f" db write {self.write_s:.2f},"
-            f" rest of handler {self.handler_s - self.service_s - self.write_s:.2f},"
+            f" db write {self.write_s:.2f} ({self.write_behind_s:.2f} of it beside the model),"
+            f" rest of handler"
+            f" {self.handler_s - self.service_s - (self.write_s - self.write_behind_s):.2f},"
             f" stream runtime {self.wall_s - self.handler_s:.2f};"
             f" {outside:.0f} us/sentence outside the model; {cpu}"
         )
@@ -252,6 +256,7 @@ class _Timed:
         self.fn = fn
         self.name: str = getattr(fn, "__name__", "__call__")
         self.seconds: list[float] = []
+        self.background_s = 0.0  # calls made on threads other than the main one
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -259,6 +264,8 @@ class _Timed:
             return self.fn(*args, **kwargs)
         finally:
             self.seconds.append(time.perf_counter() - started)
+            if threading.current_thread() is not threading.main_thread():
+                self.background_s += self.seconds[-1]
 
 
 def build_worker(
@@ -369,6 +376,7 @@ def run_pipeline(
         timers["encode"][1].seconds,
         sum(timers["service"][1].seconds),
         sum(timers["write"][1].seconds),
+        timers["write"][1].background_s,
         sum(timed_handler.seconds),
     )
 
@@ -459,6 +467,13 @@ def main() -> None:
         help="torch intra-op threads (default: torch's, one per core); with 1 on a 2-core"
         " machine the database has a core of its own, as on a separate server",
     )
+    parser.add_argument("--hnsw-m", type=int, default=Settings().hnsw_m, help="FORGE_HNSW_M")
+    parser.add_argument(
+        "--hnsw-ef-construction",
+        type=int,
+        default=Settings().hnsw_ef_construction,
+        help="FORGE_HNSW_EF_CONSTRUCTION (the write path is compared on pgvector's defaults)",
+    )
     parser.add_argument("--postgres-url", default=None, help="default: embedded, temporary")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--repeat", type=int, default=1)
@@ -469,17 +484,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="forge-bench-") as home:
-        handle = None
-        url = args.postgres_url
-        if url is None:
-            handle = start_embedded_postgres(Path(home) / "postgres")
-            url = handle.url
-        try:
-            run_all(args, url, Path(home), ServerCpu(handle.pgdata if handle else None))
-        finally:
-            if handle is not None:
-                handle.stop()
+    with postgres_server(args.postgres_url) as (home, url, pgdata):
+        run_all(args, url, home, ServerCpu(pgdata))
 
 
 def run_all(args: argparse.Namespace, url: str, home: Path, server_cpu: ServerCpu) -> None:
@@ -511,8 +517,12 @@ def run_all(args: argparse.Namespace, url: str, home: Path, server_cpu: ServerCp
     if not args.skip_no_index:
         variants.append(("pipeline, no index", False))
     try:
-        with VectorStore(url) as store:
-            print(server_versions(url))
+        index = Settings(hnsw_m=args.hnsw_m, hnsw_ef_construction=args.hnsw_ef_construction)
+        with VectorStore.from_settings(url, index) as store:
+            print(
+                f"{server_versions(url)}; HNSW m {args.hnsw_m}, ef_construction"
+                f" {args.hnsw_ef_construction}"
+            )
             for run in range(args.repeat):
                 for name, per_batch in (("bare encode", False), ("bare encode, per batch", True)):
                     with CpuMeter(server_cpu) as cpu:
@@ -543,7 +553,9 @@ def run_all(args: argparse.Namespace, url: str, home: Path, server_cpu: ServerCp
             rates: dict[str, float] = {}
             if not args.skip_write_path:
                 batch = args.batch_size * args.records_per_event
-                rates = write_comparison(url, store, vectors, batch, args.repeat)
+                # pgvector's default index on both sides, whatever the pipeline used.
+                with VectorStore(url) as plain:
+                    rates = write_comparison(url, plain, vectors, batch, args.repeat)
     finally:
         delete_prefix(admin, root)
         admin.close()

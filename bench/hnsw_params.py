@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +44,7 @@ from psycopg.conninfo import make_conninfo
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
 from bench.embedding_pipeline import make_texts
-from forge.embedded_postgres import start_embedded_postgres
+from bench.write_path import batches, copy_raw, postgres_server
 from forge.embedder import Embedder
 from forge.vectorstore import IndexOptions, Row, VectorStore
 
@@ -87,11 +85,6 @@ def label(index: IndexOptions) -> str:
     return f"m{index.m}:efc{index.ef_construction}"
 
 
-def batches(count: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, count, size):
-        yield start, min(start + size, count)
-
-
 def backend_cpu_s(pids: list[int]) -> float:
     """User and system CPU seconds of these backends so far."""
     return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
@@ -116,13 +109,8 @@ def raw_copy(url: str, vectors: Vectors, batch: int, times: int = 1) -> Ingest:
         conn.execute(f"CREATE TABLE bench_raw (id text, embedding vector({vectors.shape[1]}))")
         pid = int(conn.info.backend_pid)
         with measured(lambda: [pid], times * len(vectors), out):
-            for _, (start, stop) in itertools.product(range(times), batches(len(vectors), batch)):
-                with conn.transaction(), conn.cursor() as cur:
-                    sql = "COPY bench_raw (id, embedding) FROM STDIN WITH (FORMAT BINARY)"
-                    with cur.copy(sql) as copy:
-                        copy.set_types(["text", "vector"])
-                        for i in range(start, stop):
-                            copy.write_row((f"r{i}", vectors[i]))
+            for _ in range(times):
+                copy_raw(conn, vectors, batch)
     return out[0]
 
 
@@ -223,17 +211,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="rows per write transaction")
     parser.add_argument("--postgres-url", default=None, help="default: embedded, temporary")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="forge-bench-") as home:
-        handle = None
-        url = args.postgres_url
-        if url is None:
-            handle = start_embedded_postgres(Path(home) / "postgres")
-            url = handle.url
-        try:
-            run_all(url, args)
-        finally:
-            if handle is not None:
-                handle.stop()
+    with postgres_server(args.postgres_url) as (_, url, _):
+        run_all(url, args)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,13 @@ temporary folder. Variants, each on its own fresh table, same vectors, same batc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -72,13 +74,18 @@ def raw_copy(url: str, vectors: Vectors, batch: int, hnsw: bool = False) -> None
         )
         if hnsw:
             conn.execute("CREATE INDEX ON bench_raw USING hnsw (embedding vector_cosine_ops)")
-        for start, stop in batches(len(vectors), batch):
-            with conn.transaction(), conn.cursor() as cur:
-                copy_sql = "COPY bench_raw (id, embedding) FROM STDIN WITH (FORMAT BINARY)"
-                with cur.copy(copy_sql) as copy:
-                    copy.set_types(["text", "vector"])
-                    for i in range(start, stop):
-                        copy.write_row((f"rec-{i}", vectors[i]))
+        copy_raw(conn, vectors, batch)
+
+
+def copy_raw(conn: psycopg.Connection[Any], vectors: Vectors, batch: int) -> None:
+    """Binary COPY of (id, embedding) into ``bench_raw``, one transaction per batch."""
+    for start, stop in batches(len(vectors), batch):
+        with conn.transaction(), conn.cursor() as cur:
+            copy_sql = "COPY bench_raw (id, embedding) FROM STDIN WITH (FORMAT BINARY)"
+            with cur.copy(copy_sql) as copy:
+                copy.set_types(["text", "vector"])
+                for i in range(start, stop):
+                    copy.write_row((f"rec-{i}", vectors[i]))
 
 
 _runs = itertools.count()
@@ -117,17 +124,24 @@ def main() -> None:
     vectors = rng.standard_normal((args.rows, args.dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
 
-    with tempfile.TemporaryDirectory(prefix="forge-bench-") as home:
-        handle = None
-        url = args.postgres_url
-        if url is None:
-            handle = start_embedded_postgres(Path(home) / "postgres")
-            url = handle.url
+    with postgres_server(args.postgres_url) as (_, url, _):
+        run_all(url, vectors, args)
+
+
+@contextlib.contextmanager
+def postgres_server(url: str | None) -> Iterator[tuple[Path, str, Path | None]]:
+    """A temporary folder, and ``url`` or else an embedded server's in that folder
+    (stopped on exit) with its data folder (``None`` for an external server)."""
+    with tempfile.TemporaryDirectory(prefix="forge-bench-") as temp:
+        home = Path(temp)
+        if url is not None:
+            yield home, url, None
+            return
+        handle = start_embedded_postgres(home / "postgres")
         try:
-            run_all(url, vectors, args)
+            yield home, handle.url, handle.pgdata
         finally:
-            if handle is not None:
-                handle.stop()
+            handle.stop()
 
 
 def run_all(url: str, vectors: Vectors, args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
+from forge.context import Context
 from forge.errors import ConfigError
 from forge.settings import Settings
 from forge.vectorstore import IndexOptions, InvalidWrite, Row, VectorStore, registry, table_name
@@ -99,6 +100,15 @@ def test_store_from_settings_takes_the_hnsw_settings() -> None:
     store = VectorStore.from_settings("postgresql://unused", settings, max_connections=2)
     assert store.index == IndexOptions(m=12, ef_construction=40, ef_search=90)
     assert VectorStore("postgresql://unused").index == IndexOptions(16, 64, 40)
+
+
+def test_workers_open_their_store_with_the_hnsw_settings(pg_url: str, ctx: Context) -> None:
+    from consumers import open_store
+
+    ctx.settings = ctx.settings.replace(
+        postgres_url=pg_url, hnsw_m=8, hnsw_ef_construction=32, hnsw_ef_search=100
+    )
+    assert open_store(ctx).index == IndexOptions(8, 32, 100)
 
 
 @pytest.mark.parametrize(

@@ -250,14 +250,14 @@ class NewDataHandler:
         return result.duplicates
 
 
-def _chunks(jobs: list[_Job], texts_per_chunk: int) -> Iterator[list[_Job]]:
-    """Consecutive runs of whole events with about ``texts_per_chunk`` records each
+def _chunks(jobs: list[_Job], records_per_chunk: int) -> Iterator[list[_Job]]:
+    """Consecutive runs of whole events with about ``records_per_chunk`` records each
     (an event is never split: its rows and its marker commit together)."""
     chunk: list[_Job] = []
     size = 0
     for job in jobs:
         records = max(len(job.event.records), 1)
-        if chunk and size + records > texts_per_chunk:
+        if chunk and size + records > records_per_chunk:
             yield chunk
             chunk, size = [], 0
         chunk.append(job)

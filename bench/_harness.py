@@ -208,6 +208,7 @@ class WorkerSettings:
     reclaim_interval_s: float = 1.0
     read_block_s: float = 0.5
     max_batch_size: int = 32
+    embed_pipeline_depth: int = 8
     stream_maxlen: int = 1_000_000
     log_level: str = "INFO"  # wait_serving() looks for the INFO line "worker started"
     extra: dict[str, str] = field(default_factory=dict)
@@ -227,6 +228,7 @@ class WorkerSettings:
             FORGE_RECLAIM_INTERVAL_S=str(self.reclaim_interval_s),
             FORGE_READ_BLOCK_S=str(self.read_block_s),
             MAX_BATCH_SIZE=str(self.max_batch_size),
+            FORGE_EMBED_PIPELINE_DEPTH=str(self.embed_pipeline_depth),
             # Completions and dead letters must all stay readable for the checks.
             FORGE_STREAM_MAXLEN=str(self.stream_maxlen),
             FORGE_HTTP_HOST="127.0.0.1",

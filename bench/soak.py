@@ -86,6 +86,7 @@ class SoakConfig:
     text_share: float = 0.02
     poison_share: float = 0.002
     max_batch_size: int = 32
+    embed_pipeline_depth: int = 8
     sample_s: float = 0.5
     max_rss_growth: float = 0.10
     drain_timeout_s: float = 180.0
@@ -101,8 +102,10 @@ class SoakConfig:
     @property
     def pending_bound(self) -> int:
         """forge/worker.py: reads stop at ``_max_waiting`` entries awaiting redelivery;
-        add the batch in flight."""
-        return max(4 * self.max_batch_size, 16) + self.max_batch_size
+        add the batch in flight (a new-data read holds ``embed_pipeline_depth`` model
+        batches, see consumers/__init__.py)."""
+        batch = self.embed_pipeline_depth * self.max_batch_size
+        return max(4 * batch, 16) + batch
 
 
 @dataclass
@@ -196,7 +199,9 @@ def _run(cfg: SoakConfig, report: SoakReport, servers: Servers, started: list[Wo
     try:
         store.ensure_collection(VECTOR_COLLECTION, cfg.dim, MODEL)
         store.ensure_collection(TEXT_COLLECTION, TEXT_DIM, MODEL)
-        settings = WorkerSettings(max_batch_size=cfg.max_batch_size)
+        settings = WorkerSettings(
+            max_batch_size=cfg.max_batch_size, embed_pipeline_depth=cfg.embed_pipeline_depth
+        )
         log_dir = root_logs(report.root)
         workers = Workers(
             settings.env(servers, report.root / "home"), log_dir, "consumers:register"
@@ -363,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-share", type=float, default=d.text_share)
     parser.add_argument("--poison-share", type=float, default=d.poison_share)
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    parser.add_argument(
+        "--embed-pipeline-depth", type=int, default=d.embed_pipeline_depth, help="per worker"
+    )
     parser.add_argument("--sample-s", type=float, default=d.sample_s)
     parser.add_argument("--max-rss-growth", type=float, default=d.max_rss_growth)
     parser.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s)
@@ -378,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         text_share=args.text_share,
         poison_share=args.poison_share,
         max_batch_size=args.max_batch_size,
+        embed_pipeline_depth=args.embed_pipeline_depth,
         sample_s=args.sample_s,
         max_rss_growth=args.max_rss_growth,
         drain_timeout_s=args.drain_timeout_s,

@@ -379,6 +379,22 @@ class Workers:
         return counts
 
 
+def start_workers(
+    settings: WorkerSettings, servers: Servers, root: Path, count: int, started: list[Workers]
+) -> Workers:
+    """``count`` ``forge worker`` processes with the real handlers (``consumers:register``),
+    logging under ``root/logs``, all serving when this returns. ``started`` gets them
+    at once, so the run's cleanup stops them even if one never comes up."""
+    log_dir = root / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers = Workers(settings.env(servers, root / "home"), log_dir, "consumers:register")
+    started.append(workers)
+    for _ in range(count):
+        workers.spawn()
+    workers.wait_serving(timeout_s=180)
+    return workers
+
+
 def _serving(log_path: Path) -> bool:
     try:
         return b'"worker started"' in log_path.read_bytes()

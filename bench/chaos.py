@@ -73,6 +73,7 @@ from bench._harness import (
     print_checks,
     print_table,
     run_supervised,
+    start_workers,
     verify,
 )
 from forge.keys import Keys
@@ -209,14 +210,7 @@ def _run(cfg: ChaosConfig, report: ChaosReport, servers: Servers, started: list[
             reclaim_interval_s=cfg.reclaim_interval_s,
             stream_maxlen=max(10 * len(plan), 100_000),
         )
-        log_dir = report.root / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        env = settings.env(servers, report.root / "home")
-        workers = Workers(env, log_dir, "consumers:register")
-        started.append(workers)
-        for _ in range(cfg.workers):
-            workers.spawn()
-        workers.wait_serving(timeout_s=180)
+        workers = start_workers(settings, servers, report.root, cfg.workers, started)
         log(f"{cfg.workers} workers serving; publishing {len(plan):,} entries at {cfg.rate:g}/s")
 
         ledger = Ledger(client, keys.new_data)

@@ -68,6 +68,7 @@ from bench._harness import (
     print_table,
     rss_bytes,
     run_supervised,
+    start_workers,
     verify,
 )
 from forge.keys import Keys
@@ -202,14 +203,7 @@ def _run(cfg: SoakConfig, report: SoakReport, servers: Servers, started: list[Wo
         settings = WorkerSettings(
             max_batch_size=cfg.max_batch_size, embed_pipeline_depth=cfg.embed_pipeline_depth
         )
-        log_dir = root_logs(report.root)
-        workers = Workers(
-            settings.env(servers, report.root / "home"), log_dir, "consumers:register"
-        )
-        started.append(workers)
-        for _ in range(cfg.workers):
-            workers.spawn()
-        workers.wait_serving(timeout_s=180)
+        workers = start_workers(settings, servers, report.root, cfg.workers, started)
         log(f"{cfg.workers} workers serving; {cfg.rate:g} events/s for {cfg.duration_s:g} s")
 
         ledger = Ledger(client, keys.new_data)
@@ -236,12 +230,6 @@ def _run(cfg: SoakConfig, report: SoakReport, servers: Servers, started: list[Wo
     finally:
         store.close()
         client.close()
-
-
-def root_logs(root: Path) -> Path:
-    path = root / "logs"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _load(

@@ -302,7 +302,7 @@ def build_worker(
 
     registry = Registry()
     # Read as `consumers.register` reads: several model batches at once.
-    reads = settings.embed_pipeline_depth * settings.max_batch_size
+    reads = settings.embed_read_size
     registry.register(HandlerSpec("new-data", NewData, handle, name="embed", max_batch_size=reads))
     return ctx, Worker(ctx, registry), handler, timed_handler
 

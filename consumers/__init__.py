@@ -39,7 +39,7 @@ def register(registry: Registry, ctx: Context) -> None:
     new_data = NewDataHandler(ctx.settings, store, embedding)
     retraining = RetrainOnNewData(new_data, ctx.keys, lambda: training().registry)
     # Several model batches per read, so writing one overlaps embedding the next.
-    reads = ctx.settings.embed_pipeline_depth * ctx.settings.max_batch_size
+    reads = ctx.settings.embed_read_size
     registry.register(
         HandlerSpec("new-data", NewData, retraining, name="embed", max_batch_size=reads)
     )

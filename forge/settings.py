@@ -167,6 +167,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         check_hnsw(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search)
 
     @property
+    def embed_read_size(self) -> int:
+        """Entries one ``new-data`` read holds: ``embed_pipeline_depth`` model batches."""
+        return self.embed_pipeline_depth * self.max_batch_size
+
+    @property
     def lease_renew_interval_s(self) -> float:
         """Renew in-flight leases well before another worker may reclaim them."""
         return self.claim_min_idle_s / 3

@@ -58,14 +58,19 @@ ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first and on its own: it is the largest layer and changes least often.
+# torch first and on its own: it is the largest layer and changes least often. The
+# runtime lock leaves torch out, so each variant takes its own build of this version.
 RUN pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"
 WORKDIR /src
+# Every other package exactly as CI tested it: versions and hashes from the lock.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml ./
 COPY forge ./forge
 COPY consumers ./consumers
+# --no-deps: the lock already installed them all, so nothing unpinned comes in here.
 # The entry point's own smoke test: a broken install fails the build, not the pod.
-RUN pip install . \
+RUN pip install --no-deps . \
  && forge --version
 
 # ------------------------------------------------------------ runtime

@@ -1,7 +1,7 @@
-"""An AsyncAPI 3.0 description of Forge's streams, generated from the msgspec event types.
+"""An AsyncAPI 3.1 description of Forge's streams, generated from the msgspec event types.
 
 The message payload schemas are the very ones ``schemas/*.schema.json`` are made from
-(``msgspec.json.schema_components`` over ``forge.events``), so the two cannot disagree.
+(``forge.schemas.schema_components`` over ``forge.events``), so the two cannot disagree.
 Operations are from Forge's point of view: it receives the input streams and sends
 the output streams. Channel addresses use the default ``forge:`` prefix.
 """
@@ -9,8 +9,6 @@ the output streams. Channel addresses use the default ``forge:`` prefix.
 from __future__ import annotations
 
 from typing import Any
-
-import msgspec
 
 from forge import __version__
 from forge.events import (
@@ -24,8 +22,9 @@ from forge.events import (
     event_type_name,
 )
 from forge.keys import Keys
+from forge.schemas import schema_components
 
-ASYNCAPI_VERSION = "3.0.0"
+ASYNCAPI_VERSION = "3.1.0"
 # Output streams (short names) and the event type each carries; inputs are in events.py.
 OUTPUT_STREAM_EVENTS: dict[str, type[Event]] = {
     "completions": Completion,
@@ -114,9 +113,7 @@ def document(keys: Keys | None = None) -> dict[str, Any]:
     """The AsyncAPI document as plain data (key order is kept when rendered)."""
     keys = keys or Keys()
     streams = stream_events(keys)
-    _, schemas = msgspec.json.schema_components(
-        ALL_EVENTS, ref_template="#/components/schemas/{name}"
-    )
+    _, schemas = schema_components(ALL_EVENTS, ref_template="#/components/schemas/{name}")
     operations = dict(_operation(keys, stream, cls) for stream, cls in streams.items())
     return {
         "asyncapi": ASYNCAPI_VERSION,

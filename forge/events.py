@@ -46,6 +46,19 @@ ModelName = Annotated[
         description="a model id such as 'all-MiniLM-L6-v2' or 'org/name'; no paths",
     ),
 ]
+# What msgspec's datetime decoder accepts (RFC 3339, a naive time included), so that a
+# validator in any language rejects what Forge would dead-letter: many validators treat
+# ``format`` as an annotation only.
+Timestamp = Annotated[
+    datetime,
+    Meta(
+        extra_json_schema={
+            "format": "date-time",
+            "pattern": r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[Tt ]([01]\d|2[0-3])"
+            r":[0-5]\d:[0-5]\d(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):?[0-5]\d)?(?!\n)$",
+        }
+    ),
+]
 Status = Literal["succeeded", "failed", "dead-lettered"]
 
 
@@ -67,7 +80,7 @@ class Event(msgspec.Struct, kw_only=True, tag_field="type", omit_defaults=False)
     """Fields every event has. ``created_at`` defaults to the time Redis received it."""
 
     id: EventId
-    created_at: datetime | None = None
+    created_at: Timestamp | None = None
     version: int = SCHEMA_VERSION
 
 
@@ -88,11 +101,27 @@ class Record(msgspec.Struct, kw_only=True):
             raise ValueError(f"record {self.id!r} has neither `text` nor `vector`")
 
 
+# ``__post_init__``'s rule in the schema: a record that is not deleted has a text or a
+# vector. It sits on the reference, as msgspec gives a Struct no schema of its own.
+RecordItem = Annotated[
+    Record,
+    Meta(
+        extra_json_schema={
+            "anyOf": [
+                {"required": ["text"], "properties": {"text": {"type": "string"}}},
+                {"required": ["vector"], "properties": {"vector": {"type": "array"}}},
+                {"required": ["deleted"], "properties": {"deleted": {"const": True}}},
+            ]
+        }
+    ),
+]
+
+
 class NewData(Event, tag="new-data"):
     """Records to embed and upsert into a collection."""
 
     collection: Name
-    records: Annotated[list[Record], Meta(min_length=1)]
+    records: Annotated[list[RecordItem], Meta(min_length=1)]
     model: ModelName | None = None
     retrain: Name | None = None
 

@@ -70,8 +70,8 @@ def all_refs(node: Any) -> list[str]:
     return []
 
 
-def test_asyncapi_is_a_3_0_document_of_every_stream(asyncapi: dict[str, Any]) -> None:
-    assert asyncapi["asyncapi"] == "3.0.0"
+def test_asyncapi_is_a_3_1_document_of_every_stream(asyncapi: dict[str, Any]) -> None:
+    assert asyncapi["asyncapi"] == "3.1.0"
     assert asyncapi["info"]["title"] == "Forge"
     addresses = [channel["address"] for channel in asyncapi["channels"].values()]
     keys = Keys()

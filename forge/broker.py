@@ -208,6 +208,22 @@ class StreamBroker:
         return list(values)
 
 
+_MAX_ID_PART = 2**64 - 1
+
+
+def is_entry_id(text: str) -> bool:
+    """Whether ``text`` is a full stream entry id, ``MILLISECONDS-SEQUENCE``.
+
+    Stricter than Redis, which also takes ``-``, ``+`` and a bare millisecond time in
+    ranges: one record means one exact id.
+    """
+    ms, sep, seq = text.partition("-")
+    parts = (ms, seq)
+    if not sep or not all(p.isascii() and p.isdigit() for p in parts):
+        return False
+    return all(int(p) <= _MAX_ID_PART for p in parts)
+
+
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)

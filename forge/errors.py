@@ -22,6 +22,13 @@ class ConfigError(ForgeError):
     """Invalid settings or command-line arguments."""
 
 
+class UsageError(ConfigError):
+    """A command-line argument argparse accepted but the command cannot use.
+
+    The CLI exits 2 for it, as for argparse's own usage errors.
+    """
+
+
 class TransientError(ForgeError):
     """A failure that may succeed if tried again shortly."""
 

@@ -164,7 +164,7 @@ class Timings(msgspec.Struct, kw_only=True):
 class Completion(Event, tag="completion"):
     """Published once for every input event that reached a final state."""
 
-    source_id: str
+    source_id: str | None  # None when the entry had no readable event id
     source_stream: str
     source_entry_id: str
     status: Status

@@ -57,12 +57,12 @@ from prometheus_client import (
     multiprocess,
     values,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from forge.keys import Keys
-from forge.status import StreamStatus, stream_status
+from forge.status import Snapshot, snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -93,7 +93,6 @@ class Metrics:
     handler_duration_seconds: Histogram
     events_in_progress: Gauge
     infrastructure_errors_total: Counter
-    dead_letter_replays_total: Counter
     embedding_cache_hits_total: Counter
     embedding_cache_misses_total: Counter
     training_progress_ratio: Gauge
@@ -145,9 +144,6 @@ class Metrics:
         c = self._counter
         self.infrastructure_errors_total = c(
             "forge_infrastructure_errors_total", "Failures of a backing service.", "component"
-        )
-        self.dead_letter_replays_total = c(
-            "forge_dead_letter_replays_total", "Dead letters replayed."
         )
         self.embedding_cache_hits_total = c(
             "forge_embedding_cache_hits_total", "Embeddings served from cache.", "model"
@@ -209,7 +205,11 @@ class Metrics:
 
 
 class StreamStatsCollector:
-    """Reads ``XINFO GROUPS`` / ``XLEN`` (via ``forge.status``) at scrape time; never raises.
+    """Reads what ``forge status`` shows (via ``forge.status``) at scrape time; never raises.
+
+    That includes the dead-letter replay count: replays are made by ``forge dlq
+    replay``, a process Prometheus never scrapes, so the count is Redis's, reported as
+    a counter (every scraped process reports the same total: aggregate with ``max``).
 
     ``redis_client_factory`` is called on every scrape and should return a shared
     client with a short socket timeout: a scrape waits for Redis.
@@ -231,17 +231,15 @@ class StreamStatsCollector:
 
     def collect(self) -> Iterator[Metric]:
         try:
-            client = self._client_factory()
-            streams = [stream_status(client, stream) for stream in self._streams]
-            dead_letter_depth = int(client.xlen(self._keys.dead_letter))
+            snap = snapshot(self._client_factory(), self._keys, self._streams)
         # Anything at all: a failing scrape would hide every other metric.
         except Exception as exc:
             self._on_failure(exc)
             return
         self._failing = False
-        yield from self._families(streams, dead_letter_depth)
+        yield from self._families(snap)
 
-    def _families(self, streams: list[StreamStatus], dead_letter_depth: int) -> Iterator[Metric]:
+    def _families(self, snap: Snapshot) -> Iterator[Metric]:
         length = GaugeMetricFamily(
             "forge_stream_length", "Entries in the stream.", labels=["stream"]
         )
@@ -255,7 +253,7 @@ class StreamStatsCollector:
         consumers = GaugeMetricFamily(
             "forge_stream_consumers", "Consumers in the group.", labels=group_labels
         )
-        for status in streams:
+        for status in snap.streams:
             label = self._keys.short(status.stream)
             length.add_metric([label], status.length)
             for group in status.groups:
@@ -266,7 +264,14 @@ class StreamStatsCollector:
                 consumers.add_metric([label, group.name], group.consumers)
         yield from (length, lag, pending, consumers)
         yield GaugeMetricFamily(
-            "forge_dead_letter_depth", "Entries in the dead-letter stream.", value=dead_letter_depth
+            "forge_dead_letter_depth",
+            "Entries in the dead-letter stream.",
+            value=snap.dead_letter_depth,
+        )
+        yield CounterMetricFamily(
+            "forge_dead_letter_replays_total",
+            "Dead letters replayed, by any process (Redis's count).",
+            value=snap.dead_letter_replays,
         )
 
     def _on_failure(self, exc: Exception) -> None:

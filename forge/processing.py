@@ -11,7 +11,7 @@ after ``max_deliveries`` failed deliveries it is dead-lettered.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,22 +21,15 @@ import structlog
 from prometheus_client import Counter
 
 from forge.broker import Entry, Settlement
+from forge.completion import BatchTiming, DoneMarker, decode_marker, marker_bytes, public_error
 from forge.context import Context
 from forge.deadletter import DeadLetterQueue, build_record, error_info, sniff_event_id
 from forge.errors import InvalidEvent, PermanentError
-from forge.events import Completion, Decoder, ErrorInfo, Event, Status, Timings, new_id, utcnow
+from forge.events import Completion, Decoder, ErrorInfo, Event, Status, new_id, utcnow
 from forge.registry import Failed, HandlerSpec, Message, Outcome, Rejected, Succeeded
 from forge.retry import Retrier
 
 log = structlog.get_logger(__name__)
-
-
-class DoneMarker(msgspec.Struct):
-    """What the idempotency marker stores: enough to answer a duplicate with the same result."""
-
-    status: Status
-    result: dict[str, Any] = msgspec.field(default_factory=dict)
-    error: ErrorInfo | None = None
 
 
 class DeliveryFailed(msgspec.Struct, frozen=True):
@@ -52,10 +45,6 @@ class Exhausted(msgspec.Struct, frozen=True):
 
 
 Verdict = Outcome | DeliveryFailed | Exhausted
-_marker_decoder = msgspec.json.Decoder(DoneMarker)
-_marker_encoder = msgspec.json.Encoder()
-# The marker nearly every entry gets (a handler returning None): encoded once.
-_SUCCEEDED_MARKER = _marker_encoder.encode(DoneMarker("succeeded"))
 
 
 @dataclass(slots=True)
@@ -67,8 +56,17 @@ class BatchResult:
 
 
 class BatchProcessor:
-    def __init__(self, ctx: Context, spec: HandlerSpec[Any], retrier: Retrier) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        spec: HandlerSpec[Any],
+        retrier: Retrier,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock`` tells Unix time, as entry ids do: queue and total times use it."""
         self.ctx = ctx
+        self._clock = clock
         self.spec = spec
         self.retrier = retrier
         self.decoder: Decoder[Any] = Decoder(spec.event_type)
@@ -81,9 +79,10 @@ class BatchProcessor:
     # ------------------------------------------------------------------ entry point
 
     def process(self, stream: str, entries: Sequence[Entry]) -> BatchResult:
-        started = time.time()
+        started = self._clock()
         verdicts: dict[str, Verdict] = {}
-        messages = self._decode(entries, verdicts)
+        decided_at: dict[str, float] = {}
+        messages = self._decode(entries, verdicts, decided_at)
         marker_keys = [self.ctx.keys.done(stream, m.event.id) for m in messages]
         fresh, duplicates = self._split_duplicates(messages, marker_keys)
         handler_s = self._run_handler(fresh, verdicts)
@@ -94,7 +93,7 @@ class BatchProcessor:
         result = BatchResult(Settlement())
         replays = self._replay_counts(entries, verdicts)
         # One clock reading for the whole batch: its completions are published together.
-        timing = _Timing(started, handler_s, time.time(), utcnow())
+        timing = BatchTiming(started, handler_s, self._clock(), utcnow(), decided_at)
         outcomes: dict[tuple[str, str], int] = {}
         for entry in entries:
             verdict = verdicts[entry.entry_id]
@@ -113,20 +112,31 @@ class BatchProcessor:
 
     # ------------------------------------------------------------------ decoding
 
-    def _decode(self, entries: Sequence[Entry], verdicts: dict[str, Verdict]) -> list[Message[Any]]:
+    def _decode(
+        self, entries: Sequence[Entry], verdicts: dict[str, Verdict], decided_at: dict[str, float]
+    ) -> list[Message[Any]]:
+        """Messages for the handler; the others get their verdict, and in ``decided_at``
+        the time of it: they do not wait for the handler, so neither do their timings."""
         messages: list[Message[Any]] = []
         limit = self.ctx.settings.max_payload_bytes
         for entry in entries:
-            if entry.deliveries > self.max_deliveries:
-                verdicts[entry.entry_id] = self._exhausted(entry)
-                continue
-            try:
-                event = self._decode_one(entry, limit)
-            except InvalidEvent as exc:
-                verdicts[entry.entry_id] = Rejected(error_info(exc))
-                continue
-            messages.append(Message(event, entry.stream, entry.entry_id, entry.deliveries))
+            screened = self._screen(entry, limit)
+            if isinstance(screened, Message):
+                messages.append(screened)
+            else:
+                verdicts[entry.entry_id] = screened
+                decided_at[entry.entry_id] = self._clock()
         return messages
+
+    def _screen(self, entry: Entry, limit: int) -> Message[Any] | Rejected | Exhausted:
+        """The entry's message for the handler, or the verdict it gets without one."""
+        if entry.deliveries > self.max_deliveries:
+            return self._exhausted(entry)
+        try:
+            event = self._decode_one(entry, limit)
+        except InvalidEvent as exc:
+            return Rejected(error_info(exc))
+        return Message(event, entry.stream, entry.entry_id, entry.deliveries)
 
     def _decode_one(self, entry: Entry, limit: int) -> Event:
         payload = entry.payload
@@ -164,7 +174,7 @@ class BatchProcessor:
         first_seen: dict[str, str] = {}
         for message, raw in zip(messages, stored, strict=True):
             if raw is not None:
-                duplicates[message.entry_id] = _marker_decoder.decode(raw)
+                duplicates[message.entry_id] = decode_marker(raw)
             elif message.event.id in first_seen:
                 duplicates[message.entry_id] = first_seen[message.event.id]
             else:
@@ -217,12 +227,13 @@ class BatchProcessor:
         marker_key: str,
         verdict: Outcome | Exhausted,
         duplicate: bool,
-        timing: _Timing,
+        timing: BatchTiming,
         replays: dict[str, int],
     ) -> tuple[str, str]:
         """Add the entry's completion, dead letter or marker, and ack; returns its
         outcome and dead-letter reason (``""`` when not dead-lettered) for the metrics."""
         keys = self.ctx.keys
+        outcome = _outcome(verdict, duplicate)
         completion = self._completion(entry, message, verdict, timing)
         completion.duplicate = duplicate
         if isinstance(verdict, Succeeded) and not duplicate:
@@ -236,14 +247,16 @@ class BatchProcessor:
                 verdict.error,
                 group=keys.group,
                 consumer=self.ctx.consumer,
-                replays=replays.get(completion.source_id, 0),
+                replays=replays.get(completion.source_id or "", 0),
             )
             settlement.publish(keys.dead_letter, record)
+            _log_dead_letter(entry, completion.source_id, outcome[1], verdict.error)
         elif message is not None and not duplicate:
             # Dead letters get no marker: a replay of the same event must run again.
-            settlement.write(marker_key, _marker(completion), self.ctx.settings.idempotency_ttl_s)
+            ttl_s = self.ctx.settings.idempotency_ttl_s
+            settlement.write(marker_key, marker_bytes(completion), ttl_s)
         settlement.ack(entry.stream, entry.entry_id)
-        return _outcome(verdict, duplicate)
+        return outcome
 
     def _exhaust_last_deliveries(
         self, entries: Sequence[Entry], verdicts: dict[str, Verdict]
@@ -286,7 +299,7 @@ class BatchProcessor:
         entry: Entry,
         message: Message[Any] | None,
         verdict: Outcome | Exhausted,
-        timing: _Timing,
+        timing: BatchTiming,
     ) -> Completion:
         status: Status
         if isinstance(verdict, Succeeded):
@@ -295,24 +308,18 @@ class BatchProcessor:
             status, result, error = "failed", {}, verdict.error
         else:
             status, result, error = "dead-lettered", {}, verdict.error
-        source_id = message.event.id if message else sniff_event_id(entry.payload) or ""
-        arrived = entry.arrived_at_s
         return Completion(
             id=new_id(),
             created_at=timing.finished_at,
-            source_id=source_id,
+            source_id=message.event.id if message else sniff_event_id(entry.payload),
             source_stream=entry.stream,
             source_entry_id=entry.entry_id,
             status=status,
             worker=self.ctx.consumer,
             deliveries=entry.deliveries,
-            timings=Timings(
-                queue_s=round(max(timing.started - arrived, 0.0), 6),
-                handler_s=round(timing.handler_s, 6),
-                total_s=round(max(timing.finished - arrived, 0.0), 6),
-            ),
+            timings=timing.timings(entry),
             result=result,
-            error=_public_error(error),
+            error=public_error(error),
         )
 
     def _count(self, outcomes: dict[tuple[str, str], int]) -> None:
@@ -333,12 +340,15 @@ class BatchProcessor:
             processed.inc(count)
 
 
-def _marker(completion: Completion) -> bytes:
-    """The idempotency marker's value: what a duplicate of this event is answered with."""
-    if completion.status == "succeeded" and not completion.result and completion.error is None:
-        return _SUCCEEDED_MARKER
-    return _marker_encoder.encode(
-        DoneMarker(completion.status, completion.result, completion.error)
+def _log_dead_letter(entry: Entry, event_id: str | None, reason: str, error: ErrorInfo) -> None:
+    log.warning(
+        "dead-lettered",
+        stream=entry.stream,
+        entry_id=entry.entry_id,
+        event_id=event_id,
+        reason=reason,
+        deliveries=entry.deliveries,
+        error=f"{error.type}: {error.message}",
     )
 
 
@@ -379,20 +389,5 @@ def _duplicate_verdict(dup: DoneMarker | str, verdicts: dict[str, Verdict]) -> V
     return Succeeded(dup.result)
 
 
-def _public_error(error: ErrorInfo | None) -> ErrorInfo | None:
-    """Completions carry the error without its traceback (dead-letter records keep it)."""
-    if error is None:
-        return None
-    return ErrorInfo(type=error.type, message=error.message)
-
-
 def _entry_time(entry: Entry) -> datetime:
     return datetime.fromtimestamp(entry.arrived_at_s, UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class _Timing:
-    started: float
-    handler_s: float
-    finished: float
-    finished_at: datetime

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from forge.cli.main import main
+from forge.broker import Entry
+from forge.cli.main import build_parser, main
 from forge.context import Context
+from forge.deadletter import build_record, error_info
 from forge.events import EVENT_FIELD, NewData
 from forge.registry import HandlerSpec, Message, Registry
 from forge.schemas import drift
@@ -68,6 +71,16 @@ def test_bad_arguments_give_one_line_and_exit_2(
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert_one_line_error(code, err, fragment)
+
+
+def test_worker_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "worker", "--help")
+    assert code == 0
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in commands.choices["worker"]._actions:
+        assert action.help, f"{action.option_strings} has no description"
+    for option in ("--processes", "--http-port", "--http-host"):
+        assert option in out
 
 
 def test_unreachable_redis_is_one_line(
@@ -208,8 +221,11 @@ def test_dead_letter_replay_round_trip(
     (listed,) = json.loads(out)
     assert listed["source_id"] == "e1"
     assert listed["deliveries"] == 3
-    code, out, _ = run_cli(capsys, "dlq", "show", listed["entry_id"])
+    code, out, _ = run_cli(capsys, "dlq", "show", listed["entry_id"], "--json")
     assert json.loads(out)["error"]["traceback"].startswith("Traceback")
+    code, out, _ = run_cli(capsys, "dlq", "show", listed["entry_id"])
+    assert code == 0
+    assert "\nTraceback (most recent call last):\n" in out
 
     ctx.redis.delete(flag)  # the operator fixed the cause
     code, out, _ = run_cli(capsys, "dlq", "replay", "--filter", "source_id=e1")
@@ -253,6 +269,83 @@ def test_replay_publishes_exactly_the_bytes_received(
     assert code == 0
     ((_, fields),) = ctx.redis.xrange(ctx.keys.new_data)
     assert fields[EVENT_FIELD] == raw
+
+
+def dead_letter_with(ctx: Context, payload: bytes, exc: Exception) -> str:
+    """A record as a worker writes it, for ``exc`` raised here (so with a traceback)."""
+    try:
+        raise exc
+    except Exception as raised:
+        error = error_info(raised)
+    entry = Entry(ctx.keys.new_data, "1700000000000-0", {EVENT_FIELD: payload}, deliveries=3)
+    record = build_record(entry, error, group=ctx.keys.group, consumer="worker-1")
+    return ctx.broker.publish(ctx.keys.dead_letter, record)
+
+
+def test_dlq_show_prints_a_record_for_people(
+    capsys: pytest.CaptureFixture[str], cli_env: Context
+) -> None:
+    payload = b'{"type":"new-data","id":"e1","collection":"tickets","records":[]}'
+    entry_id = dead_letter_with(cli_env, payload, RuntimeError("model exploded"))
+    code, out, _ = run_cli(capsys, "dlq", "show", entry_id)
+    assert code == 0
+    lines = out.splitlines()
+    for field in (
+        f"entry_id: {entry_id}",
+        f"source_stream: {cli_env.keys.new_data}",
+        "source_entry_id: 1700000000000-0",
+        "source_id: e1",
+        "deliveries: 3",
+        "consumer: worker-1",
+        "error_type: RuntimeError",
+        "error_message: model exploded",
+    ):
+        assert field in lines, field
+    payload_at = lines.index("payload:")
+    assert lines[payload_at + 1 : payload_at + 3] == ["{", '  "type": "new-data",']
+    traceback = lines[lines.index("traceback:") + 1 :]
+    assert traceback[0] == "Traceback (most recent call last):"
+    assert traceback[-1] == "RuntimeError: model exploded"
+    code, out, _ = run_cli(capsys, "dlq", "show", entry_id, "--json")
+    assert out.count("\n") == 1
+    assert json.loads(out)["error"]["message"] == "model exploded"
+
+
+def test_dlq_show_escapes_what_would_drive_the_terminal(
+    capsys: pytest.CaptureFixture[str], cli_env: Context
+) -> None:
+    entry_id = dead_letter_with(
+        cli_env, "\x1b[2Jnot json\u202e".encode(), ValueError("a\nb\x1b[31m")
+    )
+    code, out, _ = run_cli(capsys, "dlq", "show", entry_id)
+    assert code == 0
+    assert "\x1b" not in out
+    assert "\u202e" not in out
+    assert "\\x1b[2Jnot json\\u202e" in out.splitlines()  # shown as it came, escaped
+    assert "error_message: a\\nb\\x1b[31m" in out.splitlines()  # one line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dlq", "show", "nope"],
+        ["dlq", "show", "-"],
+        ["dlq", "show", "1700000000000"],
+        ["dlq", "show", "1-18446744073709551616"],
+        ["dlq", "replay", "1-1", "nope"],
+        ["dlq", "purge", "nope"],
+    ],
+)
+def test_malformed_entry_ids_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, argv: list[str]
+) -> None:
+    # Unreachable: the id is refused before Forge connects, so no Redis error can show.
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    bad = next(a for a in argv[2:] if a != "1-1")
+    assert_one_line_error(code, err, f"{bad!r} is not a stream entry ID", "1700000000000-0")
+    assert "Redis" not in err
 
 
 # ---------------------------------------------------------------------- schemas

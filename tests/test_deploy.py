@@ -544,6 +544,7 @@ def exported(redis_client: redis.Redis, prefix: str) -> dict[str, set[str]]:
         "forge_stream_lag",
         "forge_stream_pending",
         "forge_dead_letter_depth",
+        "forge_dead_letter_replays_total",
         "forge_gpu_utilization_ratio",
     ):
         assert expected in names, f"fixture did not produce {expected}"

@@ -24,7 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from forge.broker import Entry, StreamBroker
+from forge.deadletter import DeadLetterQueue, build_record
 from forge.errors import ConfigError
+from forge.events import ErrorInfo
 from forge.http import HealthCheck, HealthReport, start_http_server
 from forge.keys import Keys
 from forge.logging import configure_logging, redact_text
@@ -39,6 +42,7 @@ from forge.metrics import (
     render_multiprocess,
 )
 from forge.settings import Settings
+from forge.status import snapshot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +85,6 @@ def test_render_contains_every_metric_name() -> None:
     metrics.embedding_cache_hits_total.labels(model="m").inc()
     metrics.embedding_cache_misses_total.labels(model="m").inc()
     metrics.infrastructure_errors_total.labels(component="postgres").inc()
-    metrics.dead_letter_replays_total.inc()
 
     body, content_type = metrics.render()
 
@@ -97,7 +100,6 @@ def test_render_contains_every_metric_name() -> None:
         "forge_handler_duration_seconds_bucket",
         "forge_events_in_progress",
         "forge_infrastructure_errors_total",
-        "forge_dead_letter_replays_total",
         "forge_embedding_cache_hits_total",
         "forge_embedding_cache_misses_total",
     ):
@@ -132,6 +134,35 @@ def test_stream_stats_report_lag_pending_length(client: redis.Redis, keys: Keys)
     # new-data was never created: zero length, no groups.
     assert _value(metrics, "forge_stream_length", stream="new-data") == 0
     assert _value(metrics, "forge_stream_pending", stream="new-data", group=keys.group) is None
+
+
+def test_dead_letter_replays_are_counted_from_redis(
+    client: redis.Redis, keys: Keys, tmp_path: Path
+) -> None:
+    # Replays are made by `forge dlq replay`, a process nobody scrapes: a worker's
+    # /metrics must count them all the same, as `forge status` does.
+    metrics = Metrics(gpu=False)
+    metrics.watch_streams(lambda: client, keys, keys.input_streams)
+    assert _value(metrics, "forge_dead_letter_replays_total") == 0
+    broker = StreamBroker(client, keys, maxlen=1000)
+    entry = Entry(keys.new_data, "1700000000000-0", {b"event": b'{"id": "e1"}'})
+    record = build_record(entry, ErrorInfo(type="E", message="m"), group=keys.group, consumer="c")
+    broker.publish(keys.dead_letter, record)
+    dlq = DeadLetterQueue(broker)  # another process's, as far as ``metrics`` knows
+    dlq.replay(dlq.select())
+
+    assert snapshot(client, keys).dead_letter_replays == 1
+    assert _value(metrics, "forge_dead_letter_replays_total") == 1
+    # Still a counter, so that rate() and increase() work; and exposed once under the
+    # supervisor too, where the parent reports it.
+    for body in (metrics.render()[0], render_multiprocess(tmp_path, metrics)[0]):
+        (family,) = [
+            f
+            for f in text_string_to_metric_families(body.decode())
+            if f.name == "forge_dead_letter_replays"
+        ]
+        assert family.type == "counter"
+        assert [s.value for s in family.samples] == [1.0]
 
 
 def test_stream_stats_omit_unknown_lag(client: redis.Redis, keys: Keys) -> None:

@@ -33,7 +33,7 @@ def _add(client: redis.Redis, stream: str, event: Event, at_ms: int | None = Non
 
 
 def _completion(
-    keys: Keys, source_id: str, status: Status = "succeeded", source_stream: str = ""
+    keys: Keys, source_id: str | None, status: Status = "succeeded", source_stream: str = ""
 ) -> Completion:
     failed = status != "succeeded"
     return Completion(
@@ -104,6 +104,16 @@ def test_collect_reads_every_part_of_the_view(seeded: Context) -> None:
     group = new_data_status.group(seeded.keys.group)
     assert group is not None
     assert (new_data_status.length, group.lag, group.pending) == (3, 2, 1)
+
+
+def test_a_completion_without_an_event_id_is_shown_and_counted(ctx: Context) -> None:
+    # A malformed event's completion has a null source_id: it is a dead letter like
+    # any other, not an unreadable entry.
+    _add(ctx.redis, ctx.keys.completions, _completion(ctx.keys, None, "dead-lettered"))
+    data = collect(ctx.redis, ctx.keys, WatchOptions())
+    assert [(r.source_id, r.status) for r in data.completions] == [("-", "dead-lettered")]
+    assert data.throughput.by_status == {"dead-lettered": 1}
+    assert "dead-lettered" in _plain(render(data, plain=True))
 
 
 def test_a_window_over_the_scan_limit_measures_the_span_it_read(ctx: Context) -> None:

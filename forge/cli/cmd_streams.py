@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from forge.broker import StreamBroker
+from forge.broker import StreamBroker, is_entry_id
 from forge.cli.output import print_json, print_table, shorten
 from forge.cli.runtime import open_redis
 from forge.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
-from forge.errors import ConfigError, InvalidEvent
-from forge.events import INPUT_STREAM_EVENTS, Decoder, utcnow
+from forge.errors import ConfigError, InvalidEvent, UsageError
+from forge.events import INPUT_STREAM_EVENTS, DeadLetter, Decoder, utcnow
 from forge.keys import Keys
 from forge.schemas import drift, export
 from forge.settings import Settings
@@ -131,7 +133,8 @@ def add_dlq_parser(sub: Any) -> None:
     listing.set_defaults(run=run_dlq_list)
 
     show = dlq_sub.add_parser("show", help="show one record in full")
-    show.add_argument("id", help="dead-letter entry id")
+    show.add_argument("id", help="dead-letter entry id, as listed by 'forge dlq list'")
+    show.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     show.set_defaults(run=run_dlq_show)
 
     for name, run, verb in (
@@ -143,6 +146,16 @@ def add_dlq_parser(sub: Any) -> None:
         cmd.add_argument("--all", action="store_true", help=f"{verb} every record")
         cmd.add_argument("--filter", action="append", default=[], metavar="FIELD=GLOB")
         cmd.set_defaults(run=run)
+
+
+def check_entry_ids(ids: list[str]) -> None:
+    """Refuse a malformed id before Redis does, with what a valid one looks like."""
+    for entry_id in ids:
+        if not is_entry_id(entry_id):
+            raise UsageError(
+                f"{entry_id!r} is not a stream entry ID (expected MILLISECONDS-SEQUENCE, "
+                "such as 1700000000000-0; see forge dlq list)"
+            )
 
 
 def _selected(dlq: DeadLetterQueue, args: argparse.Namespace) -> list[DeadLetterEntry]:
@@ -186,16 +199,69 @@ def run_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
+    check_entry_ids([args.id])
     with open_redis(settings) as (client, _):
         try:
             item = _dlq(client, settings).show(args.id)
         except KeyError:
             raise ConfigError(f"no dead-letter record {args.id!r}") from None
-    print_json({"entry_id": item.entry_id, **msgspec.to_builtins(item.record)})
+    if args.json:
+        print_json({"entry_id": item.entry_id, **msgspec.to_builtins(item.record)})
+    else:
+        sys.stdout.write(describe_record(item))
     return 0
 
 
+def describe_record(item: DeadLetterEntry) -> str:
+    """A record for people: ``field: value`` lines, then the payload and traceback as text."""
+    record = item.record
+    fields = [
+        ("entry_id", item.entry_id),
+        ("id", record.id),
+        ("created_at", record.created_at.isoformat() if record.created_at else "-"),
+        ("source_stream", record.source_stream),
+        ("source_entry_id", record.source_entry_id),
+        ("source_id", record.source_id or "-"),
+        ("deliveries", record.deliveries),
+        ("replays", record.replays),
+        ("group", record.group or "-"),
+        ("consumer", record.consumer or "-"),
+        ("payload_encoding", record.payload_encoding),
+    ]
+    error = [("error_type", record.error.type), ("error_message", record.error.message)]
+    lines = [*_field_lines(fields), "payload:", _printable(_pretty_payload(record) or "-")]
+    lines += [*_field_lines(error), "traceback:"]
+    lines.append(_printable(record.error.traceback.rstrip("\n") or "-"))
+    return "\n".join(lines) + "\n"
+
+
+def _field_lines(fields: Sequence[tuple[str, object]]) -> list[str]:
+    # A value stays on its line (a newline in a message is escaped); blocks keep theirs.
+    return [f"{name}: {_printable(str(value), keep='')}" for name, value in fields]
+
+
+def _pretty_payload(record: DeadLetter) -> str:
+    if record.payload_encoding != "utf-8":
+        return record.payload
+    try:
+        return msgspec.json.format(record.payload, indent=2)
+    # Not JSON, or nested too deeply: often why it was dead-lettered. Shown as it came.
+    except (msgspec.DecodeError, RecursionError):
+        return record.payload
+
+
+# C0 and C1 controls and the invisible bidirectional overrides: payloads and messages
+# come from producers, and must not drive (or hide lines from) the operator's terminal.
+_UNPRINTABLE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str, keep: str = "\n\t") -> str:
+    """``text`` with those characters escaped (``\\x1b``), except the ones in ``keep``."""
+    return _UNPRINTABLE_RE.sub(lambda m: m[0] if m[0] in keep else ascii(m[0])[1:-1], text)
+
+
 def run_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
+    check_entry_ids(args.ids)
     with open_redis(settings) as (client, _):
         dlq = _dlq(client, settings)
         entries = _selected(dlq, args)
@@ -207,6 +273,7 @@ def run_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
+    check_entry_ids(args.ids)
     with open_redis(settings) as (client, _):
         dlq = _dlq(client, settings)
         if args.all and not args.ids and not args.filter:

@@ -18,7 +18,7 @@ import psycopg
 import redis
 
 from forge import __version__
-from forge.errors import ForgeError
+from forge.errors import ForgeError, UsageError
 from forge.logging import configure_logging, redact_text
 from forge.settings import Settings
 
@@ -62,9 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run consumer-group workers")
     worker.add_argument("--stream", action="append", default=[], help="input stream (repeat)")
-    worker.add_argument("--processes", type=_positive_int, default=1)
-    worker.add_argument("--http-port", type=_port, default=None)
-    worker.add_argument("--http-host", default=None)
+    worker.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        help="worker processes under one supervisor that serves /health and /metrics"
+        " for all of them (default 1: the worker runs in this process)",
+    )
+    worker.add_argument(
+        "--http-port",
+        type=_port,
+        default=None,
+        help="port of /health and /metrics, 0 for any free one"
+        " (default: $FORGE_HTTP_PORT, else 8080)",
+    )
+    worker.add_argument(
+        "--http-host",
+        default=None,
+        help="address /health and /metrics listen on (default: $FORGE_HTTP_HOST, else 127.0.0.1)",
+    )
     worker.add_argument(
         "--consumers", action="append", default=[], help="module:function registering handlers"
     )
@@ -118,7 +134,7 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
         if message is None:
             raise
         sys.stderr.write(f"forge: error: {message}\n")
-        return EXIT_ERROR
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
 
 
 # Error classes a user can act on, most specific first, and how each is introduced.

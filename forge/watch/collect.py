@@ -96,7 +96,7 @@ class _Brief(msgspec.Struct):
     """The few completion fields the rate and the running-training check need."""
 
     status: str = ""
-    source_id: str = ""
+    source_id: str | None = None  # None: the entry had no readable event id
 
 
 _completion_decoder = msgspec.json.Decoder(Completion)
@@ -157,7 +157,7 @@ def _completion_row(keys: Keys, entry_id: str, payload: bytes) -> CompletionRow:
     return CompletionRow(
         entry_id=entry_id,
         source_stream=keys.short(event.source_stream),
-        source_id=event.source_id,
+        source_id=event.source_id or "-",
         status=event.status,
         deliveries=event.deliveries,
         handler_s=event.timings.handler_s,

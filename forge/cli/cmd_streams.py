@@ -11,11 +11,12 @@ import msgspec
 
 from forge.broker import StreamBroker
 from forge.cli.output import print_json, print_table, shorten
-from forge.cli.runtime import open_redis
+from forge.cli.runtime import open_redis, worker_may_be_running
 from forge.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
 from forge.errors import ConfigError, InvalidEvent
 from forge.events import INPUT_STREAM_EVENTS, Decoder, utcnow
 from forge.keys import Keys
+from forge.logging import redact_text
 from forge.schemas import drift, export
 from forge.settings import Settings
 from forge.status import snapshot
@@ -94,15 +95,20 @@ def run_publish(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_status(args: argparse.Namespace, settings: Settings) -> int:
     keys = _keys(settings)
-    with open_redis(settings) as (client, _):
+    where = _redis_origin(settings)
+    with open_redis(settings) as (client, used):
         snap = snapshot(client, keys)
+    redis_url = redact_text(used.redis_url or "")
     if args.json:
-        print_json(snap)
+        print_json({"redis_url": redis_url, **msgspec.to_builtins(snap)})
         return 0
-    rows = []
+    print(f"redis: {redis_url} ({where})\n")
+    rows, notes = [], []
     for s in snap.streams:
         group = s.group(keys.group)
         lag = "-" if group is None or group.lag is None else group.lag
+        if group is not None and group.lag_unknown:
+            notes.append(f"lag of {s.stream} unknown: {group.lag_unknown}")
         rows.append(
             [
                 s.stream,
@@ -113,8 +119,18 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
             ]
         )
     print_table(["stream", "length", "lag", "pending", "consumers"], rows)
+    for note in notes:
+        print(note)
     print(f"\ndead letters: {snap.dead_letter_depth}   replays: {snap.dead_letter_replays}")
     return 0
+
+
+def _redis_origin(settings: Settings) -> str:
+    if settings.redis_url:
+        return "REDIS_URL"
+    if worker_may_be_running(settings):
+        return "embedded, served by a running worker"
+    return "embedded, started for this command: no worker is running"
 
 
 # ---------------------------------------------------------------------- dlq

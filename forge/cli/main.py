@@ -54,7 +54,15 @@ def _port(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from forge.cli import cmd_docs, cmd_models, cmd_search, cmd_streams, cmd_watch, cmd_worker
+    from forge.cli import (
+        cmd_docs,
+        cmd_env,
+        cmd_models,
+        cmd_search,
+        cmd_streams,
+        cmd_watch,
+        cmd_worker,
+    )
 
     parser = _Parser(prog="forge", description="Redis Streams ML training and embedding engine.")
     parser.add_argument("--version", action="version", version=f"forge {__version__}")
@@ -85,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_models.add_predict_parser(sub)
     cmd_watch.add_watch_parser(sub)
     cmd_docs.add_docs_parser(sub)
+    cmd_env.add_env_parser(sub)
 
     schemas = sub.add_parser("schemas", help="event JSON Schemas")
     schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)

@@ -12,9 +12,10 @@ import msgspec
 from forge.broker import StreamBroker
 from forge.cli.output import print_json, print_table, shorten
 from forge.cli.runtime import open_redis, worker_may_be_running
+from forge.completion_wait import completions_position, wait_for_completions
 from forge.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
-from forge.errors import ConfigError, InvalidEvent
-from forge.events import INPUT_STREAM_EVENTS, Decoder, utcnow
+from forge.errors import ConfigError, ForgeError, InvalidEvent
+from forge.events import INPUT_STREAM_EVENTS, Completion, Decoder, utcnow
 from forge.keys import Keys
 from forge.logging import redact_text
 from forge.schemas import drift, export
@@ -83,11 +84,51 @@ def run_publish(args: argparse.Namespace, settings: Settings) -> int:
     keys = _keys(settings)
     stream = keys.resolve(args.stream)
     payloads = validate_for_stream(keys, stream, parse_events(read_source(args.source)))
+    if args.wait and not worker_may_be_running(settings):
+        raise ConfigError(
+            "--wait needs a running 'forge worker': none serves the embedded Redis under "
+            f"{settings.home_dir} (start one first, or publish without --wait)"
+        )
     with open_redis(settings) as (client, _):
+        # Taken before publishing, so that no completion can come before it.
+        since_id = completions_position(client, keys) if args.wait else None
         broker = StreamBroker(client, keys, maxlen=settings.stream_maxlen)
-        for payload in payloads:
-            sys.stdout.write(f"{broker.publish_raw(stream, payload)}\n")
+        published = {broker.publish_raw(stream, p): _event_id(p) for p in payloads}
+        if since_id is None:
+            sys.stdout.write("".join(f"{entry_id}\n" for entry_id in published))
+            return 0
+        outcomes = wait_for_completions(
+            client,
+            keys,
+            stream,
+            published,
+            since_id=since_id,
+            timeout_s=args.timeout,
+            on_completion=lambda c: print(_completion_line(c), flush=True),
+        )
+    unsuccessful = sum(c.status != "succeeded" for c in outcomes)
+    if unsuccessful:
+        raise PublishedEventsFailed(f"{unsuccessful} of {len(outcomes)} events did not succeed")
     return 0
+
+
+def _event_id(payload: bytes) -> str:
+    return str(msgspec.json.decode(payload)["id"])
+
+
+class PublishedEventsFailed(ForgeError):
+    """``publish --wait``: a completion said failed or dead-lettered."""
+
+
+def _completion_line(completion: Completion) -> str:
+    """Entry id, event id, status, seconds, then the result or the error."""
+    if completion.error is not None:
+        detail = shorten(f"{completion.error.type}: {completion.error.message}", 200)
+    else:
+        detail = msgspec.json.encode(completion.result).decode()
+    took = f"{completion.timings.total_s:.2f}s"
+    fields = [completion.source_entry_id, completion.source_id, completion.status, took, detail]
+    return "  ".join(fields)
 
 
 # ---------------------------------------------------------------------- status

@@ -46,6 +46,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    return number
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
@@ -81,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     publish = sub.add_parser("publish", help="validate and publish events to a stream")
     publish.add_argument("stream", help="stream name, e.g. forge:new-data or new-data")
     publish.add_argument("source", help="JSON text, @file (object, array or JSON lines) or -")
+    publish.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for each event's completion and print it; exit 1 unless all succeeded",
+    )
+    publish.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        metavar="S",
+        help="with --wait: give up after S seconds (default 120)",
+    )
     publish.set_defaults(run=cmd_streams.run_publish)
 
     status = sub.add_parser("status", help="length, lag, pending and consumers per stream")

@@ -20,6 +20,9 @@ from forge.events import EVENT_FIELD, Completion, Decoder
 from forge.keys import Keys
 
 _READ_COUNT = 100
+# One XREAD blocks no longer than this: redis-py's default socket timeout (5 s since
+# redis-py 8) would cut a longer block short with a TimeoutError.
+_MAX_BLOCK_MS = 1000
 
 
 class CompletionTimeout(ForgeError):
@@ -55,7 +58,7 @@ def wait_for_completions(
     deadline = time.monotonic() + timeout_s
     while waiting:
         # At least 1 ms: a block of 0 would wait for ever.
-        block_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+        block_ms = min(max(int((deadline - time.monotonic()) * 1000), 1), _MAX_BLOCK_MS)
         reply: Any = client.xread({keys.completions: cursor}, count=_READ_COUNT, block=block_ms)
         for _, items in reply or ():
             for entry_id, fields in items:

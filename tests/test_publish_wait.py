@@ -7,14 +7,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import redis
 
+from forge.completion_wait import CompletionTimeout, wait_for_completions
 from forge.context import Context
 from forge.errors import PermanentError
 from forge.events import NewData
 from forge.registry import HandlerSpec, Message, Registry
 from forge.worker import Worker
 from tests.conftest import new_data
-from tests.support.redis_helpers import running, wait_for
+from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.test_cli import assert_one_line_error, run_cli
 from tests.test_worker import completions
 
@@ -105,3 +107,20 @@ def test_bad_timeout_is_a_usage_error(capsys: pytest.CaptureFixture[str], timeou
     code, _, err = run_cli(capsys, "publish", "new-data", "{}", "--wait", "--timeout", timeout)
     assert code == 2
     assert_one_line_error(code, err, "--timeout")
+
+
+def test_a_long_wait_outlasts_the_socket_timeout(ctx: Context) -> None:
+    # redis-py gives up on a reply after socket_timeout (5 s by default): a wait longer
+    # than that must not be one XREAD blocking all along.
+    client = redis.Redis.from_url(TEST_REDIS_URL, socket_timeout=1.5)
+    with pytest.raises(CompletionTimeout, match="after 2s"):
+        wait_for_completions(
+            client,
+            ctx.keys,
+            ctx.keys.new_data,
+            {"1-1": "e1"},
+            since_id="0-0",
+            timeout_s=2.0,
+            on_completion=lambda completion: None,
+        )
+    client.close()

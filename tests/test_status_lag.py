@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from forge import status
+from forge.context import Context
 from forge.embedded_redis import EmbeddedRedis
 from forge.keys import Keys
 from forge.metrics import Metrics
@@ -107,3 +108,17 @@ def test_status_says_why_the_lag_is_unknown(
     (row,) = [line.split() for line in out.splitlines() if line.startswith(STREAM)]
     assert row[:3] == [STREAM, "5", "-"]
     assert f"lag of {STREAM} unknown: this Redis (before 7) does not report lag" in out
+
+
+def test_status_says_when_redis_7_cannot_tell_the_lag(
+    capsys: pytest.CaptureFixture[str], cli_env: Context
+) -> None:
+    stream = cli_env.keys.new_data
+    ids = [cli_env.redis.xadd(stream, {"event": f"{i}"}) for i in range(3)]
+    cli_env.redis.xgroup_create(stream, cli_env.keys.group, id="0")
+    cli_env.redis.xdel(stream, ids[1])
+    if cli_env.redis.xinfo_groups(stream)[0].get("lag", 0) is not None:
+        pytest.skip("this Redis reports the lag despite deletions")
+    code, out, _ = run_cli(capsys, "status")
+    assert code == 0
+    assert f"lag of {stream} unknown: Redis cannot tell after entries were deleted" in out

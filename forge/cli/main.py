@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish.set_defaults(run=cmd_streams.run_publish)
 
-    status = sub.add_parser("status", help="length, lag, pending and consumers per stream")
+    status = sub.add_parser(
+        "status", help="the Redis in use; length, lag, pending and consumers per stream"
+    )
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=cmd_streams.run_status)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from forge.cli import cmd_streams
+from forge.cli.runtime import redis_location
 from forge.context import Context
 from forge.embedded_postgres import start_embedded_postgres
 from forge.embedded_redis import EmbeddedRedis
@@ -30,25 +31,42 @@ def no_servers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_status_names_the_redis_it_reads_without_its_password(
+def test_status_names_the_redis_it_reads_without_secrets(
     capsys: pytest.CaptureFixture[str], cli_env: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     code, out, _ = run_cli(capsys, "status")
     assert code == 0
-    assert out.splitlines()[0] == f"redis: {TEST_REDIS_URL} (REDIS_URL)"
+    assert out.splitlines()[0] == f"redis: {redis_location(TEST_REDIS_URL)} (REDIS_URL)"
 
     real_open_redis = cmd_streams.open_redis
 
     @contextmanager
     def with_password(settings: Settings) -> Iterator[tuple[object, Settings]]:
         with real_open_redis(settings) as (client, used):
-            yield client, used.replace(redis_url="redis://:hunter2@127.0.0.1:6379/0")
+            yield client, used.replace(redis_url="rediss://app:hunter2@db.example:6380/2")
 
     monkeypatch.setattr(cmd_streams, "open_redis", with_password)
     code, out, _ = run_cli(capsys, "status")
-    assert out.splitlines()[0] == "redis: redis://:***@127.0.0.1:6379/0 (REDIS_URL)"
+    assert out.splitlines()[0] == "redis: db.example:6380 db 2, TLS (REDIS_URL)"
     code, out, _ = run_cli(capsys, "status", "--json")
-    assert json.loads(out)["redis_url"] == "redis://:***@127.0.0.1:6379/0"
+    assert json.loads(out)["redis"] == "db.example:6380 db 2, TLS"
+    assert "hunter2" not in out
+
+
+@pytest.mark.parametrize(
+    ("url", "location"),
+    [
+        ("redis://127.0.0.1:6379/0", "127.0.0.1:6379 db 0"),
+        ("redis://localhost", "localhost:6379 db 0"),
+        ("redis://:pw@[::1]:7000/3", "[::1]:7000 db 3"),
+        ("redis://h/0?db=5&password=pw", "h:6379 db 5"),
+        ("rediss://u:pw@h:6390/0?ssl_ca_certs=/etc/ca.pem", "h:6390 db 0, TLS"),
+        ("unix:///run/a%20b/redis.sock?db=1", "/run/a b/redis.sock db 1"),
+        ("unix:///tmp/redis.sock", "/tmp/redis.sock db 0"),
+    ],
+)
+def test_redis_location_shows_where_without_secrets(url: str, location: str) -> None:
+    assert redis_location(url) == location
 
 
 def test_status_tells_whether_a_worker_serves_the_embedded_redis(
@@ -59,7 +77,8 @@ def test_status_tells_whether_a_worker_serves_the_embedded_redis(
     assert "(embedded, started for this command: no worker is running)" in out.splitlines()[0]
     with EmbeddedRedis(no_servers / "data" / "redis") as server:  # as a worker holds it
         code, out, _ = run_cli(capsys, "status")
-        assert out.splitlines()[0] == f"redis: {server.url} (embedded, served by a running worker)"
+        expected = f"redis: {server.socket_path} db 0 (embedded, served by a running worker)"
+        assert out.splitlines()[0] == expected
 
 
 def test_env_prints_the_embedded_redis_for_a_shell_and_redis_cli(

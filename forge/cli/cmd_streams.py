@@ -11,13 +11,12 @@ import msgspec
 
 from forge.broker import StreamBroker
 from forge.cli.output import print_json, print_table, shorten
-from forge.cli.runtime import open_redis, worker_may_be_running
+from forge.cli.runtime import open_redis, redis_location, worker_may_be_running
 from forge.completion_wait import completions_position, wait_for_completions
 from forge.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
 from forge.errors import ConfigError, ForgeError, InvalidEvent
 from forge.events import INPUT_STREAM_EVENTS, Completion, Decoder, utcnow
 from forge.keys import Keys
-from forge.logging import redact_text
 from forge.schemas import drift, export
 from forge.settings import Settings
 from forge.status import snapshot
@@ -139,11 +138,11 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
     where = _redis_origin(settings)
     with open_redis(settings) as (client, used):
         snap = snapshot(client, keys)
-    redis_url = redact_text(used.redis_url or "")
+    server = redis_location(used.redis_url or "")
     if args.json:
-        print_json({"redis_url": redis_url, **msgspec.to_builtins(snap)})
+        print_json({"redis": server, **msgspec.to_builtins(snap)})
         return 0
-    print(f"redis: {redis_url} ({where})\n")
+    print(f"redis: {server} ({where})\n")
     rows, notes = [], []
     for s in snap.streams:
         group = s.group(keys.group)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 
@@ -40,3 +41,22 @@ def worker_may_be_running(settings: Settings) -> bool:
     if settings.redis_url:
         return True
     return EmbeddedRedis(settings.data_dir / "redis").shared_url() is not None
+
+
+def redis_location(url: str) -> str:
+    """Where a Redis URL points: socket path or host and port, database, TLS.
+
+    Not the URL itself: its user info and query (password, certificate paths) stay out
+    of output people paste into tickets; ``forge env --redis-url`` prints the URL.
+    """
+    parts = urlsplit(url)
+    db = parse_qs(parts.query).get("db", [""])[0]
+    if parts.scheme == "unix":
+        where = unquote(parts.path)
+    else:
+        host = parts.hostname or "localhost"
+        host = f"[{host}]" if ":" in host else host
+        where = f"{host}:{parts.port or 6379}"
+        db = db or parts.path.strip("/")
+    tls = ", TLS" if parts.scheme == "rediss" else ""
+    return f"{where} db {db or 0}{tls}"

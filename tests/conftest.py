@@ -79,6 +79,15 @@ def ctx(settings: Settings, redis_client: redis.Redis) -> Iterator[Context]:
     context.close()
 
 
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, ctx: Context) -> Context:
+    """The environment a ``forge`` command reads, pointing at ``ctx``'s Redis and prefix."""
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
+    monkeypatch.setenv("FORGE_STREAM_PREFIX", ctx.settings.stream_prefix)
+    monkeypatch.setenv("FORGE_HOME", str(ctx.settings.home_dir))
+    return ctx
+
+
 def publish(client: redis.Redis, stream: str, event: dict[str, object] | bytes) -> str:
     payload = event if isinstance(event, bytes) else msgspec.json.encode(event)
     return client.xadd(stream, {EVENT_FIELD: payload}).decode()

@@ -20,18 +20,10 @@ from forge.registry import HandlerSpec, Message, Registry
 from forge.schemas import drift
 from forge.worker import Worker
 from tests.conftest import new_data, publish
-from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
+from tests.support.redis_helpers import running, wait_for
 from tests.test_worker import completions, dead_letters
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, ctx: Context) -> Context:
-    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
-    monkeypatch.setenv("FORGE_STREAM_PREFIX", ctx.settings.stream_prefix)
-    monkeypatch.setenv("FORGE_HOME", str(ctx.settings.home_dir))
-    return ctx
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -84,9 +84,7 @@ def test_created_at_is_a_date_time() -> None:
     )
 
 
-def _indented_like_msgspec_0_22(
-    real: Any,
-) -> Any:
+def _indented_like_msgspec_0_22(real: Any) -> Any:
     """schema_components as msgspec 0.22 made it: docstring lines keep their indent."""
 
     def components(types: Any, ref_template: str) -> Any:
@@ -95,7 +93,8 @@ def _indented_like_msgspec_0_22(
             doc = component.get("description")
             if doc and "\n" in doc:
                 head, *rest = doc.split("\n")
-                component["description"] = "\n".join([head, *("    " + r if r else r for r in rest)])
+                indented = ("    " + line if line else line for line in rest)
+                component["description"] = "\n".join([head, *indented])
         return out, defs
 
     return components

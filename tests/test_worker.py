@@ -323,3 +323,28 @@ def test_a_handler_can_ask_for_smaller_batches(ctx: Context) -> None:
     assert sizes["new-data"] == [3]
     # While the trainer works on one request, the others stay unread for other workers.
     assert ctx.redis.xpending(ctx.keys.training_requests, ctx.keys.group)["pending"] == 0
+
+
+def _consumers(ctx: Context, stream: str) -> list[str]:
+    try:
+        rows = ctx.redis.xinfo_consumers(stream, ctx.keys.group)
+    except redis.ResponseError:  # the stream or its group does not exist (yet)
+        return []
+    return [row["name"].decode() for row in rows]
+
+
+def test_an_idle_worker_is_listed_in_every_group_it_reads(ctx: Context) -> None:
+    from forge.events import TrainingRequest
+
+    registry = Registry()
+    registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
+    registry.register(HandlerSpec("training-requests", TrainingRequest, lambda messages: None))
+    worker = Worker(ctx, registry)
+    streams = (ctx.keys.new_data, ctx.keys.training_requests)
+    with running(worker):
+        # Nothing was ever published: Redis would list the consumer only after a read
+        # returned entries.
+        wait_for(lambda: all(_consumers(ctx, s) == [ctx.consumer] for s in streams))
+        ctx.redis.delete(ctx.keys.new_data)  # the group is lost, then recreated
+        wait_for(lambda: _consumers(ctx, ctx.keys.new_data) == [ctx.consumer])
+        assert ctx.redis.xlen(ctx.keys.new_data) == 0

@@ -13,10 +13,11 @@ import msgspec
 
 from forge.broker import StreamBroker, is_entry_id
 from forge.cli.output import print_json, print_table, shorten
-from forge.cli.runtime import open_redis
+from forge.cli.runtime import open_redis, redis_location, worker_may_be_running
+from forge.completion_wait import completions_position, wait_for_completions
 from forge.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
-from forge.errors import ConfigError, InvalidEvent, UsageError
-from forge.events import INPUT_STREAM_EVENTS, DeadLetter, Decoder, utcnow
+from forge.errors import ConfigError, ForgeError, InvalidEvent, UsageError
+from forge.events import INPUT_STREAM_EVENTS, Completion, DeadLetter, Decoder, utcnow
 from forge.keys import Keys
 from forge.schemas import drift, export
 from forge.settings import Settings
@@ -84,11 +85,52 @@ def run_publish(args: argparse.Namespace, settings: Settings) -> int:
     keys = _keys(settings)
     stream = keys.resolve(args.stream)
     payloads = validate_for_stream(keys, stream, parse_events(read_source(args.source)))
+    if args.wait and not worker_may_be_running(settings):
+        raise ConfigError(
+            "--wait needs a running 'forge worker': none serves the embedded Redis under "
+            f"{settings.home_dir} (start one first, or publish without --wait)"
+        )
     with open_redis(settings) as (client, _):
+        # Taken before publishing, so that no completion can come before it.
+        since_id = completions_position(client, keys) if args.wait else None
         broker = StreamBroker(client, keys, maxlen=settings.stream_maxlen)
-        for payload in payloads:
-            sys.stdout.write(f"{broker.publish_raw(stream, payload)}\n")
+        published = {broker.publish_raw(stream, p): _event_id(p) for p in payloads}
+        if since_id is None:
+            sys.stdout.write("".join(f"{entry_id}\n" for entry_id in published))
+            return 0
+        outcomes = wait_for_completions(
+            client,
+            keys,
+            stream,
+            published,
+            since_id=since_id,
+            timeout_s=args.timeout,
+            on_completion=lambda c: print(_completion_line(c), flush=True),
+        )
+    unsuccessful = sum(c.status != "succeeded" for c in outcomes)
+    if unsuccessful:
+        raise PublishedEventsFailed(f"{unsuccessful} of {len(outcomes)} events did not succeed")
     return 0
+
+
+def _event_id(payload: bytes) -> str:
+    return str(msgspec.json.decode(payload)["id"])
+
+
+class PublishedEventsFailed(ForgeError):
+    """``publish --wait``: a completion said failed or dead-lettered."""
+
+
+def _completion_line(completion: Completion) -> str:
+    """Entry id, event id, status, seconds, then the result or the error."""
+    if completion.error is not None:
+        detail = shorten(f"{completion.error.type}: {completion.error.message}", 200)
+    else:
+        detail = msgspec.json.encode(completion.result).decode()
+    took = f"{completion.timings.total_s:.2f}s"
+    source_id = completion.source_id or "-"  # null when the event had no readable id
+    fields = [completion.source_entry_id, source_id, completion.status, took, detail]
+    return "  ".join(fields)
 
 
 # ---------------------------------------------------------------------- status
@@ -96,15 +138,20 @@ def run_publish(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_status(args: argparse.Namespace, settings: Settings) -> int:
     keys = _keys(settings)
-    with open_redis(settings) as (client, _):
+    where = _redis_origin(settings)
+    with open_redis(settings) as (client, used):
         snap = snapshot(client, keys)
+    server = redis_location(used.redis_url or "")
     if args.json:
-        print_json(snap)
+        print_json({"redis": server, **msgspec.to_builtins(snap)})
         return 0
-    rows = []
+    print(f"redis: {server} ({where})\n")
+    rows, notes = [], []
     for s in snap.streams:
         group = s.group(keys.group)
         lag = "-" if group is None or group.lag is None else group.lag
+        if group is not None and group.lag_unknown:
+            notes.append(f"lag of {s.stream} unknown: {group.lag_unknown}")
         rows.append(
             [
                 s.stream,
@@ -115,8 +162,18 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
             ]
         )
     print_table(["stream", "length", "lag", "pending", "consumers"], rows)
+    for note in notes:
+        print(note)
     print(f"\ndead letters: {snap.dead_letter_depth}   replays: {snap.dead_letter_replays}")
     return 0
+
+
+def _redis_origin(settings: Settings) -> str:
+    if settings.redis_url:
+        return "REDIS_URL"
+    if worker_may_be_running(settings):
+        return "embedded, served by a running worker"
+    return "embedded, started for this command: no worker is running"
 
 
 # ---------------------------------------------------------------------- dlq

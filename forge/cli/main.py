@@ -46,6 +46,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value}") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
+    return number
+
+
 def _port(value: str) -> int:
     number = int(value)
     if not 0 <= number <= 65535:
@@ -54,7 +64,15 @@ def _port(value: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from forge.cli import cmd_docs, cmd_models, cmd_search, cmd_streams, cmd_watch, cmd_worker
+    from forge.cli import (
+        cmd_docs,
+        cmd_env,
+        cmd_models,
+        cmd_search,
+        cmd_streams,
+        cmd_watch,
+        cmd_worker,
+    )
 
     parser = _Parser(prog="forge", description="Redis Streams ML training and embedding engine.")
     parser.add_argument("--version", action="version", version=f"forge {__version__}")
@@ -89,9 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     publish = sub.add_parser("publish", help="validate and publish events to a stream")
     publish.add_argument("stream", help="stream name, e.g. forge:new-data or new-data")
     publish.add_argument("source", help="JSON text, @file (object, array or JSON lines) or -")
+    publish.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for each event's completion and print it; exit 1 unless all succeeded",
+    )
+    publish.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        metavar="S",
+        help="with --wait: give up after S seconds (default 120)",
+    )
     publish.set_defaults(run=cmd_streams.run_publish)
 
-    status = sub.add_parser("status", help="length, lag, pending and consumers per stream")
+    status = sub.add_parser(
+        "status", help="the Redis in use; length, lag, pending and consumers per stream"
+    )
     status.add_argument("--json", action="store_true")
     status.set_defaults(run=cmd_streams.run_status)
 
@@ -101,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_models.add_predict_parser(sub)
     cmd_watch.add_watch_parser(sub)
     cmd_docs.add_docs_parser(sub)
+    cmd_env.add_env_parser(sub)
 
     schemas = sub.add_parser("schemas", help="event JSON Schemas")
     schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)

@@ -38,7 +38,10 @@ def test_chaos_run_loses_and_doubles_nothing() -> None:
         redis_restart_at=0.5,
         pg_stop_at=0.75,
         pg_down_s=3.0,
-        claim_min_idle_s=2.0,
+        # The full run's threshold. Renewals come every third of it, and none get through
+        # while Redis restarts (1 s down, then the AOF reload): at 2 s a loaded machine
+        # could let a live worker's batch go stale and be processed twice.
+        claim_min_idle_s=5.0,
         reclaim_interval_s=0.5,
         drain_timeout_s=120.0,
         # Its own temporary folder, outside pytest's (see tests/pg_fixtures.py), removed

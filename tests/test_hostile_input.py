@@ -397,7 +397,7 @@ def run_until_settled(worker: Worker, ctx: Context, expected: int, timeout_s: fl
         assert thread.is_alive(), "the worker died on hostile input"
     finally:
         worker.stop()
-        thread.join(timeout=10)
+        thread.join(timeout=60)
     assert not thread.is_alive(), "worker did not stop"
 
 

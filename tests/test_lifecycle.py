@@ -10,10 +10,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis
 
 from forge.context import Context
 from forge.events import NewData
@@ -80,14 +82,14 @@ def test_entries_of_a_sigkilled_worker_are_reclaimed(spawn, ctx: Context) -> Non
     for i in range(3):
         publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
     victim = spawn(TEST_HANDLER_SLEEP_S="60")
-    wait_for(lambda: len(started(ctx)) == 3, timeout_s=20)
+    wait_for(lambda: len(started(ctx)) == 3, timeout_s=60)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert pending(ctx) == 3
 
     ctx.settings = ctx.settings.replace(claim_min_idle_s=0.5)
     with running(quick_worker(ctx)):
-        wait_for(lambda: len(completions(ctx)) == 3)
+        wait_for(lambda: len(completions(ctx)) == 3, timeout_s=60)
     done = completions(ctx)
     assert sorted(c.source_id for c in done) == ["e0", "e1", "e2"]
     assert {c.deliveries for c in done} == {2}
@@ -96,13 +98,26 @@ def test_entries_of_a_sigkilled_worker_are_reclaimed(spawn, ctx: Context) -> Non
     assert ctx.metrics.reclaimed_total.labels(stream="new-data")._value.get() == 3
 
 
-def test_lease_renewal_keeps_a_slow_handlers_entry(settings: Settings, redis_client) -> None:  # type: ignore[no-untyped-def]
-    fast_reclaim = settings.replace(claim_min_idle_s=0.6, reclaim_interval_s=0.05)
+def test_lease_renewal_keeps_a_slow_handlers_entry(
+    settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Renewals come every claim_min_idle_s / 3, so a renewal thread may fall a whole
+    # second behind on a loaded machine before the entry goes stale.
+    threshold_s = 1.5
+    fast_reclaim = settings.replace(claim_min_idle_s=threshold_s, reclaim_interval_s=0.05)
     calls: list[str] = []
+    reclaim_attempts: list[float] = []
 
     def slow(messages: Sequence[Message[NewData]]) -> None:
         calls.extend(m.event.id for m in messages)
-        time.sleep(2.5)  # four times the reclaim threshold
+        began = time.monotonic()
+        # Hold the entry until the other worker has tried to reclaim it at a moment when,
+        # without renewals, it would have been idle for twice the threshold (or has taken
+        # it: a second call, which fails the test).
+        wait_for(
+            lambda: len(calls) > 1 or any(t > began + 2 * threshold_s for t in reclaim_attempts),
+            timeout_s=60,
+        )
 
     workers = []
     for _ in range(2):
@@ -110,10 +125,16 @@ def test_lease_renewal_keeps_a_slow_handlers_entry(settings: Settings, redis_cli
         registry = Registry()
         registry.register(HandlerSpec("new-data", NewData, slow))
         workers.append(Worker(ctx, registry))
+    for worker in workers:  # whichever is not busy with the entry tries to reclaim it
+        monkeypatch.setattr(
+            worker.ctx.broker,
+            "claim_stale",
+            _recorded(worker.ctx.broker.claim_stale, reclaim_attempts),
+        )
     workers[0].ctx.broker.ensure_groups(workers[0].streams)
     publish(redis_client, workers[0].keys.new_data, new_data("long"))
     with running(workers[0]), running(workers[1]):
-        wait_for(lambda: len(completions(workers[0].ctx)) == 1, timeout_s=15)
+        wait_for(lambda: len(completions(workers[0].ctx)) >= 1, timeout_s=60)
     (done,) = completions(workers[0].ctx)
     assert calls == ["long"]
     assert done.deliveries == 1
@@ -123,19 +144,27 @@ def test_lease_renewal_keeps_a_slow_handlers_entry(settings: Settings, redis_cli
     assert reclaimed == [0, 0]
 
 
+def _recorded(claim_stale: Callable[..., Any], attempts: list[float]) -> Callable[..., Any]:
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(time.monotonic())
+        return claim_stale(*args, **kwargs)
+
+    return recorded
+
+
 def test_sigterm_finishes_in_flight_work_and_loses_nothing(spawn, ctx: Context) -> None:  # type: ignore[no-untyped-def]
     for i in range(6):
         publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
     proc = spawn(TEST_HANDLER_SLEEP_S="1.0", MAX_BATCH_SIZE="2")
-    wait_for(lambda: len(started(ctx)) >= 1, timeout_s=20)
+    wait_for(lambda: len(started(ctx)) >= 1, timeout_s=60)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=15) == 0
+    assert proc.wait(timeout=60) == 0
     assert started(ctx) == handled(ctx)  # the batch in flight finished
     assert len(completions(ctx)) == len(handled(ctx))
     assert pending(ctx) == 0  # and was acked
 
     with running(quick_worker(ctx)):
-        wait_for(lambda: len(completions(ctx)) == 6)
+        wait_for(lambda: len(completions(ctx)) == 6, timeout_s=60)
     ids = sorted(c.source_id for c in completions(ctx))
     assert ids == [f"e{i}" for i in range(6)]
 
@@ -143,28 +172,36 @@ def test_sigterm_finishes_in_flight_work_and_loses_nothing(spawn, ctx: Context) 
 def test_drain_timeout_exits_zero_and_leaves_entries_pending(spawn, ctx: Context) -> None:  # type: ignore[no-untyped-def]
     publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
     proc = spawn(TEST_HANDLER_SLEEP_S="60", FORGE_DRAIN_TIMEOUT_S="0.5")
-    wait_for(lambda: len(started(ctx)) == 1, timeout_s=20)
-    began = time.monotonic()
+    lines = _drain_output(proc)
+    wait_for(lambda: len(started(ctx)) == 1, timeout_s=60)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 0
-    assert time.monotonic() - began < 5
+    # Well before the handler's 60 s are up: only the drain timeout can end it this soon.
+    assert proc.wait(timeout=45) == 0
+    wait_for(lambda: _logged(lines, "drain timed out, exiting"), timeout_s=10)
+    assert handled(ctx) == []  # it did not wait for the handler
     assert pending(ctx) == 1  # not lost: another worker will reclaim it
 
 
 def test_second_signal_forces_exit_without_losing_entries(spawn, ctx: Context) -> None:  # type: ignore[no-untyped-def]
     publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
-    proc = spawn(TEST_HANDLER_SLEEP_S="60")
-    wait_for(lambda: len(started(ctx)) == 1, timeout_s=20)
+    proc = spawn(TEST_HANDLER_SLEEP_S="60", FORGE_DRAIN_TIMEOUT_S="120")
+    lines = _drain_output(proc)
+    wait_for(lambda: len(started(ctx)) == 1, timeout_s=60)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    # Signals sent before the first is handled merge into one: wait until it was.
+    wait_for(lambda: _logged(lines, "signal received, draining"), timeout_s=60)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=45) == 128 + signal.SIGTERM
     assert pending(ctx) == 1
+
+
+def _logged(lines: list[bytes], event: str) -> bool:
+    return any(event.encode() in line for line in list(lines))
 
 
 def _http_port(proc: subprocess.Popen[bytes]) -> int:
     assert proc.stdout is not None
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
@@ -201,7 +238,7 @@ def test_health_and_metrics_endpoints(spawn, ctx: Context, processes: int) -> No
     port = _http_port(proc)
     _drain_output(proc)
     publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
-    wait_for(lambda: len(completions(ctx)) == 1, timeout_s=30)
+    wait_for(lambda: len(completions(ctx)) == 1, timeout_s=60)
     status, body = _get(f"http://127.0.0.1:{port}/health")
     assert status == 200, body
     assert json.loads(body)["status"] == "ok"
@@ -213,7 +250,7 @@ def test_health_and_metrics_endpoints(spawn, ctx: Context, processes: int) -> No
     assert "forge_dead_letter_depth" in text
     assert _get(f"http://127.0.0.1:{port}/config")[0] == 404
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=20) == 0
+    assert proc.wait(timeout=60) == 0
 
 
 def test_supervisor_restarts_a_dead_worker_process(spawn, ctx: Context, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -221,7 +258,7 @@ def test_supervisor_restarts_a_dead_worker_process(spawn, ctx: Context, tmp_path
     port = _http_port(proc)
     lines = _drain_output(proc)
     publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
-    wait_for(lambda: len(started(ctx)) == 1, timeout_s=30)
+    wait_for(lambda: len(started(ctx)) == 1, timeout_s=60)
     info = ctx.redis.xinfo_consumers(ctx.keys.new_data, ctx.keys.group)
     holder = next(c for c in info if c["pending"] == 1)["name"].decode()
     os.kill(int(holder.split("-")[-2]), signal.SIGKILL)
@@ -229,8 +266,8 @@ def test_supervisor_restarts_a_dead_worker_process(spawn, ctx: Context, tmp_path
     def restarted() -> bool:
         return sum(b"worker process started" in line for line in lines) >= 1
 
-    wait_for(restarted, timeout_s=20)
-    wait_for(lambda: _get(f"http://127.0.0.1:{port}/health")[0] == 200, timeout_s=20)
+    wait_for(restarted, timeout_s=60)
+    wait_for(lambda: _get(f"http://127.0.0.1:{port}/health")[0] == 200, timeout_s=60)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    assert proc.wait(timeout=60) == 0
     assert pending(ctx) == 1  # the killed worker's entry waits for reclaim

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,7 @@ def start_tls_redis(
     return proc, port
 
 
-def wait_ready(proc: subprocess.Popen[bytes], server: TlsRedis, timeout_s: float = 10) -> bool:
+def wait_ready(proc: subprocess.Popen[bytes], server: TlsRedis, timeout_s: float = 60) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -265,12 +265,16 @@ def secretless(values: object) -> bool:
     return SECRET not in repr(values)
 
 
-def run_briefly(worker: Worker, seconds: float) -> None:
+def run_until(worker: Worker, condition: Callable[[], bool]) -> None:
+    """Run ``worker`` until ``condition`` holds (not for a fixed time, which a loaded
+    machine may spend before the worker has done anything)."""
     thread = threading.Thread(target=worker.run, daemon=True)
     thread.start()
-    time.sleep(seconds)
-    worker.stop()
-    thread.join(timeout=10)
+    try:
+        wait_for(condition, timeout_s=60)
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
     assert not thread.is_alive()
 
 
@@ -293,7 +297,11 @@ def test_worker_start_failures_log_no_secret(
                 make_worker(broken, lambda messages: None).run()
             assert secretless(str(raised.value))
         else:
-            run_briefly(make_worker(broken, lambda messages: None), 0.5)
+            backing_off = "redis unavailable, backing off"
+            run_until(
+                make_worker(broken, lambda messages: None),
+                lambda: any(entry["event"] == backing_off for entry in list(logs)),
+            )
     events = [entry["event"] for entry in logs]
     if variant != "wrong-password":
         assert "redis unavailable, backing off" in events

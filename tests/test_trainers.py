@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from forge.errors import PermanentError
 from forge.training import sklearn_io
 from forge.training.base import (
     Dataset,
+    Deadline,
     EpochReport,
     TrainedModel,
     Trainer,
@@ -32,6 +34,9 @@ from forge.training.losses import FocalLoss, LossOptions, get_loss
 from forge.training.registry import TRAINERS, get_trainer, parse_params
 
 LABEL = "digit"
+# Trainings that do not test the deadline get none: a bound on the wall clock would
+# fail them on a machine slow enough.
+NO_DEADLINE = Deadline(math.inf)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,17 +69,39 @@ def _train(
     *,
     warm_start: TrainedModel | None = None,
     reports: list[EpochReport] | None = None,
-    budget_s: float = 60.0,
+    deadline: Deadline = NO_DEADLINE,
+    on_epoch: Callable[[EpochReport], None] = lambda report: None,
 ) -> Any:
     trainer = get_trainer(task)
     sink = reports if reports is not None else []
+
+    def report(epoch: EpochReport) -> None:
+        sink.append(epoch)
+        on_epoch(epoch)
+
     return trainer.train(
         data,
         parse_params(trainer, params),
         warm_start=warm_start,
-        on_epoch=sink.append,
-        deadline_s=time.monotonic() + budget_s,
+        on_epoch=report,
+        deadline=deadline,
     )
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told: ``tick`` advances it one second."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.now_s = 0.0
+        self.limit_s = limit_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def tick(self, report: EpochReport | None = None) -> None:
+        self.now_s += 1.0
+        # A training the deadline failed to stop fails here instead of running on.
+        assert self.now_s <= self.limit_s, "the deadline did not stop the training"
 
 
 def _truth(data: Dataset) -> np.ndarray:
@@ -355,10 +382,20 @@ def test_clustering_too_few_rows(digits: Dataset) -> None:
 def test_past_deadline_times_out_promptly(
     digits: Dataset, task: str, params: dict[str, Any]
 ) -> None:
-    started = time.monotonic()
+    # The real clock, read through a counter: "promptly" is "at the first check,
+    # before any work", which holds however slow the machine is.
+    reads: list[float] = []
+
+    def clock() -> float:
+        reads.append(time.monotonic())
+        return reads[-1]
+
+    deadline = Deadline.after(-1.0, clock)
+    reports: list[EpochReport] = []
     with pytest.raises(TrainingTimeout):
-        _train(task, digits, params, budget_s=-1.0)
-    assert time.monotonic() - started < 1.0
+        _train(task, digits, params, reports=reports, deadline=deadline)
+    assert len(reads) == 2, "it timed out at its first check"
+    assert reports == []
     assert issubclass(TrainingTimeout, PermanentError)
 
 
@@ -373,12 +410,30 @@ def test_past_deadline_times_out_promptly(
 def test_deadline_stops_a_running_training(
     digits: Dataset, task: str, params: dict[str, Any]
 ) -> None:
+    # The clock moves one second per epoch, so the deadline 2.5 s away passes during
+    # the third epoch's report, whatever the machine's speed, and the training must
+    # stop at its next check, the first of the fourth epoch.
+    clock = FakeClock(limit_s=10.0)
     reports: list[EpochReport] = []
-    started = time.monotonic()
-    with pytest.raises(TrainingTimeout):
-        _train(task, digits, params, reports=reports, budget_s=0.3)
-    assert time.monotonic() - started < 1.5
+    with pytest.raises(TrainingTimeout, match=r"past its deadline by 0\.5s"):
+        _train(
+            task,
+            digits,
+            params,
+            reports=reports,
+            deadline=Deadline.after(2.5, clock),
+            on_epoch=clock.tick,
+        )
     assert reports, "it trained for a while before the deadline"
+    assert [report.epoch for report in reports] == [1, 2, 3]
+
+
+def test_deadline_runs_on_the_monotonic_clock() -> None:
+    # What production uses: no clock argument means time.monotonic.
+    Deadline.after(3600.0).check()
+    with pytest.raises(TrainingTimeout, match="past its deadline"):
+        Deadline.after(-1.0).check()
+    assert Deadline.after(0.0).clock is time.monotonic
 
 
 # -------------------------------------------------------------------- incremental

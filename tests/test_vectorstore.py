@@ -152,7 +152,7 @@ def test_racing_writer_waits_for_the_other_transaction(
         thread.join(timeout=0.5)
         assert thread.is_alive(), "the second writer must wait for the first"
         other.commit() if other_commits else other.rollback()
-        thread.join(timeout=10)
+        thread.join(timeout=60)
     result = outcome["result"]
     if other_commits:
         assert (result.processed, list(result.duplicates)) == ([], ["e1"])

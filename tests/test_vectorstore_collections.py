@@ -217,7 +217,7 @@ def test_creator_that_rolls_back_leaves_the_name_to_the_next(
         wait_for_advisory_lock(pg_url)
         assert thread.is_alive(), "the second creator must wait for the first"
         raise psycopg.Rollback  # the other worker's batch was rejected
-    thread.join(timeout=10)
+    thread.join(timeout=60)
     assert outcome["result"].processed == ["e1"]
     created = vector_store.collection(collection_name)
     assert created is not None
@@ -248,7 +248,7 @@ def test_concurrent_first_writes_create_one_collection(
     assert vector_store.count(collection_name) == 4
 
 
-def wait_for_advisory_lock(pg_url: str, timeout_s: float = 10.0) -> None:
+def wait_for_advisory_lock(pg_url: str, timeout_s: float = 60.0) -> None:
     """Until some session waits for an advisory lock (the creator's)."""
     deadline = time.monotonic() + timeout_s
     with psycopg.connect(pg_url, autocommit=True) as conn:

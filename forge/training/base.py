@@ -117,17 +117,33 @@ class Trainer(Protocol):
         *,
         warm_start: TrainedModel | None,
         on_epoch: EpochCallback,
-        deadline_s: float,
+        deadline: Deadline,
     ) -> TrainedModel: ...
 
     def load(self, directory: Path) -> TrainedModel: ...
 
 
-def check_deadline(deadline_s: float) -> None:
-    """Raise ``TrainingTimeout`` once ``time.monotonic()`` has passed ``deadline_s``."""
-    now = time.monotonic()
-    if now > deadline_s:
-        raise TrainingTimeout(f"training ran past its deadline by {now - deadline_s:.1f}s")
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The moment ``at_s`` on ``clock`` by which a training must have stopped.
+
+    Trainers call ``check()`` between steps. The clock is ``time.monotonic`` in
+    production; tests pass one they advance themselves, so that when the deadline
+    trips does not depend on how fast the machine trains.
+    """
+
+    at_s: float
+    clock: Callable[[], float] = time.monotonic
+
+    @classmethod
+    def after(cls, budget_s: float, clock: Callable[[], float] = time.monotonic) -> Deadline:
+        return cls(clock() + budget_s, clock)
+
+    def check(self) -> None:
+        """Raise ``TrainingTimeout`` once the clock has passed ``at_s``."""
+        now = self.clock()
+        if now > self.at_s:
+            raise TrainingTimeout(f"training ran past its deadline by {now - self.at_s:.1f}s")
 
 
 def eta_s(started_s: float, done: int, total: int) -> float | None:

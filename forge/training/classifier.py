@@ -20,10 +20,10 @@ from torch import nn
 from forge.errors import PermanentError
 from forge.training.base import (
     Dataset,
+    Deadline,
     EpochCallback,
     EpochReport,
     TrainedModel,
-    check_deadline,
     coerce_params,
     eta_s,
     require_labels,
@@ -103,13 +103,13 @@ class _Loop:
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp)
 
-    def train_epoch(self, x: torch.Tensor, y: torch.Tensor, deadline_s: float) -> float:
+    def train_epoch(self, x: torch.Tensor, y: torch.Tensor, deadline: Deadline) -> float:
         """One pass in shuffled mini-batches; the mean training loss."""
         self.net.train()
         # Summed on the device: reading each batch's loss would wait for the GPU.
         total, order = torch.zeros((), device=self.device), torch.randperm(len(x))
         for batch in torch.split(order, self.params.batch_size):
-            check_deadline(deadline_s)
+            deadline.check()
             xb, yb = x[batch].to(self.device), y[batch].to(self.device)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 loss = self.criterion(self.net(xb), yb)
@@ -146,11 +146,11 @@ class ClassifierTrainer:
         *,
         warm_start: TrainedModel | None,
         on_epoch: EpochCallback,
-        deadline_s: float,
+        deadline: Deadline,
     ) -> ClassifierModel:
         p = coerce_params(params, ClassifierParams)
         labelled, labels = require_labels(data, p.label_field, min_rows=p.min_rows)
-        check_deadline(deadline_s)
+        deadline.check()
         classes = sorted(set(labels))
         split = _split(labelled, labels, classes, p)
         device = default_device()
@@ -160,7 +160,7 @@ class ClassifierTrainer:
             carried = self._warm_start(net, classes, p, None if p.fresh else warm_start)
             criterion = get_loss(p.loss, _loss_options(p, split.y_train, len(classes)))
             loop = _Loop(net.to(device), criterion.to(device), p, device)
-            fit = _fit(loop, split, on_epoch, deadline_s)
+            fit = _fit(loop, split, on_epoch, deadline)
             net.load_state_dict(fit.state)
         config = ClassifierConfig(
             input_dim=labelled.dim,
@@ -212,13 +212,13 @@ def _loss_options(p: ClassifierParams, y_train: torch.Tensor, n_classes: int) ->
     )
 
 
-def _fit(loop: _Loop, split: _Split, on_epoch: EpochCallback, deadline_s: float) -> _Fit:
+def _fit(loop: _Loop, split: _Split, on_epoch: EpochCallback, deadline: Deadline) -> _Fit:
     """Train until ``epochs`` or ``patience`` epochs without a better validation loss."""
     p, started_s = loop.params, time.monotonic()
     fit = _Fit(state=_snapshot(loop.net))
     for epoch in range(1, p.epochs + 1):
-        check_deadline(deadline_s)
-        train_loss = loop.train_epoch(split.x_train, split.y_train, deadline_s)
+        deadline.check()
+        train_loss = loop.train_epoch(split.x_train, split.y_train, deadline)
         val_loss, predicted = loop.evaluate(split.x_val, split.y_val)
         fit.epochs_run = epoch
         if val_loss < fit.val_loss:

@@ -22,12 +22,12 @@ from sklearn.metrics import silhouette_score
 from forge.errors import PermanentError
 from forge.training.base import (
     Dataset,
+    Deadline,
     EpochCallback,
     EpochReport,
     Prediction,
     TrainedModel,
     Vectors,
-    check_deadline,
     coerce_params,
     eta_s,
     read_json,
@@ -124,7 +124,7 @@ class ClusteringTrainer:
         *,
         warm_start: TrainedModel | None,
         on_epoch: EpochCallback,
-        deadline_s: float,
+        deadline: Deadline,
     ) -> ClusteringModel:
         p = coerce_params(params, ClusteringParams)
         need = max(p.min_rows, p.n_clusters + 1)
@@ -132,7 +132,7 @@ class ClusteringTrainer:
             raise PermanentError(
                 f"too few rows: {len(data)}, need {need} for {p.n_clusters} clusters"
             )
-        check_deadline(deadline_s)
+        deadline.check()
         init = _initial_centers(None if p.fresh else warm_start, data.dim, p.n_clusters)
         kmeans = MiniBatchKMeans(
             n_clusters=p.n_clusters,
@@ -141,7 +141,7 @@ class ClusteringTrainer:
             batch_size=p.batch_size,
             random_state=p.seed,
         )
-        epochs_run = _fit(kmeans, data.vectors, p, on_epoch, deadline_s)
+        epochs_run = _fit(kmeans, data.vectors, p, on_epoch, deadline)
         model = ClusteringModel(kmeans.cluster_centers_, {})
         index, distance = model.nearest(data.vectors)
         model.assignments = dict(zip(data.ids, index.tolist(), strict=True))
@@ -171,7 +171,7 @@ def _fit(
     vectors: Vectors,
     p: ClusteringParams,
     on_epoch: EpochCallback,
-    deadline_s: float,
+    deadline: Deadline,
 ) -> int:
     """Shuffled passes of ``partial_fit`` until the inertia settles; the passes made."""
     rng = np.random.default_rng(p.seed)
@@ -182,7 +182,7 @@ def _fit(
     for epoch in range(1, p.max_iter + 1):
         order = rng.permutation(len(vectors))
         for start in range(0, len(order), batch_size):
-            check_deadline(deadline_s)
+            deadline.check()
             kmeans.partial_fit(vectors[order[start : start + batch_size]])
         # score() is minus the inertia; per row so the curve is comparable across sizes.
         inertia = -float(kmeans.score(vectors)) / len(vectors)

@@ -27,12 +27,12 @@ from sklearn.metrics import hinge_loss, log_loss
 from forge.errors import PermanentError
 from forge.training.base import (
     Dataset,
+    Deadline,
     EpochCallback,
     EpochReport,
     Prediction,
     TrainedModel,
     Vectors,
-    check_deadline,
     coerce_params,
     eta_s,
     read_json,
@@ -134,18 +134,18 @@ class IncrementalTrainer:
         *,
         warm_start: TrainedModel | None,
         on_epoch: EpochCallback,
-        deadline_s: float,
+        deadline: Deadline,
     ) -> IncrementalModel:
         p = coerce_params(params, IncrementalParams)
         labelled, labels = require_labels(data, p.label_field, min_rows=p.min_rows)
-        check_deadline(deadline_s)
+        deadline.check()
         previous = _previous(None if p.fresh else warm_start, labelled.dim)
         estimator, classes = _estimator(previous, labels, p)
         train, val = stratified_split(labels, p.validation_fraction, p.seed)
         y = np.asarray(labels)
         train_set = (labelled.vectors[train], y[train])
         val_set = (labelled.vectors[val], y[val])
-        epochs_run = _fit(estimator, classes, train_set, val_set, p, on_epoch, deadline_s)
+        epochs_run = _fit(estimator, classes, train_set, val_set, p, on_epoch, deadline)
         predicted = estimator.predict(val_set[0])
         metrics = classification_metrics(val_set[1].tolist(), predicted.tolist())
         rows_seen = len(train) + (previous.config.rows_seen if previous else 0)
@@ -206,7 +206,7 @@ def _fit(
     val_set: tuple[Vectors, Labels],
     p: IncrementalParams,
     on_epoch: EpochCallback,
-    deadline_s: float,
+    deadline: Deadline,
 ) -> int:
     """``p.epochs`` shuffled passes of ``partial_fit``; returns the passes made."""
     (x, y), (x_val, y_val) = train_set, val_set
@@ -215,7 +215,7 @@ def _fit(
     for epoch in range(1, p.epochs + 1):
         order = rng.permutation(len(x))
         for start in range(0, len(order), p.batch_size):
-            check_deadline(deadline_s)
+            deadline.check()
             rows = order[start : start + p.batch_size]
             estimator.partial_fit(x[rows], y[rows], classes=classes)
         accuracy = float(np.mean(estimator.predict(x_val) == y_val))

@@ -12,7 +12,6 @@ when a worker starts.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +26,14 @@ from forge.events import ModelVersion, TrainingProgress, TrainingRequest
 from forge.model_cache import ModelCache
 from forge.settings import Settings
 from forge.training import artifacts
-from forge.training.base import Dataset, EpochReport, TrainedModel, Trainer, TrainingTimeout
+from forge.training.base import (
+    Dataset,
+    Deadline,
+    EpochReport,
+    TrainedModel,
+    Trainer,
+    TrainingTimeout,
+)
 from forge.training.promotion import apply_policy
 from forge.training.tracking import TrainingRun, connect, kill_stale_runs
 from forge.training.versions import (
@@ -184,7 +190,7 @@ class TrainingService:
         limit_s = min(
             request.timeout_s or self.settings.training_timeout_s, self.settings.training_timeout_s
         )
-        started = time.monotonic()
+        deadline = Deadline.after(limit_s)
 
         def epoch_done(report: EpochReport) -> None:
             if on_epoch is not None:
@@ -198,7 +204,7 @@ class TrainingService:
                 params,
                 warm_start=warm_start,
                 on_epoch=epoch_done,
-                deadline_s=started + limit_s,
+                deadline=deadline,
             )
         except TrainingTimeout as exc:
             raise TrainingTimeout(

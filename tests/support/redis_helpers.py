@@ -33,8 +33,11 @@ def delete_prefix(client: redis.Redis, prefix: str) -> None:
 
 
 def wait_for(
-    predicate: Callable[[], bool], timeout_s: float = 10.0, interval_s: float = 0.02
+    predicate: Callable[[], bool], timeout_s: float = 60.0, interval_s: float = 0.02
 ) -> None:
+    """Poll until ``predicate`` holds. The default bound is generous on purpose: it only
+    decides how long a failing test takes, and a loaded machine may need far longer
+    than an idle one for what the predicate waits on."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -52,5 +55,5 @@ def running(worker: Worker) -> Iterator[Worker]:
         yield worker
     finally:
         worker.stop()
-        thread.join(timeout=10)
+        thread.join(timeout=60)
         assert not thread.is_alive(), "worker did not stop"

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 import forge
-from forge import redis_binary
+from forge import embedded_redis, redis_binary
 from forge.embedded_redis import EmbeddedRedis, resolve_redis_url
 from forge.errors import EmbeddedServerError
 from forge.settings import Settings

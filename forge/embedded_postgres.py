@@ -117,20 +117,18 @@ def start_embedded_postgres(pgdata: Path) -> EmbeddedPostgres:
             _prepare_for_system_user(pgdata)
         # Watched before the server starts: a death while starting it is covered too.
         _hold(pgdata)
+        try:
+            with pgserver.PostgresServer._lock:
+                _prune_stale_handles(pgdata)
+            server = pgserver.get_server(pgdata, cleanup_mode="stop")
+            handle = EmbeddedPostgres(server, pgdata)
+        except BaseException:
+            _, watchdog = _let_go(pgdata)
+            if watchdog is not None:
+                _end_watchdog(watchdog, pgdata)
+            raise
     except (OSError, RuntimeError, AssertionError, ValueError) as exc:
         raise EmbeddedServerError(f"starting PostgreSQL in {pgdata}: {exc}") from exc
-    try:
-        with pgserver.PostgresServer._lock:
-            _prune_stale_handles(pgdata)
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
-        handle = EmbeddedPostgres(server, pgdata)
-    except BaseException as exc:
-        _, watchdog = _let_go(pgdata)
-        if watchdog is not None:
-            _end_watchdog(watchdog, pgdata)
-        if isinstance(exc, (OSError, RuntimeError, AssertionError, ValueError)):
-            raise EmbeddedServerError(f"starting PostgreSQL in {pgdata}: {exc}") from exc
-        raise
     try:
         ensure_vector_extension(handle.url)
     except Exception:

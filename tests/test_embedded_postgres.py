@@ -12,8 +12,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from forge import embedded_postgres
 from forge.context import Context
 from forge.embedded_postgres import SYSTEM_USER, resolve_postgres_url, start_embedded_postgres
+from forge.errors import EmbeddedServerError
+from forge.pg_watchdog import start_watchdog
 from forge.settings import Settings
 from tests.conftest import publish
 from tests.support.redis_helpers import TEST_REDIS_URL, wait_for
@@ -290,3 +293,26 @@ def test_a_killed_worker_takes_its_embedded_postgres_with_it(
         worker.kill()
         worker.wait(60)
     assert _eventually(lambda: _gone(postmaster)), "PostgreSQL outlived the killed worker"
+
+
+def test_a_failed_start_ends_its_watchdog(
+    pg_tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pgdata = (pg_tmp_path / "postgres").resolve()
+    started: list[subprocess.Popen[bytes]] = []
+
+    def watched(folder: Path) -> subprocess.Popen[bytes]:
+        started.append(start_watchdog(folder))
+        return started[-1]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("initdb failed")
+
+    monkeypatch.setattr(embedded_postgres, "start_watchdog", watched)
+    monkeypatch.setattr(embedded_postgres._pgserver(), "get_server", broken)
+    with pytest.raises(EmbeddedServerError, match="initdb failed"):
+        start_embedded_postgres(pgdata)
+    (watchdog,) = started
+    assert watchdog.returncode is not None  # ended and reaped
+    assert pgdata not in embedded_postgres._watchdogs
+    assert pgdata not in embedded_postgres._refcounts

@@ -22,7 +22,9 @@ DESCRIPTIONS: dict[str, str] = {
     "postgres_url": "PostgreSQL with pgvector for collections. Unset: an embedded PostgreSQL "
     "under `FORGE_HOME/data/postgres`.",
     "mlflow_tracking_uri": "MLflow tracking server for trainings and the model registry. "
-    "`MLRUN_DBPATH` is the original design's name and wins when both are set.",
+    "Unset: an embedded SQLite store, `sqlite:///FORGE_HOME/mlflow/mlflow.db`, with run "
+    "artifacts in `FORGE_HOME/mlflow/artifacts`. `MLRUN_DBPATH` is the original design's "
+    "name and wins when both are set.",
     "stream_prefix": "Prefix of every Redis key and stream name; lets deployments and tests "
     "share one Redis.",
     "group": "Consumer group that Forge's workers read the input streams in.",
@@ -80,7 +82,7 @@ DESCRIPTIONS: dict[str, str] = {
 _DEFAULT_TEXT: dict[str, str] = {
     "redis_url": "embedded",
     "postgres_url": "embedded",
-    "mlflow_tracking_uri": "unset",
+    "mlflow_tracking_uri": "embedded",
     "home_dir": "`~/.local/share/forge`",
     "model_dir": "`FORGE_HOME/models`",
     "cache_dir": "`FORGE_HOME/cache`",

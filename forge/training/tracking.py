@@ -6,7 +6,8 @@ The tracking URI is ``settings.mlflow_tracking_uri`` (``MLRUN_DBPATH`` or
 registry consistent where MLflow's file store would not. Runs of a local SQLite store
 keep their artifacts in an ``artifacts`` folder beside the database (MLflow would
 otherwise pick ``./mlruns`` under whatever directory the worker started in); a
-tracking server chooses its own artifact store.
+tracking server chooses its own artifact store. A local store is created, or upgraded
+to the installed MLflow's schema, by one process at a time (``sqlite_store``).
 
 mlflow is imported on first use: it costs about a second, which commands and workers
 that never train should not pay.
@@ -18,6 +19,7 @@ import logging
 import re
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -25,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 import structlog
 
 from forge.settings import Settings
+from forge.training import sqlite_store
 from forge.training.base import EpochReport, TrainedModel
 
 if TYPE_CHECKING:
@@ -41,6 +44,7 @@ EPOCH_FLUSH_INTERVAL_S = 5.0
 # MLflow caps a param value at 6000 characters; longer ones are cut, not rejected.
 _MAX_PARAM_CHARS = 6000
 _QUIET_LOGGERS = ("mlflow", "alembic", "sqlalchemy")
+_UNNAMED_CHECK_WARNING = "Unnamed CHECK constraint on reflected table"
 # Values that can go into a filter string as they are; MLflow's filter grammar has no
 # documented escape for quotes, so others are matched in Python or not at all.
 _FILTER_SAFE = re.compile(r"[A-Za-z0-9_:.@/+\-]+")
@@ -56,14 +60,19 @@ def tracking_uri(settings: Settings) -> str:
     return f"sqlite:///{(settings.home_dir / MLFLOW_DIR / DB_FILE).resolve()}"
 
 
-def artifact_root(uri: str) -> Path | None:
-    """Where a local SQLite store's artifacts go; ``None`` for a tracking server."""
+def sqlite_database(uri: str) -> Path | None:
+    """The file of a local SQLite store; ``None`` for a tracking server."""
     parts = urlsplit(uri)
     if parts.scheme != "sqlite" or not parts.path or parts.path in {"/", "/:memory:"}:
         return None
     # sqlite:////abs/path.db has path "//abs/path.db"; sqlite:///rel.db has "/rel.db".
-    database = Path(unquote(parts.path[1:]))
-    return database.resolve().parent / ARTIFACTS_DIR
+    return Path(unquote(parts.path[1:])).resolve()
+
+
+def artifact_root(uri: str) -> Path | None:
+    """Where a local SQLite store's artifacts go; ``None`` for a tracking server."""
+    database = sqlite_database(uri)
+    return None if database is None else database.parent / ARTIFACTS_DIR
 
 
 def experiment_name(model: str) -> str:
@@ -72,11 +81,17 @@ def experiment_name(model: str) -> str:
 
 def quiet_mlflow() -> None:
     """MLflow logs schema migrations and every artifact upload at INFO: Forge's own
-    logs say what matters. After importing mlflow, which sets its loggers' levels."""
+    logs say what matters. After importing mlflow, which sets its loggers' levels.
+
+    Alembic warns about each unnamed CHECK constraint of a SQLite table that an MLflow
+    migration rebuilds: MLflow's own schema, nothing a user can act on."""
     import mlflow  # noqa: F401
 
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings(
+        "ignore", message=_UNNAMED_CHECK_WARNING, category=UserWarning, module=r"alembic\."
+    )
 
 
 def connect(settings: Settings) -> MlflowClient:
@@ -85,9 +100,9 @@ def connect(settings: Settings) -> MlflowClient:
     from mlflow import MlflowClient
 
     uri = tracking_uri(settings)
-    root = artifact_root(uri)
-    if root is not None:
-        root.mkdir(parents=True, exist_ok=True)
+    database = sqlite_database(uri)
+    if database is not None:
+        sqlite_store.prepare(uri, database, database.parent / ARTIFACTS_DIR)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

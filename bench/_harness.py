@@ -41,10 +41,10 @@ from redis.retry import Retry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
-from forge.embedded_postgres import SYSTEM_USER, EmbeddedPostgres, start_embedded_postgres
-from forge.embedded_redis import EmbeddedRedis
 from forge.events import EVENT_FIELD, Completion, DeadLetter
 from forge.keys import Keys
+from forge.servers.embedded_postgres import SYSTEM_USER, EmbeddedPostgres, start_embedded_postgres
+from forge.servers.embedded_redis import EmbeddedRedis
 from forge.vectorstore import VectorStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -842,14 +842,14 @@ def leaked_processes(tracked: Iterable[psutil.Process], root: Path) -> list[str]
 
 
 def consumer_pid(name: str) -> int:
-    """The pid in a consumer name, ``host-pid-suffix`` (forge/context.py)."""
+    """The pid in a consumer name, ``host-pid-suffix`` (forge/runtime/context.py)."""
     return int(name.rsplit("-", 2)[1])
 
 
 def holders(client: redis.Redis, stream: str, max_deliveries: int) -> tuple[set[int], set[int]]:
     """Pids of the consumers holding unacknowledged entries of ``stream`` right now, and
     of those holding an entry already delivered ``max_deliveries`` times (the next
-    delivery dead-letters it). Consumer names are ``host-pid-suffix`` (forge/context.py)."""
+    delivery dead-letters it). Consumer names are ``host-pid-suffix`` (forge/runtime/context.py)."""
     busy: set[int] = set()
     spared: set[int] = set()
     consumers: Any = client.xinfo_consumers(stream, GROUP)

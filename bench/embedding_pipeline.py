@@ -78,18 +78,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 from bench.write_path import fresh_collection, postgres_server, raw_copy, timed, write_path
 from consumers.new_data import NewDataHandler
-from forge.context import Context, connect_redis
-from forge.embedder import Embedder
-from forge.embedding import EmbeddingService
-from forge.embedding_cache import EmbeddingCache
+from forge.embedding.cache import EmbeddingCache
+from forge.embedding.model import Embedder
+from forge.embedding.model_cache import ModelCache
+from forge.embedding.service import EmbeddingService
 from forge.events import EVENT_FIELD, Completion, NewData
-from forge.metrics import Metrics
-from forge.model_cache import ModelCache
-from forge.registry import HandlerSpec, Message, Outcome, Registry
+from forge.observability.metrics import Metrics
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry
+from forge.runtime.worker import Worker
+from forge.servers.connect import connect_redis
 from forge.settings import Settings
 from forge.vectorstore import VectorStore
 from forge.vectorstore.naming import index_name
-from forge.worker import Worker
 from tests.support.redis_helpers import delete_prefix
 
 CONSUMER = "bench-pipeline"

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 from bench.embedding_pipeline import make_texts
 from bench.write_path import batches, copy_raw, postgres_server
-from forge.embedder import Embedder
+from forge.embedding.model import Embedder
 from forge.vectorstore import IndexOptions, Row, VectorStore
 
 Vectors = np.ndarray

@@ -52,12 +52,13 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
-from forge.context import Context, connect_redis
 from forge.events import EVENT_FIELD, Completion, NewData, Timings
-from forge.metrics import Metrics
-from forge.registry import HandlerSpec, Message, Registry
+from forge.observability.metrics import Metrics
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.worker import Worker
+from forge.servers.connect import connect_redis
 from forge.settings import Settings
-from forge.worker import Worker
 from tests.support.redis_helpers import delete_prefix
 
 GROUP = "forge"

@@ -46,8 +46,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
+from forge.embedding.model_cache import ModelCache
 from forge.events import TrainingRequest
-from forge.model_cache import ModelCache
 from forge.settings import Settings
 from forge.training.base import Dataset, Deadline
 from forge.training.classifier import ClassifierParams, ClassifierTrainer, default_device

@@ -30,7 +30,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from forge.embedded_postgres import start_embedded_postgres
+from forge.servers.embedded_postgres import start_embedded_postgres
 from forge.vectorstore import Row, VectorStore
 from forge.vectorstore.naming import index_name
 

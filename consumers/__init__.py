@@ -14,12 +14,12 @@ from typing import Generic, TypeVar
 from consumers.new_data import NewDataHandler
 from consumers.retrain import RetrainOnNewData
 from consumers.training import TrainingHandler, progress_publisher
-from forge.context import Context
-from forge.embedded_postgres import resolve_postgres_url
-from forge.embedding import EmbeddingService
+from forge.embedding.service import EmbeddingService
 from forge.events import NewData, TrainingRequest
-from forge.registry import HandlerSpec, Registry
-from forge.retry import Retrier
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Registry
+from forge.runtime.retry import Retrier
+from forge.servers.endpoints import open_vector_store
 from forge.training.service import TrainingService
 from forge.vectorstore import VectorStore
 
@@ -53,9 +53,6 @@ def register(registry: Registry, ctx: Context) -> None:
 
 def open_store(ctx: Context) -> VectorStore:
     """Connect to PostgreSQL (embedded when ``POSTGRES_URL`` is unset) and migrate."""
-    url, embedded = resolve_postgres_url(ctx.settings)
-    if embedded is not None:
-        ctx.on_close(embedded.stop)
     # A worker whose first connection falls in a database outage waits for the server
     # (as an open pool waits for a connection) instead of failing at once: that would
     # spend an event's deliveries within seconds and dead-letter a valid event for an
@@ -63,14 +60,7 @@ def open_store(ctx: Context) -> VectorStore:
     wait = Retrier(
         attempts=1_000, initial_s=0.5, max_s=5.0, max_total_s=ctx.settings.db_connect_wait_s
     )
-    store = wait.call(lambda: _opened(VectorStore.from_settings(url, ctx.settings)))
-    ctx.on_close(store.close)
-    return store
-
-
-def _opened(store: VectorStore) -> VectorStore:
-    store.open()
-    return store
+    return open_vector_store(ctx.settings, ctx.on_close, connect=wait.call)
 
 
 class Once(Generic[T]):

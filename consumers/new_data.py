@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from forge.deadletter import error_info
-from forge.embedding import EmbeddingService
+from forge.embedding.service import EmbeddingService
 from forge.errors import InvalidEvent
 from forge.events import NewData, Record
-from forge.registry import Message, Outcome, Rejected, Succeeded
+from forge.runtime.deadletter import error_info
+from forge.runtime.handlers import Message, Outcome, Rejected, Succeeded
 from forge.settings import Settings
 from forge.vectorstore import Delete, InvalidWrite, Row, VectorStore, Write
 

@@ -18,7 +18,7 @@ import structlog
 
 from forge.events import NewData
 from forge.keys import Keys
-from forge.registry import Message, Outcome, Succeeded
+from forge.runtime.handlers import Message, Outcome, Succeeded
 from forge.training.retrain import plan_retrain
 from forge.training.versions import ModelRegistry
 

@@ -19,10 +19,10 @@ from typing import Any
 
 import structlog
 
-from forge.context import Context
 from forge.errors import PermanentError
 from forge.events import TrainingProgress, TrainingRequest
-from forge.registry import Message, Outcome, Succeeded
+from forge.runtime.context import Context
+from forge.runtime.handlers import Message, Outcome, Succeeded
 from forge.training.base import Dataset, TrainedModel
 from forge.training.service import TrainingService
 from forge.vectorstore import VectorStore

@@ -7,12 +7,20 @@ All names start with the configurable prefix (``FORGE_STREAM_PREFIX``, default
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from forge.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "forge:"
     group: str = "forge"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keys:
+        return cls(prefix=settings.stream_prefix, group=settings.group)
 
     # Input streams.
     @property
@@ -60,10 +68,6 @@ class Keys:
 
     def embedding_cache(self, model: str, content_hash: str) -> str:
         return f"{self.prefix}emb:{model}:{content_hash}"
-
-    def worker(self, name: str) -> str:
-        """Per-worker heartbeat hash, expiring when the worker stops refreshing it."""
-        return f"{self.prefix}worker:{name}"
 
     def short(self, stream: str) -> str:
         """A stream's name without the prefix, for metric labels and messages."""

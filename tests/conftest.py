@@ -10,10 +10,10 @@ import pytest
 import redis
 import structlog
 
-from forge.context import Context
 from forge.events import EVENT_FIELD
-from forge.logging import configure_logging
-from forge.metrics import Metrics
+from forge.observability.logging import configure_logging
+from forge.observability.metrics import Metrics
+from forge.runtime.context import Context
 from forge.settings import Settings
 from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, new_prefix
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from forge.embedder import Embedder
+from forge.embedding.model import Embedder
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from forge.embedded_postgres import start_embedded_postgres
+from forge.servers.embedded_postgres import start_embedded_postgres
 from forge.vectorstore import VectorStore
 
 

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
 import redis
 
 from bench.chaos import ChaosConfig, run_chaos
-from forge.broker import Settlement
-from forge.context import Context
 from forge.events import NewData, TrainingRequest
-from forge.registry import HandlerSpec, Message, Registry
-from forge.worker import Worker
+from forge.runtime.broker import Settlement
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.worker import Worker
 from tests.conftest import new_data, publish
 from tests.test_worker import completions, pending
 
@@ -132,7 +133,8 @@ def test_entries_settled_by_another_worker_meanwhile_are_not_completed_twice(
     assert completions(ctx) == []
     assert pending(ctx) == 2  # e1 and e2 wait for a reclaim, which completes them once
     monkeypatch.setattr(worker.ctx.broker, "settle", original)
-    worker.settings = worker.ctx.settings = ctx.settings.replace(claim_min_idle_s=0.001)
+    worker.settings = ctx.settings.replace(claim_min_idle_s=0.001)
+    worker.ctx = replace(worker.ctx, settings=worker.settings)
     time.sleep(ctx.settings.reclaim_interval_s)  # the next reclaim is due
     worker.run_once()
     assert sorted(c.source_id for c in completions(ctx)) == ["e1", "e2"]
@@ -145,7 +147,7 @@ def test_a_backlog_is_not_held_up_by_blocking_reads_of_an_idle_stream(
     """Streams with different batch sizes are read one group at a time. Blocking on the
     idle training stream while new-data had a backlog cost a whole read block every
     other turn: the soak run measured 160 events/s a worker instead of 730."""
-    ctx.settings = ctx.settings.replace(read_block_s=1.0)
+    ctx = replace(ctx, settings=ctx.settings.replace(read_block_s=1.0))
     registry = Registry()
     registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
     registry.register(
@@ -176,8 +178,11 @@ def test_a_backlog_is_not_held_up_by_blocking_reads_of_an_idle_stream(
 def test_reclaims_respect_the_redelivery_backlog_limit(ctx: Context) -> None:
     """Reads stopped at the backlog limit but reclaims did not: a worker whose reclaimed
     entries kept failing piled up other workers' entries past the bound."""
-    ctx.settings = ctx.settings.replace(
-        max_batch_size=2, redeliver_delay_s=60.0, claim_min_idle_s=30.0, reclaim_interval_s=0.02
+    ctx = replace(
+        ctx,
+        settings=ctx.settings.replace(
+            max_batch_size=2, redeliver_delay_s=60.0, claim_min_idle_s=30.0, reclaim_interval_s=0.02
+        ),
     )
     for i in range(40):
         publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
@@ -195,7 +200,8 @@ def test_reclaims_respect_the_redelivery_backlog_limit(ctx: Context) -> None:
     assert len(_held(ctx, ctx.consumer)) == 16
     # Now the dead worker's entries are reclaimable and a reclaim is due: it must wait
     # for the backlog to drain (its redeliveries are a minute away).
-    worker.settings = worker.ctx.settings = ctx.settings.replace(claim_min_idle_s=0.001)
+    worker.settings = ctx.settings.replace(claim_min_idle_s=0.001)
+    worker.ctx = replace(worker.ctx, settings=worker.settings)
     time.sleep(ctx.settings.reclaim_interval_s)
     for _ in range(5):
         worker.run_once()

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from forge.broker import Entry
 from forge.cli.main import build_parser, main
-from forge.context import Context
-from forge.deadletter import build_record, error_info
+from forge.contracts.schemas import drift
 from forge.events import EVENT_FIELD, NewData
-from forge.registry import HandlerSpec, Message, Registry
-from forge.schemas import drift
-from forge.worker import Worker
+from forge.runtime.broker import Entry
+from forge.runtime.context import Context
+from forge.runtime.deadletter import build_record, error_info
+from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.worker import Worker
 from tests.conftest import new_data, publish
 from tests.support.redis_helpers import running, wait_for
 from tests.test_worker import completions, dead_letters

@@ -14,9 +14,9 @@ import pytest
 
 from forge.cli import cmd_streams
 from forge.cli.runtime import redis_location
-from forge.context import Context
-from forge.embedded_postgres import start_embedded_postgres
-from forge.embedded_redis import EmbeddedRedis
+from forge.runtime.context import Context
+from forge.servers.embedded_postgres import start_embedded_postgres
+from forge.servers.embedded_redis import EmbeddedRedis
 from forge.settings import Settings
 from tests.support.redis_helpers import TEST_REDIS_URL
 from tests.test_cli import assert_one_line_error, run_cli

@@ -10,12 +10,12 @@ from unittest.mock import ANY
 import msgspec
 from structlog.testing import capture_logs
 
-from forge.broker import Entry
-from forge.context import Context
 from forge.events import EVENT_FIELD, Completion, NewData, Timings
-from forge.processing import BatchProcessor
-from forge.registry import HandlerSpec, Message
-from forge.retry import Retrier
+from forge.runtime.broker import Entry
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Message
+from forge.runtime.processing import BatchProcessor
+from forge.runtime.retry import Retrier
 from tests.conftest import new_data
 from tests.test_worker import completions, dead_letters
 

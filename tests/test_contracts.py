@@ -14,8 +14,8 @@ import jsonschema
 import msgspec
 import pytest
 
-from forge import schemas
-from forge.asyncapi import render_yaml
+from forge.contracts import schemas
+from forge.contracts.asyncapi import render_yaml
 from forge.errors import InvalidEvent
 from forge.events import NewData, decode_as
 

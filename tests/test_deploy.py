@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forge.cli.main import build_parser
 from forge.keys import Keys
-from forge.metrics import DEAD_LETTER_REASONS, OUTCOMES, GpuCollector, Metrics
+from forge.observability.metrics import DEAD_LETTER_REASONS, OUTCOMES, GpuCollector, Metrics
 from forge.settings import ENV_VARS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -776,7 +776,7 @@ def test_worker_deployments_agree_with_the_code() -> None:
         env = _pod_env(deployment)
         _assert_forge_env(env, name)
         settings = _settings_from(env)
-        keys = Keys(prefix=settings.stream_prefix, group=settings.group)
+        keys = Keys.from_settings(settings)
         streams.append(keys.resolve(_worker_stream(container["args"])))
 
         assert "replicas" not in deployment["spec"], f"{name}: KEDA owns the replica count"
@@ -884,7 +884,7 @@ _KEDA_AUTH_PARAMETERS = {
 def test_keda_scales_each_worker_on_its_stream() -> None:
     config = _named("ConfigMap", "forge-config")["data"]
     settings = _settings_from(config)
-    keys = Keys(prefix=settings.stream_prefix, group=settings.group)
+    keys = Keys.from_settings(settings)
     assert keys.group == Keys().group == "forge"
     auths = {a["metadata"]["name"]: a for a in _of_kind("TriggerAuthentication")}
     scaled = _of_kind("ScaledObject")

@@ -11,12 +11,12 @@ import msgspec
 import pytest
 import yaml
 
-from forge.asyncapi import document
 from forge.cli.cmd_docs import drift
-from forge.configdoc import DESCRIPTIONS
+from forge.contracts.asyncapi import document
+from forge.contracts.configdoc import DESCRIPTIONS
+from forge.contracts.schemas import event_schemas
 from forge.events import ALL_EVENTS, decode_as, event_type_for, event_type_name
 from forge.keys import Keys
-from forge.schemas import event_schemas
 from forge.settings import ENV_VARS, Settings
 from tests.test_cli import run_cli
 

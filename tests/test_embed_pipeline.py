@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,10 +18,10 @@ import pytest
 
 from consumers import register
 from consumers.new_data import NewDataHandler
-from forge.context import Context
-from forge.embedding_cache import Encoded
+from forge.embedding.cache import Encoded
 from forge.events import NewData
-from forge.registry import Message, Outcome, Registry, Rejected, Succeeded
+from forge.runtime.context import Context
+from forge.runtime.handlers import Message, Outcome, Registry, Rejected, Succeeded
 from forge.settings import Settings
 from forge.vectorstore import VectorStore
 
@@ -201,7 +202,7 @@ def test_a_bad_event_in_a_later_chunk_is_rejected_alone(
 
 
 def test_new_data_reads_several_model_batches_at_once(ctx: Context) -> None:
-    ctx.settings = ctx.settings.replace(max_batch_size=8, embed_pipeline_depth=3)
+    ctx = replace(ctx, settings=ctx.settings.replace(max_batch_size=8, embed_pipeline_depth=3))
     registry = Registry()
     register(registry, ctx)
     assert registry.get("new-data").max_batch_size == 24

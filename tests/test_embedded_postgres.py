@@ -12,11 +12,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from forge import embedded_postgres
-from forge.context import Context
-from forge.embedded_postgres import SYSTEM_USER, resolve_postgres_url, start_embedded_postgres
 from forge.errors import EmbeddedServerError
-from forge.pg_watchdog import start_watchdog
+from forge.runtime.context import Context
+from forge.servers import embedded_postgres
+from forge.servers.embedded_postgres import (
+    SYSTEM_USER,
+    resolve_postgres_url,
+    start_embedded_postgres,
+)
+from forge.servers.pg_watchdog import start_watchdog
 from forge.settings import Settings
 from tests.conftest import publish
 from tests.support.redis_helpers import TEST_REDIS_URL, wait_for
@@ -31,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _KILLED_CHILD = """
 import os, signal, sys
 from pathlib import Path
-from forge import embedded_postgres
+from forge.servers import embedded_postgres
 pgdata = Path(sys.argv[1]).resolve()
 handle = embedded_postgres.start_embedded_postgres(pgdata)
 watchdog = embedded_postgres._watchdogs[pgdata]
@@ -45,7 +49,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 _HOLDER = """
 import os, sys
 from pathlib import Path
-from forge import embedded_postgres
+from forge.servers import embedded_postgres
 pgdata = Path(sys.argv[1]).resolve()
 handle = embedded_postgres.start_embedded_postgres(pgdata)
 watchdog = embedded_postgres._watchdogs[pgdata]

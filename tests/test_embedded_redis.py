@@ -17,9 +17,9 @@ import pytest
 import redis
 
 import forge
-from forge import embedded_redis, redis_binary
-from forge.embedded_redis import EmbeddedRedis, resolve_redis_url
 from forge.errors import EmbeddedServerError
+from forge.servers import embedded_redis, redis_binary
+from forge.servers.embedded_redis import EmbeddedRedis, resolve_redis_url
 from forge.settings import Settings
 
 REPO_ROOT = Path(forge.__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ CHILD_SCRIPT = textwrap.dedent(
     import os, sys, time
     from pathlib import Path
     import redis
-    from forge import embedded_redis, redis_binary
+    from forge.servers import embedded_redis, redis_binary
 
     data_dir, mode = Path(sys.argv[1]), sys.argv[2]
     if mode != "hang":

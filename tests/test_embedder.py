@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from forge.embedder import DEFAULT_MODEL, Embedder, resolve_model_path, weights_version
+from forge.embedding.model import DEFAULT_MODEL, Embedder, resolve_model_path, weights_version
 
 
 def test_paraphrases_are_closer_than_unrelated_text(embedder: Embedder) -> None:

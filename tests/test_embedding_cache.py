@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import redis
 
-from forge.embedding_cache import EmbeddingCache, content_hash, encode_cached
+from forge.embedding.cache import EmbeddingCache, content_hash, encode_cached
 from forge.keys import Keys
 from forge.settings import Settings
 from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, new_prefix

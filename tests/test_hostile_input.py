@@ -14,6 +14,7 @@ import itertools
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +27,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumers.new_data import NewDataHandler
-from forge.broker import Entry
-from forge.context import Context
-from forge.deadletter import build_record, payload_bytes, sniff_event_id
-from forge.embedding import EmbeddingService
+from forge.embedding.model_cache import ModelCache
+from forge.embedding.service import EmbeddingService
 from forge.errors import InvalidEvent
 from forge.events import EVENT_FIELD, Completion, Decoder, ErrorInfo, NewData
-from forge.metrics import Metrics
-from forge.model_cache import ModelCache
-from forge.registry import HandlerSpec, Registry
+from forge.observability.metrics import Metrics
+from forge.runtime.broker import Entry
+from forge.runtime.context import Context
+from forge.runtime.deadletter import build_record, payload_bytes, sniff_event_id
+from forge.runtime.handlers import HandlerSpec, Registry
+from forge.runtime.worker import Worker
 from forge.settings import Settings
 from forge.vectorstore import InvalidWrite, Row, VectorStore
 from forge.vectorstore.copy_binary import MAX_METADATA_DEPTH, encode_chunks
 from forge.vectorstore.naming import index_name, table_name, validate_name
-from forge.worker import Worker
 from tests.support.redis_helpers import wait_for
 from tests.test_worker import completions, dead_letters, pending
 
@@ -619,10 +620,13 @@ def test_each_configured_limit_is_enforced_with_a_clear_reason(
             "FORGE_MAX_TEXT_CHARS": "10",
         }
     )
-    ctx.settings = ctx.settings.replace(
-        max_payload_bytes=limits.max_payload_bytes,
-        max_records_per_event=limits.max_records_per_event,
-        max_text_chars=limits.max_text_chars,
+    ctx = replace(
+        ctx,
+        settings=ctx.settings.replace(
+            max_payload_bytes=limits.max_payload_bytes,
+            max_records_per_event=limits.max_records_per_event,
+            max_text_chars=limits.max_text_chars,
+        ),
     )
 
     def event(event_id: str, records: list[dict[str, Any]], pad: int = 0) -> bytes:
@@ -732,7 +736,7 @@ def test_hostile_model_names_with_the_real_loader_touch_no_outside_files(
     """Text for a new collection whose event names a path or nonsense as its model: the
     real loader fails, the event is dead-lettered with the loader's reason, and no file
     appears outside the model folder."""
-    ctx.settings = ctx.settings.replace(max_deliveries=1, retry_attempts=1)
+    ctx = replace(ctx, settings=ctx.settings.replace(max_deliveries=1, retry_attempts=1))
     outside = f"forge-hostile-{uuid.uuid4().hex[:8]}"
     models = [f"../../{outside}", "/etc", 'x"; DROP TABLE t; --', "a" * 200, "\x1b[31m"]
     names = [f"l{i}_{uuid.uuid4().hex[:8]}" for i in range(len(models))]

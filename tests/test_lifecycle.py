@@ -11,18 +11,19 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from forge.context import Context
 from forge.events import NewData
-from forge.metrics import Metrics
-from forge.registry import HandlerSpec, Message, Registry
+from forge.observability.metrics import Metrics
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.worker import Worker
 from forge.settings import Settings
-from forge.worker import Worker
 from tests.conftest import new_data, publish
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.test_worker import completions, pending
@@ -87,7 +88,7 @@ def test_entries_of_a_sigkilled_worker_are_reclaimed(spawn, ctx: Context) -> Non
     victim.wait()
     assert pending(ctx) == 3
 
-    ctx.settings = ctx.settings.replace(claim_min_idle_s=0.5)
+    ctx = replace(ctx, settings=ctx.settings.replace(claim_min_idle_s=0.5))
     with running(quick_worker(ctx)):
         wait_for(lambda: len(completions(ctx)) == 3, timeout_s=60)
     done = completions(ctx)

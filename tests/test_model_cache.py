@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from forge.model_cache import ModelCache
+from forge.embedding.model_cache import ModelCache
 from forge.settings import Settings
 
 

@@ -9,22 +9,23 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from consumers.new_data import NewDataHandler
-from forge.context import Context
-from forge.embedder import Embedder
-from forge.embedding import EmbeddingService
-from forge.embedding_cache import EmbeddingCache
+from forge.embedding.cache import EmbeddingCache
+from forge.embedding.model import Embedder
+from forge.embedding.model_cache import ModelCache
+from forge.embedding.search import Searcher
+from forge.embedding.service import EmbeddingService
 from forge.events import NewData
-from forge.model_cache import ModelCache
-from forge.registry import HandlerSpec, Registry
-from forge.search import Searcher
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Registry
+from forge.runtime.worker import Worker
 from forge.vectorstore import VectorStore
-from forge.worker import Worker
 from tests.conftest import publish
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.test_worker import completions, dead_letters, pending
@@ -162,7 +163,7 @@ def test_upsert_replaces_and_delete_removes(
 def test_bad_events_are_dead_lettered_with_reasons_while_neighbours_succeed(
     ctx: Context, service: EmbeddingService, vector_store: VectorStore, collection: str
 ) -> None:
-    ctx.settings = ctx.settings.replace(max_text_chars=50)
+    ctx = replace(ctx, settings=ctx.settings.replace(max_text_chars=50))
 
     def worker() -> Worker:
         return build_worker(ctx, vector_store, service)
@@ -244,7 +245,7 @@ def test_sigkill_between_commit_and_ack_leaves_one_copy(
     assert pending(ctx) == 1  # never acked
     assert completions(ctx) == []
 
-    ctx.settings = ctx.settings.replace(claim_min_idle_s=0.2)
+    ctx = replace(ctx, settings=ctx.settings.replace(claim_min_idle_s=0.2))
     run_until(worker, ctx, 1)
     (done,) = completions(ctx)
     assert done.status == "succeeded"

@@ -24,14 +24,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from forge.broker import Entry, StreamBroker
-from forge.deadletter import DeadLetterQueue, build_record
 from forge.errors import ConfigError
 from forge.events import ErrorInfo
-from forge.http import HealthCheck, HealthReport, start_http_server
 from forge.keys import Keys
-from forge.logging import configure_logging, redact_text
-from forge.metrics import (
+from forge.observability.http import HealthCheck, HealthReport, start_http_server
+from forge.observability.logging import configure_logging, redact_text
+from forge.observability.metrics import (
     GpuCollector,
     Metrics,
     StreamStatsCollector,
@@ -41,8 +39,10 @@ from forge.metrics import (
     prepare_multiprocess_dir,
     render_multiprocess,
 )
+from forge.observability.status import snapshot
+from forge.runtime.broker import Entry, StreamBroker
+from forge.runtime.deadletter import DeadLetterQueue, build_record
 from forge.settings import Settings
-from forge.status import snapshot
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -286,7 +286,7 @@ def _run_child(code: str, metrics_dir: Path) -> str:
 
 _CHILD = """
     import os
-    from forge.metrics import Metrics, in_multiprocess_mode
+    from forge.observability.metrics import Metrics, in_multiprocess_mode
     assert in_multiprocess_mode()
     m = Metrics(gpu=False)
     m.events_received_total.labels(stream="new-data").inc(3)
@@ -343,7 +343,7 @@ def test_multiprocess_parent_in_multiprocess_mode_counts_once(tmp_path: Path) ->
     parent_code = """
         import os, sys
         from pathlib import Path
-        from forge.metrics import Metrics, render_multiprocess
+        from forge.observability.metrics import Metrics, render_multiprocess
         parent = Metrics(gpu=False)
         parent.infrastructure_errors_total.labels(component="redis").inc()
         body, _ = render_multiprocess(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]), parent)

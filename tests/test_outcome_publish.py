@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from forge.context import Context
 from forge.events import EVENT_FIELD, ModelVersion, NewData, decode_as
-from forge.registry import Message, Outcome, Succeeded
+from forge.runtime.context import Context
+from forge.runtime.handlers import Message, Outcome, Succeeded
 from tests.conftest import new_data, publish
 from tests.test_worker import completions, drain, make_worker, pending
 

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import redis
 
-from forge.context import Context
 from forge.errors import InvalidEvent
 from forge.events import (
     EVENT_FIELD,
@@ -37,6 +36,7 @@ from forge.integrations.prefect import (
     wait_for_completion,
 )
 from forge.keys import Keys
+from forge.runtime.context import Context
 from tests.support.redis_helpers import TEST_REDIS_URL
 
 RESULT = {"model_version": 3, "metrics": {"accuracy": 0.91}, "run_id": "r-1"}

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from forge.completion_wait import CompletionTimeout, wait_for_completions
-from forge.context import Context
 from forge.errors import PermanentError
 from forge.events import NewData
-from forge.registry import HandlerSpec, Message, Registry
-from forge.worker import Worker
+from forge.runtime.completion_wait import CompletionTimeout, wait_for_completions
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.worker import Worker
 from tests.conftest import new_data
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.test_cli import assert_one_line_error, run_cli

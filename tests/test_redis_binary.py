@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from forge import redis_binary
-from forge.embedded_redis import EmbeddedRedis, find_redis_server
 from forge.errors import EmbeddedServerError
-from forge.redis_binary import redis_server_version
+from forge.servers import redis_binary
+from forge.servers.embedded_redis import EmbeddedRedis, find_redis_server
+from forge.servers.redis_binary import redis_server_version
 
 
 def fake_redis_server(folder: Path, version_line: str, status: int = 0) -> Path:

@@ -6,18 +6,20 @@ import json
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
 
-from forge.context import Context, connect_redis
-from forge.embedded_redis import EmbeddedRedis
 from forge.events import NewData
-from forge.metrics import Metrics
-from forge.registry import HandlerSpec, Message, Registry
+from forge.observability.metrics import Metrics
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.worker import Worker
+from forge.servers.connect import connect_redis
+from forge.servers.embedded_redis import EmbeddedRedis
 from forge.settings import Settings
-from forge.worker import Worker
 from tests.conftest import new_data, publish
 from tests.support.redis_helpers import running, wait_for
 from tests.test_worker import completions
@@ -174,13 +176,16 @@ def test_a_worker_waits_for_postgresql_on_its_first_connection(
 
     monkeypatch.setattr(VectorStore, "open", flaky_open)
     monkeypatch.setattr(VectorStore, "close", lambda self: None)
-    ctx.settings = ctx.settings.replace(
-        postgres_url="postgresql://forge@127.0.0.1:1/forge", db_connect_wait_s=30.0
+    ctx = replace(
+        ctx,
+        settings=ctx.settings.replace(
+            postgres_url="postgresql://forge@127.0.0.1:1/forge", db_connect_wait_s=30.0
+        ),
     )
     assert isinstance(consumers.open_store(ctx), VectorStore)
     assert len(attempts) == 3
 
     attempts.clear()
-    ctx.settings = ctx.settings.replace(db_connect_wait_s=0.0)
+    ctx = replace(ctx, settings=ctx.settings.replace(db_connect_wait_s=0.0))
     with pytest.raises(psycopg.OperationalError):
         consumers.open_store(ctx)

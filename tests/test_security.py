@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -31,18 +31,19 @@ import redis
 from psycopg.conninfo import conninfo_to_dict
 from structlog.testing import capture_logs
 
-from forge.cli import cmd_worker
 from forge.cli.main import main
-from forge.context import Context, connect_redis, connect_redis_probe
-from forge.embedded_redis import find_redis_server
 from forge.errors import EmbeddedServerError
 from forge.events import NewData
-from forge.http import HealthReport, HttpServerHandle, start_http_server
-from forge.logging import configure_logging, redact_text
-from forge.metrics import Metrics
-from forge.registry import HandlerSpec, Message, Registry
+from forge.observability.http import HealthReport, HttpServerHandle, start_http_server
+from forge.observability.logging import configure_logging, redact_text
+from forge.observability.metrics import Metrics
+from forge.runtime import serve
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.worker import Worker
+from forge.servers.connect import connect_redis, connect_redis_probe
+from forge.servers.embedded_redis import find_redis_server
 from forge.settings import Settings, redact_url
-from forge.worker import Worker
 from tests.conftest import new_data, publish
 from tests.support.redis_helpers import new_prefix, wait_for
 from tests.support.tls import TlsFiles, make_tls_files
@@ -471,11 +472,14 @@ def test_worker_with_an_unreachable_postgres_password_url_leaks_nothing(ctx: Con
     password is in neither the logs nor the record."""
     from consumers import register
 
-    ctx.settings = ctx.settings.replace(
-        postgres_url=f"postgresql://forge:{SECRET}@127.0.0.1:{free_port()}/forge",
-        max_deliveries=1,
-        retry_attempts=1,
-        db_connect_wait_s=0.5,
+    ctx = replace(
+        ctx,
+        settings=ctx.settings.replace(
+            postgres_url=f"postgresql://forge:{SECRET}@127.0.0.1:{free_port()}/forge",
+            max_deliveries=1,
+            retry_attempts=1,
+            db_connect_wait_s=0.5,
+        ),
     )
     registry = Registry()
     register(registry, ctx)
@@ -528,8 +532,8 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Served:
         seen.servers.append(handle)
         return handle
 
-    monkeypatch.setattr(cmd_worker, "Worker", RecordingWorker)
-    monkeypatch.setattr(cmd_worker, "start_http_server", recording_start)
+    monkeypatch.setattr(serve, "Worker", RecordingWorker)
+    monkeypatch.setattr(serve, "start_http_server", recording_start)
     return seen
 
 
@@ -543,7 +547,7 @@ def test_the_http_endpoint_of_a_tls_worker_reveals_nothing(
     configure_logging(Settings(log_format="json", log_level="DEBUG"), logs)
     target = f"{__name__}:register_echo"
     thread = threading.Thread(
-        target=cmd_worker.serve_worker, args=(settings, tls_ctx.redis, [], [target]), daemon=True
+        target=serve.serve_worker, args=(settings, tls_ctx.redis, [], [target]), daemon=True
     )
     thread.start()
     try:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from forge import status
-from forge.context import Context
-from forge.embedded_redis import EmbeddedRedis
 from forge.keys import Keys
-from forge.metrics import Metrics
-from forge.status import count_lag, stream_status
+from forge.observability import status
+from forge.observability.metrics import Metrics
+from forge.observability.status import count_lag, stream_status
+from forge.runtime.context import Context
+from forge.servers.embedded_redis import EmbeddedRedis
 from tests.test_cli import run_cli
 from tests.test_redis_binary import bundled
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,7 @@ from sklearn.datasets import load_digits
 
 from consumers import register
 from forge.cli.main import main
-from forge.context import Context
-from forge.embedder import Embedder
+from forge.embedding.model import Embedder
 from forge.events import (
     EVENT_FIELD,
     Completion,
@@ -32,14 +32,15 @@ from forge.events import (
     TrainingRequest,
     decode_as,
 )
-from forge.registry import Registry
+from forge.runtime.context import Context
+from forge.runtime.handlers import Registry
+from forge.runtime.worker import Worker
 from forge.settings import Settings
 from forge.training.base import Dataset
 from forge.training.service import TrainingService
 from forge.training.tracking import TrainingRun, connect
 from forge.training.versions import CANDIDATE, CHAMPION, ModelRegistry
 from forge.vectorstore import Row, VectorStore
-from forge.worker import Worker
 from tests.conftest import publish
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.test_worker import dead_letters
@@ -236,7 +237,7 @@ def test_a_worker_killed_between_register_and_publish_leaves_one_version_and_one
     assert model_versions(ctx) == []  # ...but never announced
     assert pending(ctx, ctx.keys.training_requests) == 1
 
-    ctx.settings = ctx.settings.replace(claim_min_idle_s=0.2)
+    ctx = replace(ctx, settings=ctx.settings.replace(claim_min_idle_s=0.2))
     (done,) = run_until(ctx, 1)
     assert done.status == "succeeded"
     assert done.deliveries == 2
@@ -490,7 +491,7 @@ def test_predict_labels_vectors_and_texts(
         assert done.status == "succeeded", done.error
     finally:
         vector_store.drop_collection(text_collection)
-    from forge.embedding import EmbeddingService
+    from forge.embedding.service import EmbeddingService
 
     loaded = EmbeddingService.from_settings(ctx.settings, None)
     loaded.models.get_or_load(f"embedder:{embedder.name}", lambda: embedder, lambda e: 1)

@@ -6,6 +6,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -13,8 +14,8 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from forge.context import Context
 from forge.errors import ConfigError
+from forge.runtime.context import Context
 from forge.settings import Settings
 from forge.vectorstore import IndexOptions, InvalidWrite, Row, VectorStore, registry, table_name
 from forge.vectorstore import search as search_module
@@ -105,8 +106,11 @@ def test_store_from_settings_takes_the_hnsw_settings() -> None:
 def test_workers_open_their_store_with_the_hnsw_settings(pg_url: str, ctx: Context) -> None:
     from consumers import open_store
 
-    ctx.settings = ctx.settings.replace(
-        postgres_url=pg_url, hnsw_m=8, hnsw_ef_construction=32, hnsw_ef_search=100
+    ctx = replace(
+        ctx,
+        settings=ctx.settings.replace(
+            postgres_url=pg_url, hnsw_m=8, hnsw_ef_construction=32, hnsw_ef_search=100
+        ),
     )
     assert open_store(ctx).index == IndexOptions(8, 32, 100)
 

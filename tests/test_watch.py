@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.text import Text
 
 from forge.cli import cmd_watch
-from forge.context import Context
 from forge.events import Completion, ErrorInfo, Event, Status, TrainingProgress, encode, new_id
 from forge.keys import Keys
-from forge.status import GroupStatus, Snapshot, StreamStatus
+from forge.observability.status import GroupStatus, Snapshot, StreamStatus
+from forge.runtime.context import Context
 from forge.watch import WatchData, WatchOptions, collect, render
 from forge.watch.collect import CompletionRow, Throughput, TrainingRow, server_time_s, throughput
 from tests.conftest import new_data, publish

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import pytest
 import redis
 
-from forge.context import Context
-from forge.deadletter import DeadLetterQueue
 from forge.errors import InvalidEvent, PermanentError, TransientError
 from forge.events import EVENT_FIELD, Completion, DeadLetter, NewData, decode_as
-from forge.registry import HandlerSpec, Message, Outcome, Registry, Rejected, Succeeded
-from forge.worker import Worker
+from forge.runtime.context import Context
+from forge.runtime.deadletter import DeadLetterQueue
+from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry, Rejected, Succeeded
+from forge.runtime.worker import Worker
 from tests.conftest import new_data, publish
 from tests.support.redis_helpers import running, wait_for
 
@@ -46,7 +47,7 @@ def drain(worker: Worker, ctx: Context, expected_completions: int, timeout_s: fl
 
 
 def test_reads_in_batches_up_to_max_batch_size(ctx: Context) -> None:
-    ctx.settings = ctx.settings.replace(max_batch_size=4)
+    ctx = replace(ctx, settings=ctx.settings.replace(max_batch_size=4))
     sizes: list[int] = []
 
     def handle(messages: Sequence[Message[NewData]]) -> None:
@@ -63,7 +64,7 @@ def test_reads_in_batches_up_to_max_batch_size(ctx: Context) -> None:
 
 
 def test_a_handler_may_ask_for_larger_batches_than_max_batch_size(ctx: Context) -> None:
-    ctx.settings = ctx.settings.replace(max_batch_size=2)
+    ctx = replace(ctx, settings=ctx.settings.replace(max_batch_size=2))
     sizes: list[int] = []
 
     def handle(messages: Sequence[Message[NewData]]) -> None:
@@ -260,7 +261,7 @@ def test_worker_survives_redis_errors_and_recreates_a_lost_group(ctx: Context) -
 
 
 def test_backpressure_bounds_entries_awaiting_redelivery(ctx: Context) -> None:
-    ctx.settings = ctx.settings.replace(max_batch_size=2, redeliver_delay_s=5.0)
+    ctx = replace(ctx, settings=ctx.settings.replace(max_batch_size=2, redeliver_delay_s=5.0))
 
     def handle(messages: Sequence[Message[NewData]]) -> None:
         raise RuntimeError("down")

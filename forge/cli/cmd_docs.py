@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from forge import asyncapi, configdoc
+from forge.contracts import asyncapi, configdoc
 from forge.errors import ConfigError
 from forge.settings import Settings
 

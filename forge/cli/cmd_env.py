@@ -14,9 +14,9 @@ import shlex
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from forge.embedded_postgres import running_postgres_url
-from forge.embedded_redis import EmbeddedRedis
 from forge.errors import ConfigError
+from forge.servers.embedded_postgres import running_postgres_url
+from forge.servers.embedded_redis import EmbeddedRedis
 from forge.settings import Settings
 
 _NOT_RUNNING = "start 'forge worker' (with REDIS_URL and POSTGRES_URL unset) first"

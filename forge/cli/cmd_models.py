@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from forge.cli.output import print_json, print_table, shorten
-from forge.embedding import EmbeddingService
+from forge.embedding.service import EmbeddingService
 from forge.errors import ConfigError, ForgeError
 from forge.settings import Settings
 from forge.training.versions import CANDIDATE, CHAMPION, ModelRegistry, VersionInfo

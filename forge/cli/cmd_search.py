@@ -6,9 +6,9 @@ import argparse
 from typing import Any
 
 from forge.cli.output import print_json, print_table, shorten
-from forge.embedded_postgres import resolve_postgres_url
-from forge.embedding import EmbeddingService
-from forge.search import Searcher, parse_filters
+from forge.embedding.search import Searcher, parse_filters
+from forge.embedding.service import EmbeddingService
+from forge.servers.embedded_postgres import resolve_postgres_url
 from forge.settings import Settings
 from forge.vectorstore import VectorStore
 

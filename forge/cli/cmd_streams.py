@@ -11,22 +11,18 @@ from typing import Any
 
 import msgspec
 
-from forge.broker import StreamBroker, is_entry_id
 from forge.cli.output import print_json, print_table, shorten
-from forge.cli.runtime import open_redis, redis_location, worker_may_be_running
-from forge.completion_wait import completions_position, wait_for_completions
-from forge.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
+from forge.cli.runtime import redis_location, worker_may_be_running
+from forge.contracts.schemas import drift, export
 from forge.errors import ConfigError, ForgeError, InvalidEvent, UsageError
 from forge.events import INPUT_STREAM_EVENTS, Completion, DeadLetter, Decoder, utcnow
 from forge.keys import Keys
-from forge.schemas import drift, export
+from forge.observability.status import snapshot
+from forge.runtime.broker import StreamBroker, is_entry_id
+from forge.runtime.completion_wait import completions_position, wait_for_completions
+from forge.runtime.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
+from forge.servers.endpoints import open_redis
 from forge.settings import Settings
-from forge.status import snapshot
-
-
-def _keys(settings: Settings) -> Keys:
-    return Keys(prefix=settings.stream_prefix, group=settings.group)
-
 
 # ---------------------------------------------------------------------- publish
 
@@ -82,7 +78,7 @@ def validate_for_stream(keys: Keys, stream: str, items: list[dict[str, Any]]) ->
 
 
 def run_publish(args: argparse.Namespace, settings: Settings) -> int:
-    keys = _keys(settings)
+    keys = Keys.from_settings(settings)
     stream = keys.resolve(args.stream)
     payloads = validate_for_stream(keys, stream, parse_events(read_source(args.source)))
     if args.wait and not worker_may_be_running(settings):
@@ -137,7 +133,7 @@ def _completion_line(completion: Completion) -> str:
 
 
 def run_status(args: argparse.Namespace, settings: Settings) -> int:
-    keys = _keys(settings)
+    keys = Keys.from_settings(settings)
     where = _redis_origin(settings)
     with open_redis(settings) as (client, used):
         snap = snapshot(client, keys)
@@ -231,7 +227,8 @@ def _selected(dlq: DeadLetterQueue, args: argparse.Namespace) -> list[DeadLetter
 
 
 def _dlq(client: Any, settings: Settings) -> DeadLetterQueue:
-    return DeadLetterQueue(StreamBroker(client, _keys(settings), maxlen=settings.stream_maxlen))
+    keys = Keys.from_settings(settings)
+    return DeadLetterQueue(StreamBroker(client, keys, maxlen=settings.stream_maxlen))
 
 
 def run_dlq_list(args: argparse.Namespace, settings: Settings) -> int:

@@ -13,8 +13,8 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
-from forge.cli.runtime import open_redis
 from forge.keys import Keys
+from forge.servers.endpoints import open_redis
 from forge.settings import Settings
 from forge.watch import WatchOptions, collect, render
 
@@ -57,7 +57,7 @@ def add_watch_parser(sub: Any) -> None:
 
 
 def run_watch(args: argparse.Namespace, settings: Settings) -> int:
-    keys = Keys(prefix=settings.stream_prefix, group=settings.group)
+    keys = Keys.from_settings(settings)
     options = WatchOptions(rows=args.rows, window_s=args.window_s, stale_s=args.stale_s)
     with open_redis(settings) as (client, _):
         if args.once:

@@ -19,7 +19,7 @@ import redis
 
 from forge import __version__
 from forge.errors import ForgeError, UsageError
-from forge.logging import configure_logging, redact_text
+from forge.observability.logging import configure_logging, redact_text
 from forge.settings import Settings
 
 EXIT_ERROR = 1

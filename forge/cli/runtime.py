@@ -1,34 +1,12 @@
-"""Opening connections for commands: the configured Redis, or the embedded one."""
+"""What commands tell about the Redis in use: whether a worker may read it, and where
+it is."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import redis
-
-from forge.context import connect_redis
-from forge.embedded_redis import EmbeddedRedis, resolve_redis_url
+from forge.servers.embedded_redis import EmbeddedRedis
 from forge.settings import Settings
-
-
-@contextmanager
-def open_redis(settings: Settings) -> Iterator[tuple[redis.Redis, Settings]]:
-    """A connected client and the settings with the URL actually used.
-
-    With ``REDIS_URL`` unset this starts (or joins) the embedded redis-server and stops
-    it on exit if this process started it.
-    """
-    url, embedded = resolve_redis_url(settings)
-    client = connect_redis(url)
-    try:
-        client.ping()
-        yield client, settings.replace(redis_url=url)
-    finally:
-        client.close()
-        if embedded is not None:
-            embedded.stop()
 
 
 def worker_may_be_running(settings: Settings) -> bool:

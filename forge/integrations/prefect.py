@@ -27,12 +27,12 @@ from typing import Any
 
 import redis
 
-from forge.broker import StreamBroker
 from forge.cli.cmd_streams import validate_for_stream
-from forge.cli.runtime import open_redis
 from forge.errors import ForgeError, InvalidEvent
 from forge.events import EVENT_FIELD, Completion, Decoder, ErrorInfo, new_id
 from forge.keys import Keys
+from forge.runtime.broker import StreamBroker
+from forge.servers.endpoints import open_redis
 from forge.settings import Settings
 
 # Longest single XREAD block: a timeout is noticed at most this late.
@@ -90,7 +90,7 @@ def publish_and_wait(
     anything) when the request does not validate.
     """
     settings = _settings(settings, redis_url)
-    keys = Keys(prefix=settings.stream_prefix, group=settings.group)
+    keys = Keys.from_settings(settings)
     request: dict[str, Any] = {
         **request_fields,
         "type": "training-request",

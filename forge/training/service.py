@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from forge.embedding.model_cache import ModelCache
 from forge.errors import PermanentError
 from forge.events import ModelVersion, TrainingProgress, TrainingRequest
-from forge.model_cache import ModelCache
 from forge.settings import Settings
 from forge.training import artifacts
 from forge.training.base import (

@@ -16,7 +16,7 @@ import redis
 
 from forge.events import Completion, TrainingProgress
 from forge.keys import Keys
-from forge.status import Snapshot, snapshot
+from forge.observability.status import Snapshot, snapshot
 
 
 @dataclass(frozen=True, slots=True)

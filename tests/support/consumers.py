@@ -6,9 +6,9 @@ import os
 import time
 from collections.abc import Sequence
 
-from forge.context import Context
 from forge.events import NewData
-from forge.registry import HandlerSpec, Message, Outcome, Registry, Succeeded
+from forge.runtime.context import Context
+from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry, Succeeded
 
 
 def register_slow(registry: Registry, ctx: Context) -> None:

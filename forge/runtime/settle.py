@@ -9,8 +9,8 @@ from typing import Any
 
 import msgspec
 
-from forge.broker import Entry
 from forge.events import Completion, ErrorInfo, Status, Timings
+from forge.runtime.broker import Entry
 
 
 class DoneMarker(msgspec.Struct):

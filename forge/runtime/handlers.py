@@ -19,7 +19,7 @@ from forge.errors import ConfigError
 from forge.events import ErrorInfo, Event
 
 if TYPE_CHECKING:
-    from forge.context import Context
+    from forge.runtime.context import Context
 
 E = TypeVar("E", bound=Event)
 ENTRY_POINT_GROUP = "forge.consumers"

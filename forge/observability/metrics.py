@@ -22,7 +22,7 @@ whether instruments keep their values in memory or in per-process mmap files und
 * Children must be fresh interpreters that get the variable in their environment
   before they import prometheus_client: ``subprocess`` with ``env=``, or
   ``multiprocessing`` with the *spawn* context after setting
-  ``os.environ[MULTIPROC_DIR_ENV]`` in the parent (what ``forge.supervisor`` does).
+  ``os.environ[MULTIPROC_DIR_ENV]`` in the parent (what ``forge.runtime.supervisor`` does).
   Not *fork*: a forked child inherits the parent's in-memory value class and its
   metrics would never reach the files.
 * Children build ``Metrics`` as usual and serve nothing. Their scrape-time collectors
@@ -62,7 +62,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from forge.keys import Keys
-from forge.status import Snapshot, snapshot
+from forge.observability.status import Snapshot, snapshot
 
 log = structlog.get_logger(__name__)
 
@@ -205,7 +205,8 @@ class Metrics:
 
 
 class StreamStatsCollector:
-    """Reads what ``forge status`` shows (via ``forge.status``) at scrape time; never raises.
+    """Reads what ``forge status`` shows (``observability.status``) at scrape time;
+    never raises.
 
     That includes the dead-letter replay count: replays are made by ``forge dlq
     replay``, a process Prometheus never scrapes, so the count is Redis's, reported as
@@ -258,7 +259,8 @@ class StreamStatsCollector:
             length.add_metric([label], status.length)
             for group in status.groups:
                 # None when Redis 7 cannot tell (entries deleted mid-stream) or a Redis 6.2
-                # backlog is too long to count (forge.status): no sample beats a guess.
+                # backlog is too long to count (observability.status): no sample beats a
+                # guess.
                 if group.lag is not None:
                     lag.add_metric([label, group.name], group.lag)
                 pending.add_metric([label, group.name], group.pending)

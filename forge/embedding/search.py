@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from forge.embedding import EmbeddingService
+from forge.embedding.service import EmbeddingService
 from forge.errors import ConfigError
 from forge.vectorstore import Hit, VectorStore
 

@@ -20,14 +20,14 @@ import msgspec
 import structlog
 from prometheus_client import Counter
 
-from forge.broker import Entry, Settlement
-from forge.completion import BatchTiming, DoneMarker, decode_marker, marker_bytes, public_error
-from forge.context import Context
-from forge.deadletter import DeadLetterQueue, build_record, error_info, sniff_event_id
 from forge.errors import InvalidEvent, PermanentError
 from forge.events import Completion, Decoder, ErrorInfo, Event, Status, new_id, utcnow
-from forge.registry import Failed, HandlerSpec, Message, Outcome, Rejected, Succeeded
-from forge.retry import Retrier
+from forge.runtime.broker import Entry, Settlement
+from forge.runtime.context import Context
+from forge.runtime.deadletter import DeadLetterQueue, build_record, error_info, sniff_event_id
+from forge.runtime.handlers import Failed, HandlerSpec, Message, Outcome, Rejected, Succeeded
+from forge.runtime.retry import Retrier
+from forge.runtime.settle import BatchTiming, DoneMarker, decode_marker, marker_bytes, public_error
 
 log = structlog.get_logger(__name__)
 

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 import redis
 
-from forge.embedder import Embedder
-from forge.embedding_cache import EmbeddingCache, Encoded, encode_cached
+from forge.embedding.cache import EmbeddingCache, Encoded, encode_cached
+from forge.embedding.model import Embedder
+from forge.embedding.model_cache import ModelCache
 from forge.errors import InvalidEvent
-from forge.metrics import Metrics
-from forge.model_cache import ModelCache
+from forge.observability.metrics import Metrics
 from forge.settings import Settings
 from forge.vectorstore import VectorStore
 

@@ -68,7 +68,7 @@ class EmbeddingCache:
         on_hit: Counter | None = None,
         on_miss: Counter | None = None,
     ) -> EmbeddingCache:
-        keys = Keys(prefix=settings.stream_prefix, group=settings.group)
+        keys = Keys.from_settings(settings)
         return cls(client, keys, settings.cache_ttl_s, on_hit=on_hit, on_miss=on_miss)
 
     def key(self, model_id: str, text: str) -> str:

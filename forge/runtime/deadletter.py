@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import msgspec
 
-from forge.broker import Entry, StreamBroker
 from forge.errors import InvalidEvent
 from forge.events import EVENT_FIELD, DeadLetter, ErrorInfo, decode_as, new_id, utcnow
-from forge.logging import redact_text
+from forge.observability.logging import redact_text
+from forge.runtime.broker import Entry, StreamBroker
 
 _MAX_TRACEBACK_CHARS = 8_000
 FILTER_FIELDS = ("source_stream", "source_id", "error_type", "error", "consumer")

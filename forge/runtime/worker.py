@@ -27,12 +27,12 @@ import redis
 import structlog
 from prometheus_client import Counter
 
-from forge.broker import Entry
-from forge.context import Context
-from forge.lease import LeaseKeeper
-from forge.processing import BatchProcessor, BatchResult
-from forge.registry import Registry
-from forge.retry import Retrier
+from forge.runtime.broker import Entry
+from forge.runtime.context import Context
+from forge.runtime.handlers import Registry
+from forge.runtime.lease import LeaseKeeper
+from forge.runtime.processing import BatchProcessor, BatchResult
+from forge.runtime.retry import Retrier
 
 log = structlog.get_logger(__name__)
 

@@ -8,6 +8,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
 
@@ -18,11 +19,27 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     Without it a SIGKILLed Forge would leave its children (embedded servers, worker
     processes) running on their own.
     """
+    if sys.platform == "linux":
+        _set_parent_death_signal(_prctl(), int(sig), os.getppid())
+
+
+def die_with_parent_preexec(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """The same for a child about to be started: a ``preexec_fn`` for ``Popen`` (None
+    where there is no prctl). The library is looked up before the fork: loading one in
+    the forked child could deadlock."""
     if sys.platform != "linux":
-        return
-    parent_pid = os.getppid()
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    if prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return None
+    prctl, parent_pid = _prctl(), os.getpid()
+    return lambda: _set_parent_death_signal(prctl, int(sig), parent_pid)
+
+
+def _prctl() -> Callable[..., int]:
+    prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    return prctl
+
+
+def _set_parent_death_signal(prctl: Callable[..., int], sig: int, parent_pid: int) -> None:
+    if prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
         os._exit(1)  # the parent died before prctl took effect; the signal would never come

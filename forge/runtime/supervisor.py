@@ -20,16 +20,19 @@ from types import FrameType
 
 import structlog
 
-from forge.context import connect_redis, connect_redis_probe
-from forge.http import HealthReport, start_http_server
 from forge.keys import Keys
-from forge.metrics import (
+from forge.observability.http import HealthReport, start_http_server
+from forge.observability.logging import configure_logging
+from forge.observability.metrics import (
     MULTIPROC_DIR_ENV,
     Metrics,
     mark_worker_dead,
     prepare_multiprocess_dir,
     render_multiprocess,
 )
+from forge.runtime.serve import serve_worker
+from forge.servers.connect import connect_redis, connect_redis_probe
+from forge.servers.proc import die_with_parent
 from forge.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -43,9 +46,6 @@ def _child_main(
     index: int,
     beats: SynchronizedArray[float],
 ) -> None:
-    from forge.cli.cmd_worker import serve_worker
-    from forge.logging import configure_logging
-    from forge.proc import die_with_parent
 
     os.setpgid(0, 0)
     die_with_parent(signal.SIGTERM)
@@ -76,7 +76,7 @@ class Supervisor:
         # Children's instruments arrive through files; what is read from Redis at scrape
         # time (lag, pending, dead-letter depth) and from the GPU is the parent's to report.
         self._metrics = Metrics()
-        keys = Keys(prefix=settings.stream_prefix, group=settings.group)
+        keys = Keys.from_settings(settings)
         # All input streams, as a single-process worker reports (see serve_worker).
         self._metrics.watch_streams(lambda: self._redis, keys, keys.input_streams)
 

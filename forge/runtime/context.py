@@ -10,13 +10,11 @@ from dataclasses import dataclass, field
 
 import redis
 import structlog
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
-from forge.broker import StreamBroker
 from forge.events import Event
 from forge.keys import Keys
-from forge.metrics import Metrics
+from forge.observability.metrics import Metrics
+from forge.runtime.broker import StreamBroker
 from forge.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -27,35 +25,26 @@ def make_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def connect_redis(url: str) -> redis.Redis:
-    """A client whose pool reconnects on its own; the worker adds backoff around it."""
-    # TCP keepalive notices a peer that vanished without closing; unix sockets have none.
-    tcp = {"socket_keepalive": True} if not url.startswith("unix:") else {}
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30, **tcp)
-
-
-def connect_redis_probe(url: str) -> redis.Redis:
-    """A client for health checks and scrapes: fails in about a second, no retries.
-
-    redis-py's default retries take seconds against a dead server, longer than a
-    Kubernetes probe waits, and a probe must report the outage, not ride it out.
-    """
-    return redis.Redis.from_url(
-        url, socket_connect_timeout=1, socket_timeout=1, retry=Retry(NoBackoff(), 0)
-    )
-
-
-@dataclass
+@dataclass(frozen=True)
 class Context:
+    """Immutable: ``keys`` and ``broker`` are derived from ``settings`` once, so they
+    cannot disagree with it. For other settings make a new one with
+    ``dataclasses.replace(ctx, settings=...)``, which derives them again."""
+
     settings: Settings
     redis: redis.Redis
     metrics: Metrics
     consumer: str = field(default_factory=make_consumer_name)
-    _closers: list[Callable[[], None]] = field(default_factory=list)
+    keys: Keys = field(init=False)
+    broker: StreamBroker = field(init=False)
+    _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
-        self.keys = Keys(prefix=self.settings.stream_prefix, group=self.settings.group)
-        self.broker = StreamBroker(self.redis, self.keys, maxlen=self.settings.stream_maxlen)
+        keys = Keys.from_settings(self.settings)
+        # A frozen dataclass sets its own derived fields through object.__setattr__.
+        object.__setattr__(self, "keys", keys)
+        broker = StreamBroker(self.redis, keys, maxlen=self.settings.stream_maxlen)
+        object.__setattr__(self, "broker", broker)
 
     def publish(self, stream: str, event: Event) -> str:
         """Publish an event to an output stream (trimmed)."""

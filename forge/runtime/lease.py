@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import structlog
 
-from forge.broker import StreamBroker
+from forge.runtime.broker import StreamBroker
 
 log = structlog.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """From a batch of stream entries to the records settling turns into one transaction.
 
-Each entry gets a ``Record``, and each step fills records in, in this order:
+Each entry gets an ``EntryRecord``, and each step fills records in, in this order:
 
 1. screen: an entry out of deliveries is exhausted, an invalid one rejected (both
    decided at once, without the handler); the others are decoded for the handler;
@@ -39,14 +39,19 @@ from forge.runtime.settle import (
     BatchResult,
     BatchTiming,
     DeliveryFailed,
+    EntryRecord,
     Exhausted,
-    Record,
     Settler,
     Verdict,
     decode_marker,
 )
 
 log = structlog.get_logger(__name__)
+
+# Records whose message goes to the handler, with that message.
+Fresh = list[tuple[EntryRecord, Message[Any]]]
+# Records of an event seen earlier in the batch, with the record of its first entry.
+Echoes = list[tuple[EntryRecord, EntryRecord]]
 
 # What a handler returning None gives every message: frozen, so one serves them all.
 _SUCCEEDED = Succeeded()
@@ -93,16 +98,16 @@ class BatchProcessor:
 
     # ------------------------------------------------------------------ screening
 
-    def _screen(self, entry: Entry) -> Record:
+    def _screen(self, entry: Entry) -> EntryRecord:
         """The entry's record: with a message for the handler, or with the verdict it
         gets without one (and the time of it: its timings do not wait for the handler)."""
         if entry.deliveries > self._max_deliveries:
-            return Record(entry, verdict=self._exhausted(entry), decided_at=self._clock())
+            return EntryRecord(entry, verdict=self._exhausted(entry), decided_at=self._clock())
         try:
             event = self._decode(entry)
         except InvalidEvent as exc:
-            return Record(entry, verdict=Rejected(error_info(exc)), decided_at=self._clock())
-        return Record(entry, Message(event, entry.stream, entry.entry_id, entry.deliveries))
+            return EntryRecord(entry, verdict=Rejected(error_info(exc)), decided_at=self._clock())
+        return EntryRecord(entry, Message(event, entry.stream, entry.entry_id, entry.deliveries))
 
     def _decode(self, entry: Entry) -> Event:
         payload, limit = entry.payload, self._max_payload_bytes
@@ -128,9 +133,7 @@ class BatchProcessor:
 
     # ------------------------------------------------------------------ idempotency
 
-    def _find_duplicates(
-        self, stream: str, records: list[Record]
-    ) -> tuple[list[tuple[Record, Message[Any]]], list[tuple[Record, Record]]]:
+    def _find_duplicates(self, stream: str, records: list[EntryRecord]) -> tuple[Fresh, Echoes]:
         """The records with a message that is not a duplicate (for the handler), and
         the duplicates of an earlier record of this batch, each with that record.
         Duplicates of an event done before get their verdict from its stored marker."""
@@ -139,9 +142,9 @@ class BatchProcessor:
         for record, message in decoded:
             record.marker_key = keys.done(stream, message.event.id)
         stored = self.ctx.broker.done_results([r.marker_key for r, _ in decoded])
-        fresh: list[tuple[Record, Message[Any]]] = []
-        echoes: list[tuple[Record, Record]] = []
-        first_seen: dict[str, Record] = {}
+        fresh: Fresh = []
+        echoes: Echoes = []
+        first_seen: dict[str, EntryRecord] = {}
         for (record, message), raw in zip(decoded, stored, strict=True):
             first = first_seen.get(message.event.id)
             if raw is not None:
@@ -157,7 +160,7 @@ class BatchProcessor:
 
     # ------------------------------------------------------------------ handling
 
-    def _handle(self, fresh: list[tuple[Record, Message[Any]]]) -> float:
+    def _handle(self, fresh: Fresh) -> float:
         """Run the handler on the fresh messages and give each record its verdict;
         returns the seconds it took."""
         if not fresh:
@@ -205,7 +208,7 @@ class BatchProcessor:
             observer.redeliveries_scheduled(stream, len(result.failed))
 
 
-def _exhaust_last_delivery(record: Record, max_deliveries: int) -> None:
+def _exhaust_last_delivery(record: EntryRecord, max_deliveries: int) -> None:
     """A failure on the last allowed delivery dead-letters the entry now."""
     verdict = record.verdict
     if isinstance(verdict, DeliveryFailed) and record.entry.deliveries >= max_deliveries:

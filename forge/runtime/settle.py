@@ -47,7 +47,7 @@ Verdict = Outcome | DeliveryFailed | Exhausted
 
 
 @dataclass(slots=True)
-class Record:
+class EntryRecord:
     """One entry's way through its batch; processing fills it in, settling reads it."""
 
     entry: Entry
@@ -82,7 +82,7 @@ class BatchTiming:
     finished: float
     finished_at: datetime
 
-    def timings(self, record: Record) -> Timings:
+    def timings(self, record: EntryRecord) -> Timings:
         """The record's timings: those of the batch, unless its verdict never waited
         for the handler (then no handler time, and done when decided)."""
         arrived = record.entry.arrived_at_s
@@ -107,7 +107,7 @@ class Settler:
         # Outlives any redelivery of the entry: reclaims come after claim_min_idle_s.
         self._last_error_ttl_s = max(int(ctx.settings.claim_min_idle_s * 10), 3600)
 
-    def settle(self, records: Sequence[Record], timing: BatchTiming) -> BatchResult:
+    def settle(self, records: Sequence[EntryRecord], timing: BatchTiming) -> BatchResult:
         result = BatchResult()
         replays = self._replay_counts(records)
         for record in records:
@@ -123,7 +123,7 @@ class Settler:
     def _finish(
         self,
         result: BatchResult,
-        record: Record,
+        record: EntryRecord,
         verdict: Outcome | Exhausted,
         timing: BatchTiming,
         replays: dict[str, int],
@@ -150,10 +150,10 @@ class Settler:
         self, settlement: Settlement, entry: Entry, error: ErrorInfo, replays: int
     ) -> None:
         keys = self._keys
-        record = build_record(
+        dead = build_record(
             entry, error, group=keys.group, consumer=self._consumer, replays=replays
         )
-        settlement.publish(keys.dead_letter, record)
+        settlement.publish(keys.dead_letter, dead)
 
     def _leave_pending(self, result: BatchResult, entry: Entry, error: ErrorInfo) -> None:
         """Keep the error so the eventual dead-letter record says what went wrong, even
@@ -169,7 +169,7 @@ class Settler:
             error=f"{error.type}: {error.message}",
         )
 
-    def _replay_counts(self, records: Sequence[Record]) -> dict[str, int]:
+    def _replay_counts(self, records: Sequence[EntryRecord]) -> dict[str, int]:
         """How often each event about to be dead-lettered was replayed before."""
         ids = [
             sniff_event_id(r.entry.payload) or ""
@@ -180,7 +180,7 @@ class Settler:
         return dict(zip(ids, self._broker.dead_letter_replay_counts(ids), strict=True))
 
     def _completion(
-        self, record: Record, verdict: Outcome | Exhausted, timing: BatchTiming
+        self, record: EntryRecord, verdict: Outcome | Exhausted, timing: BatchTiming
     ) -> Completion:
         status: Status
         if isinstance(verdict, Succeeded):

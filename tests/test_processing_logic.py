@@ -381,6 +381,20 @@ def test_only_entries_that_waited_for_the_handler_get_its_time(ctx: Context) -> 
         assert done[skipped.entry_id].timings == Timings(queue_s=1.0, handler_s=0.0, total_s=1.0)
 
 
+def test_a_duplicate_answered_from_its_marker_gets_no_handler_time(ctx: Context) -> None:
+    ctx.redis.set(ctx.keys.done(ctx.keys.new_data, "old"), marker_value("succeeded"))
+    clock = FakeClock(ARRIVED_S + 1.0)
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        clock.now_s += 5.0
+
+    old, new = entry(ctx, 0, good("old")), entry(ctx, 1, good("new"))
+    done = completions(ctx, process(ctx, handle, [old, new], clock=clock))
+    assert done[new.entry_id].timings.handler_s > 0.0
+    # Answered before the handler ran: no handler time, done when answered.
+    assert done[old.entry_id].timings == Timings(queue_s=1.0, handler_s=0.0, total_s=1.0)
+
+
 def marker_value(status: str) -> bytes:
     return msgspec.json.encode(DoneMarker(status))  # type: ignore[arg-type]
 

@@ -142,6 +142,7 @@ class BatchProcessor:
         for record, message in decoded:
             record.marker_key = keys.done(stream, message.event.id)
         stored = self.ctx.broker.done_results([r.marker_key for r, _ in decoded])
+        answered_at = self._clock()
         fresh: Fresh = []
         echoes: Echoes = []
         first_seen: dict[str, EntryRecord] = {}
@@ -150,6 +151,8 @@ class BatchProcessor:
             if raw is not None:
                 record.duplicate = True
                 record.verdict = _marker_verdict(raw)
+                # Answered without the handler, like a rejected entry.
+                record.decided_at = answered_at
             elif first is not None:
                 record.duplicate = True
                 echoes.append((record, first))

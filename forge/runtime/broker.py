@@ -5,7 +5,8 @@ door of the runtime to Redis. Every command the worker, batch processing, settle
 leases, the dead-letter queue and ``publish --wait`` send is a method here, so what
 Forge does in Redis (which commands, which keys, what runs in one MULTI/EXEC) is read
 in one module. Handlers keep their own connection (``Context.redis``) for their own
-keys, such as the embedding cache.
+keys, such as the embedding cache; health checks and scrape-time stream stats use a
+probe connection of their own (``forge.observability``).
 
 The delivery count that decides dead-lettering is always Redis's own (XPENDING's
 ``times_delivered``), never one the application keeps.

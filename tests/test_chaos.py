@@ -133,8 +133,7 @@ def test_entries_settled_by_another_worker_meanwhile_are_not_completed_twice(
     assert completions(ctx) == []
     assert pending(ctx) == 2  # e1 and e2 wait for a reclaim, which completes them once
     monkeypatch.setattr(worker.ctx.broker, "settle", original)
-    worker.settings = ctx.settings.replace(claim_min_idle_s=0.001)
-    worker.ctx = replace(worker.ctx, settings=worker.settings)
+    worker.source.settings = ctx.settings.replace(claim_min_idle_s=0.001)
     time.sleep(ctx.settings.reclaim_interval_s)  # the next reclaim is due
     worker.run_once()
     assert sorted(c.source_id for c in completions(ctx)) == ["e1", "e2"]
@@ -200,8 +199,7 @@ def test_reclaims_respect_the_redelivery_backlog_limit(ctx: Context) -> None:
     assert len(_held(ctx, ctx.consumer)) == 16
     # Now the dead worker's entries are reclaimable and a reclaim is due: it must wait
     # for the backlog to drain (its redeliveries are a minute away).
-    worker.settings = ctx.settings.replace(claim_min_idle_s=0.001)
-    worker.ctx = replace(worker.ctx, settings=worker.settings)
+    worker.source.settings = ctx.settings.replace(claim_min_idle_s=0.001)
     time.sleep(ctx.settings.reclaim_interval_s)
     for _ in range(5):
         worker.run_once()

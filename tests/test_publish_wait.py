@@ -11,6 +11,7 @@ import redis
 
 from forge.errors import PermanentError
 from forge.events import NewData
+from forge.runtime.broker import StreamBroker
 from forge.runtime.completion_wait import CompletionTimeout, wait_for_completions
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Message, Registry
@@ -115,8 +116,7 @@ def test_a_long_wait_outlasts_the_socket_timeout(ctx: Context) -> None:
     client = redis.Redis.from_url(TEST_REDIS_URL, socket_timeout=1.5)
     with pytest.raises(CompletionTimeout, match="after 2s"):
         wait_for_completions(
-            client,
-            ctx.keys,
+            StreamBroker(client, ctx.keys, maxlen=ctx.settings.stream_maxlen),
             ctx.keys.new_data,
             {"1-1": "e1"},
             since_id="0-0",

@@ -87,16 +87,15 @@ def run_publish(args: argparse.Namespace, settings: Settings) -> int:
             f"{settings.home_dir} (start one first, or publish without --wait)"
         )
     with open_redis(settings) as (client, _):
-        # Taken before publishing, so that no completion can come before it.
-        since_id = completions_position(client, keys) if args.wait else None
         broker = StreamBroker(client, keys, maxlen=settings.stream_maxlen)
+        # Taken before publishing, so that no completion can come before it.
+        since_id = completions_position(broker) if args.wait else None
         published = {broker.publish_raw(stream, p): _event_id(p) for p in payloads}
         if since_id is None:
             sys.stdout.write("".join(f"{entry_id}\n" for entry_id in published))
             return 0
         outcomes = wait_for_completions(
-            client,
-            keys,
+            broker,
             stream,
             published,
             since_id=since_id,

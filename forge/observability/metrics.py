@@ -1,4 +1,5 @@
-"""Prometheus metrics: the instruments the runtime updates, and scrape-time collectors.
+"""Prometheus metrics: Forge's instruments, and scrape-time collectors. The runtime
+updates its instruments through ``runtime_metrics.PrometheusObserver``, handlers theirs.
 
 Every ``Metrics`` owns its own ``CollectorRegistry`` (never the global one), so tests
 and embedded uses can build as many as they like. ``stream`` labels carry short stream

@@ -1,7 +1,13 @@
 """Redis Streams operations the runtime needs, and nothing else.
 
 Forge serves Redis Streams only, so this is not a generic broker layer: it is the one
-place that knows XREADGROUP, XAUTOCLAIM, XCLAIM and XACK and how Forge uses them.
+door of the runtime to Redis. Every command the worker, batch processing, settlement,
+leases, the dead-letter queue and ``publish --wait`` send is a method here, so what
+Forge does in Redis (which commands, which keys, what runs in one MULTI/EXEC) is read
+in one module. Handlers keep their own connection (``Context.redis``) for their own
+keys, such as the embedding cache; health checks and scrape-time stream stats use a
+probe connection of their own (``forge.observability``).
+
 The delivery count that decides dead-lettering is always Redis's own (XPENDING's
 ``times_delivered``), never one the application keeps.
 """
@@ -59,6 +65,10 @@ class Settlement:
         return bool(self.acks or self.publishes or self.writes)
 
 
+# An entry id and its fields, as XRANGE and XREAD return them.
+RawEntry = tuple[str, dict[bytes, bytes]]
+
+
 def _decode_id(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -67,7 +77,7 @@ class StreamBroker:
     """Consumer-group operations on Forge's streams for one Redis connection pool."""
 
     def __init__(self, client: redis.Redis, keys: Keys, *, maxlen: int) -> None:
-        self.client = client
+        self._client = client
         self.keys = keys
         self.maxlen = maxlen
 
@@ -77,7 +87,7 @@ class StreamBroker:
         """Create the consumer group on each stream (from its start) if missing."""
         for stream in streams:
             try:
-                self.client.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
+                self._client.xgroup_create(stream, self.keys.group, id="0", mkstream=True)
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
@@ -90,10 +100,20 @@ class StreamBroker:
         and look dead; XGROUP CREATECONSUMER lists it from the start.
         """
         self.ensure_groups(streams)
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self._client.pipeline(transaction=False)
         for stream in streams:
             pipe.xgroup_createconsumer(stream, self.keys.group, consumer)
         pipe.execute()
+
+    def forget_consumer(self, streams: Sequence[str], consumer: str) -> None:
+        """Remove ``consumer`` from the group of each stream where it holds nothing, so
+        XINFO lists only consumers that exist (or still hold entries to reclaim)."""
+        for stream in streams:
+            pending: Any = self._client.xpending_range(
+                stream, self.keys.group, "-", "+", 1, consumername=consumer
+            )
+            if not pending:
+                self._client.xgroup_delconsumer(stream, self.keys.group, consumer)
 
     # ------------------------------------------------------------------ reading
 
@@ -101,7 +121,7 @@ class StreamBroker:
         self, streams: Sequence[str], consumer: str, count: int, block_ms: int | None
     ) -> list[Entry]:
         """New entries for this consumer (XREADGROUP ``>``); each is a first delivery."""
-        reply: Any = self.client.xreadgroup(
+        reply: Any = self._client.xreadgroup(
             self.keys.group, consumer, dict.fromkeys(streams, ">"), count=count, block=block_ms
         )
         entries: list[Entry] = []
@@ -114,7 +134,7 @@ class StreamBroker:
 
     def claim_stale(self, stream: str, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
         """Take over entries whose holder has been silent for ``min_idle_ms`` (XAUTOCLAIM)."""
-        reply: Any = self.client.xautoclaim(
+        reply: Any = self._client.xautoclaim(
             stream,
             self.keys.group,
             consumer,
@@ -129,7 +149,7 @@ class StreamBroker:
         """Redeliver this consumer's failed entries to itself; Redis counts a new delivery."""
         if not entry_ids:
             return []
-        reply: Any = self.client.xclaim(stream, self.keys.group, consumer, 0, list(entry_ids))
+        reply: Any = self._client.xclaim(stream, self.keys.group, consumer, 0, list(entry_ids))
         claimed = [(_decode_id(eid), fields or {}) for eid, fields in reply]
         return self._with_delivery_counts(stream, consumer, claimed)
 
@@ -139,7 +159,7 @@ class StreamBroker:
         if not claimed:
             return []
         ids = [eid for eid, _ in claimed]
-        pending: Any = self.client.xpending_range(
+        pending: Any = self._client.xpending_range(
             stream,
             self.keys.group,
             min=min(ids, key=_id_key),
@@ -156,13 +176,13 @@ class StreamBroker:
         JUSTID makes XCLAIM leave the delivery count alone.
         """
         if entry_ids:
-            self.client.xclaim(stream, self.keys.group, consumer, 0, list(entry_ids), justid=True)
+            self._client.xclaim(stream, self.keys.group, consumer, 0, list(entry_ids), justid=True)
 
     # ------------------------------------------------------------------ writing
 
     def publish(self, stream: str, event: Event) -> str:
         """XADD one event to an output stream, trimmed to about ``maxlen`` entries."""
-        entry_id: Any = self.client.xadd(
+        entry_id: Any = self._client.xadd(
             stream, {EVENT_FIELD: encode(event)}, maxlen=self.maxlen, approximate=True
         )
         return _decode_id(entry_id)
@@ -170,7 +190,7 @@ class StreamBroker:
     def publish_raw(self, stream: str, payload: bytes, *, trim: bool = False) -> str:
         """XADD a payload as is (publishing to input streams, replaying dead letters)."""
         maxlen = self.maxlen if trim else None
-        entry_id: Any = self.client.xadd(
+        entry_id: Any = self._client.xadd(
             stream, {EVENT_FIELD: payload}, maxlen=maxlen, approximate=True
         )
         return _decode_id(entry_id)
@@ -186,7 +206,7 @@ class StreamBroker:
         """
         if not settlement:
             return
-        pipe = self.client.pipeline(transaction=True)
+        pipe = self._client.pipeline(transaction=True)
         queue: Callable[..., Any] = pipe.execute_command
         trim = (b"MAXLEN", b"~", str(self.maxlen), "*", EVENT_FIELD)
         for stream, payload in settlement.publishes:
@@ -207,7 +227,7 @@ class StreamBroker:
         it ran, or another worker took the entry over and settled it. Either way running
         it again would publish a second completion.
         """
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self._client.pipeline(transaction=False)
         for stream, ids in settlement.acks.items():
             for entry_id in ids:
                 pipe.xpending_range(stream, self.keys.group, min=entry_id, max=entry_id, count=1)
@@ -217,8 +237,72 @@ class StreamBroker:
         """The stored results of idempotency markers (None where not done)."""
         if not keys:
             return []
-        values: Any = self.client.mget(keys)
+        values: Any = self._client.mget(keys)
         return list(values)
+
+    def last_error(self, stream: str, entry_id: str) -> bytes | None:
+        """The error an entry's latest failed delivery left (``Settlement.write``)."""
+        value: Any = self._client.get(self.keys.last_error(stream, entry_id))
+        return None if value is None else bytes(value)
+
+    # ------------------------------------------------------------------ dead letters
+
+    def dead_letter_depth(self) -> int:
+        return int(self._client.xlen(self.keys.dead_letter))
+
+    def dead_letters(self, first_id: str, last_id: str, count: int) -> list[RawEntry]:
+        """Dead-letter entries from ``first_id`` to ``last_id`` (XRANGE bounds: ``-``,
+        ``+``, ``(`` for exclusive), oldest first, at most ``count``."""
+        page: Any = self._client.xrange(
+            self.keys.dead_letter, min=first_id, max=last_id, count=count
+        )
+        return [(_decode_id(entry_id), fields) for entry_id, fields in page]
+
+    def replay_dead_letter(self, entry_id: str, stream: str, payload: bytes, source_id: str) -> str:
+        """Publish ``payload`` back to ``stream``, delete the record and count the replay
+        (per ``source_id`` unless empty, and in total), in one transaction: a record is
+        never both replayed and kept, nor removed without being replayed."""
+        keys = self.keys
+        pipe = self._client.pipeline(transaction=True)
+        pipe.xadd(stream, {EVENT_FIELD: payload})
+        pipe.xdel(keys.dead_letter, entry_id)
+        if source_id:
+            pipe.hincrby(keys.dead_letter_replays, source_id, 1)
+        pipe.incr(keys.dead_letter_replays_total)
+        new_id: bytes | str = pipe.execute()[0]
+        return _decode_id(new_id)
+
+    def delete_dead_letters(self, entry_ids: Sequence[str]) -> int:
+        """Delete these records; how many there were."""
+        return int(self._client.xdel(self.keys.dead_letter, *entry_ids)) if entry_ids else 0
+
+    def delete_dead_letter_stream(self) -> int:
+        """Delete every record: 1 if there was a stream to delete, else 0."""
+        return int(self._client.delete(self.keys.dead_letter))
+
+    def dead_letter_replays_total(self) -> int:
+        return int(self._client.get(self.keys.dead_letter_replays_total) or 0)
+
+    def dead_letter_replay_counts(self, source_ids: Sequence[str]) -> list[int]:
+        """How often each event was replayed from the dead-letter stream."""
+        if not source_ids:
+            return []
+        values = self._client.hmget(self.keys.dead_letter_replays, list(source_ids))
+        return [int(v or 0) for v in values]
+
+    # ------------------------------------------------------------------ completions
+
+    def newest_completion_id(self) -> str | None:
+        """The id of the newest completion, None while there is none."""
+        newest: Any = self._client.xrevrange(self.keys.completions, count=1)
+        return _decode_id(newest[0][0]) if newest else None
+
+    def completions_after(self, entry_id: str, count: int, block_ms: int) -> list[RawEntry]:
+        """Completions added after ``entry_id`` (XREAD), waiting up to ``block_ms`` for one."""
+        reply: Any = self._client.xread(
+            {self.keys.completions: entry_id}, count=count, block=block_ms
+        )
+        return [(_decode_id(eid), fields) for _, items in reply or () for eid, fields in items]
 
 
 _MAX_ID_PART = 2**64 - 1

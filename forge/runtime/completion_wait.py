@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import redis
 
 from forge.errors import ForgeError, InvalidEvent
 from forge.events import EVENT_FIELD, Completion, Decoder
-from forge.keys import Keys
+from forge.runtime.broker import StreamBroker
 
 _READ_COUNT = 100
 # One XREAD blocks no longer than this: redis-py's default socket timeout (5 s since
@@ -29,18 +26,13 @@ class CompletionTimeout(ForgeError):
     """Not every awaited completion arrived in time."""
 
 
-def completions_position(client: redis.Redis, keys: Keys) -> str:
+def completions_position(broker: StreamBroker) -> str:
     """The id of the newest completion; everything published later comes after it."""
-    newest: Any = client.xrevrange(keys.completions, count=1)
-    if not newest:
-        return "0-0"
-    entry_id = newest[0][0]
-    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return broker.newest_completion_id() or "0-0"
 
 
 def wait_for_completions(
-    client: redis.Redis,
-    keys: Keys,
+    broker: StreamBroker,
     stream: str,
     published: Mapping[str, str],
     *,
@@ -59,15 +51,13 @@ def wait_for_completions(
     while waiting:
         # At least 1 ms: a block of 0 would wait for ever.
         block_ms = min(max(int((deadline - time.monotonic()) * 1000), 1), _MAX_BLOCK_MS)
-        reply: Any = client.xread({keys.completions: cursor}, count=_READ_COUNT, block=block_ms)
-        for _, items in reply or ():
-            for entry_id, fields in items:
-                cursor = entry_id
-                completion = _decoded(decoder, fields)
-                if completion is not None and _settles(completion, stream, waiting):
-                    del waiting[completion.source_entry_id]
-                    arrived.append(completion)
-                    on_completion(completion)
+        for entry_id, fields in broker.completions_after(cursor, _READ_COUNT, block_ms):
+            cursor = entry_id
+            completion = _decoded(decoder, fields)
+            if completion is not None and _settles(completion, stream, waiting):
+                del waiting[completion.source_entry_id]
+                arrived.append(completion)
+                on_completion(completion)
         if waiting and time.monotonic() >= deadline:
             raise CompletionTimeout(_timeout_message(len(waiting), len(published), timeout_s))
     return arrived

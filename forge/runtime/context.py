@@ -14,7 +14,9 @@ import structlog
 from forge.events import Event
 from forge.keys import Keys
 from forge.observability.metrics import Metrics
+from forge.observability.runtime_metrics import PrometheusObserver
 from forge.runtime.broker import StreamBroker
+from forge.runtime.observer import RuntimeObserver
 from forge.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -29,7 +31,11 @@ def make_consumer_name() -> str:
 class Context:
     """Immutable: ``keys`` and ``broker`` are derived from ``settings`` once, so they
     cannot disagree with it. For other settings make a new one with
-    ``dataclasses.replace(ctx, settings=...)``, which derives them again."""
+    ``dataclasses.replace(ctx, settings=...)``, which derives them again.
+
+    The runtime reports through ``observer``, derived from ``metrics`` the same way;
+    handlers update their own instruments on ``metrics`` directly.
+    """
 
     settings: Settings
     redis: redis.Redis
@@ -37,6 +43,7 @@ class Context:
     consumer: str = field(default_factory=make_consumer_name)
     keys: Keys = field(init=False)
     broker: StreamBroker = field(init=False)
+    observer: RuntimeObserver = field(init=False)
     _closers: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -45,6 +52,7 @@ class Context:
         object.__setattr__(self, "keys", keys)
         broker = StreamBroker(self.redis, keys, maxlen=self.settings.stream_maxlen)
         object.__setattr__(self, "broker", broker)
+        object.__setattr__(self, "observer", PrometheusObserver(self.metrics))
 
     def publish(self, stream: str, event: Event) -> str:
         """Publish an event to an output stream (trimmed)."""

@@ -11,7 +11,7 @@ import fnmatch
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -134,23 +134,20 @@ class DeadLetterQueue:
 
     def __init__(self, broker: StreamBroker) -> None:
         self.broker = broker
-        self.client = broker.client
-        self.stream = broker.keys.dead_letter
 
     def depth(self) -> int:
-        return int(self.client.xlen(self.stream))
+        return self.broker.dead_letter_depth()
 
     def iter_entries(self, batch: int = 500) -> Iterator[DeadLetterEntry]:
         """Every record, oldest first, read in pages so a deep queue is not loaded at once."""
         start = "-"
         while True:
-            page: Any = self.client.xrange(self.stream, min=start, max="+", count=batch)
-            for raw_id, fields in page:
-                yield self._to_entry(raw_id, fields)
+            page = self.broker.dead_letters(start, "+", batch)
+            for entry_id, fields in page:
+                yield self._to_entry(entry_id, fields)
             if len(page) < batch:
                 return
-            last = page[-1][0].decode()
-            start = f"({last}"
+            start = f"({page[-1][0]}"
 
     def select(
         self, filters: Mapping[str, str] | None = None, limit: int | None = None
@@ -165,45 +162,36 @@ class DeadLetterQueue:
         return found
 
     def show(self, entry_id: str) -> DeadLetterEntry:
-        page: Any = self.client.xrange(self.stream, min=entry_id, max=entry_id, count=1)
+        page = self.broker.dead_letters(entry_id, entry_id, 1)
         if not page:
             raise KeyError(entry_id)
         return self._to_entry(*page[0])
 
     def replay(self, entries: Sequence[DeadLetterEntry]) -> list[str]:
-        """Re-publish each record's payload to its source stream and remove the record.
-
-        Each replay is one transaction (publish, delete, count), so a record is never
-        both replayed and kept, nor removed without being replayed.
-        """
-        new_ids: list[str] = []
-        keys = self.broker.keys
-        for item in entries:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.xadd(item.record.source_stream, {EVENT_FIELD: payload_bytes(item.record)})
-            pipe.xdel(self.stream, item.entry_id)
-            if item.record.source_id:
-                pipe.hincrby(keys.dead_letter_replays, item.record.source_id, 1)
-            pipe.incr(keys.dead_letter_replays_total)
-            new_ids.append(pipe.execute()[0].decode())
-        return new_ids
+        """Re-publish each record's payload to its source stream and remove the record,
+        one transaction per record (``StreamBroker.replay_dead_letter``)."""
+        return [
+            self.broker.replay_dead_letter(
+                item.entry_id,
+                item.record.source_stream,
+                payload_bytes(item.record),
+                item.record.source_id or "",
+            )
+            for item in entries
+        ]
 
     def purge(self, entries: Sequence[DeadLetterEntry] | None = None) -> int:
         """Delete the given records, or every record when ``entries`` is None."""
         if entries is None:
-            return int(self.client.delete(self.stream))
-        ids = [e.entry_id for e in entries]
-        return int(self.client.xdel(self.stream, *ids)) if ids else 0
+            return self.broker.delete_dead_letter_stream()
+        return self.broker.delete_dead_letters([e.entry_id for e in entries])
 
     def replays_total(self) -> int:
-        return int(self.client.get(self.broker.keys.dead_letter_replays_total) or 0)
+        return self.broker.dead_letter_replays_total()
 
     def replay_counts(self, source_ids: Sequence[str]) -> list[int]:
-        if not source_ids:
-            return []
-        values = self.client.hmget(self.broker.keys.dead_letter_replays, list(source_ids))
-        return [int(v or 0) for v in values]
+        return self.broker.dead_letter_replay_counts(source_ids)
 
     @staticmethod
-    def _to_entry(raw_id: bytes, fields: Mapping[bytes, bytes]) -> DeadLetterEntry:
-        return DeadLetterEntry(raw_id.decode(), decode_as(DeadLetter, fields[EVENT_FIELD]))
+    def _to_entry(entry_id: str, fields: Mapping[bytes, bytes]) -> DeadLetterEntry:
+        return DeadLetterEntry(entry_id, decode_as(DeadLetter, fields[EVENT_FIELD]))

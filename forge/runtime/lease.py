@@ -10,7 +10,8 @@ database call) must not stop the renewals.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import structlog
 
@@ -59,6 +60,15 @@ class LeaseKeeper:
             held = self._held.get(stream)
             if held is not None:
                 held.difference_update(entry_ids)
+
+    @contextmanager
+    def holding(self, stream: str, entry_ids: list[str]) -> Iterator[None]:
+        """Keep renewing these entries while the block runs, and not after."""
+        self.hold(stream, entry_ids)
+        try:
+            yield
+        finally:
+            self.release(stream, entry_ids)
 
     def held(self) -> dict[str, list[str]]:
         with self._lock:

@@ -24,9 +24,9 @@ from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Message, Registry
 from forge.runtime.worker import Worker
 from forge.settings import Settings
-from tests.conftest import new_data, publish
+from tests.support.events import new_data, publish
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
-from tests.test_worker import completions, pending
+from tests.support.workers import completions, pending
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -26,9 +26,9 @@ from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Registry
 from forge.runtime.worker import Worker
 from forge.vectorstore import VectorStore
-from tests.conftest import publish
+from tests.support.events import publish
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
-from tests.test_worker import completions, dead_letters, pending
+from tests.support.workers import completions, dead_letters, pending
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = json.loads((REPO / "examples" / "new-data.json").read_text())

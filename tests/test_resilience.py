@@ -20,9 +20,9 @@ from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis
 from forge.servers.embedded_redis import EmbeddedRedis
 from forge.settings import Settings
-from tests.conftest import new_data, publish
+from tests.support.events import new_data, publish
 from tests.support.redis_helpers import running, wait_for
-from tests.test_worker import completions
+from tests.support.workers import completions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -41,9 +41,9 @@ from forge.training.service import TrainingService
 from forge.training.tracking import TrainingRun, connect
 from forge.training.versions import CANDIDATE, CHAMPION, ModelRegistry
 from forge.vectorstore import Row, VectorStore
-from tests.conftest import publish
+from tests.support.events import publish
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
-from tests.test_worker import dead_letters
+from tests.support.workers import dead_letters
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: digits reach about 0.97 validation accuracy in a few epochs.

@@ -2,48 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
 import redis
 
 from forge.errors import InvalidEvent, PermanentError, TransientError
-from forge.events import EVENT_FIELD, Completion, DeadLetter, NewData, decode_as
+from forge.events import EVENT_FIELD, NewData
 from forge.runtime.context import Context
-from forge.runtime.deadletter import DeadLetterQueue
 from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry, Rejected, Succeeded
 from forge.runtime.worker import Worker
-from tests.conftest import new_data, publish
+from tests.support.events import new_data, publish
 from tests.support.redis_helpers import running, wait_for
-
-Handle = Callable[[Sequence[Message[NewData]]], Sequence[Outcome] | None]
-
-
-def make_worker(ctx: Context, handle: Handle) -> Worker:
-    registry = Registry()
-    registry.register(HandlerSpec("new-data", NewData, handle))
-    return Worker(ctx, registry)
-
-
-def completions(ctx: Context) -> list[Completion]:
-    entries = ctx.redis.xrange(ctx.keys.completions)
-    return [decode_as(Completion, fields[EVENT_FIELD]) for _, fields in entries]
-
-
-def dead_letters(ctx: Context) -> list[DeadLetter]:
-    return [e.record for e in DeadLetterQueue(ctx.broker).select()]
-
-
-def pending(ctx: Context) -> int:
-    info = ctx.redis.xpending(ctx.keys.new_data, ctx.keys.group)
-    return int(info["pending"])
-
-
-def drain(worker: Worker, ctx: Context, expected_completions: int, timeout_s: float = 10) -> None:
-    worker.ctx.broker.ensure_groups(worker.streams)
-    with running(worker):
-        wait_for(lambda: len(completions(ctx)) >= expected_completions, timeout_s)
+from tests.support.workers import completions, dead_letters, drain, make_worker, pending
 
 
 def test_reads_in_batches_up_to_max_batch_size(ctx: Context) -> None:

@@ -27,6 +27,7 @@ from forge.runtime.handlers import HandlerSpec, Registry
 from forge.runtime.worker import Worker
 from forge.vectorstore import VectorStore
 from tests.support.events import publish
+from tests.support.metrics import sample
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.support.workers import completions, dead_letters, pending
 
@@ -143,7 +144,7 @@ def test_cache_hits_avoid_the_model(
     assert result["from_cache"] == 4
     assert result["embedded"] == 0
     assert calls in ([], [0])  # the model saw no text
-    hits = ctx.metrics.embedding_cache_hits_total.labels(model="all-MiniLM-L6-v2")._value.get()
+    hits = sample(ctx.metrics, "forge_embedding_cache_hits_total", model="all-MiniLM-L6-v2")
     assert hits == 4
 
 

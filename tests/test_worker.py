@@ -14,6 +14,7 @@ from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry, Rejected, Succeeded
 from forge.runtime.worker import Worker
 from tests.support.events import new_data, publish
+from tests.support.metrics import sample
 from tests.support.redis_helpers import running, wait_for
 from tests.support.workers import completions, dead_letters, drain, make_worker, pending
 
@@ -90,7 +91,7 @@ def test_transient_errors_are_retried_in_process(ctx: Context) -> None:
     drain(make_worker(ctx, handle), ctx, 1)
     assert calls == [1, 1, 1]  # three attempts, one delivery
     assert completions(ctx)[0].status == "succeeded"
-    retries = ctx.metrics.retries_total.labels(stream="new-data")._value.get()
+    retries = sample(ctx.metrics, "forge_retries_total", stream="new-data")
     assert retries == 2
 
 
@@ -256,9 +257,7 @@ def test_redis_connection_errors_back_off_and_resume(ctx: Context) -> None:
     worker = make_worker(ctx_broken, lambda messages: None)
     with running(worker):
         wait_for(
-            lambda: (
-                ctx.metrics.infrastructure_errors_total.labels(component="redis")._value.get() >= 2
-            )
+            lambda: sample(ctx.metrics, "forge_infrastructure_errors_total", component="redis") >= 2
         )
 
 

@@ -14,8 +14,9 @@ from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry, Rejected, Succeeded
 from forge.runtime.worker import Worker
 from tests.support.events import new_data, publish
+from tests.support.gate import RefusingThenForwarding
 from tests.support.metrics import sample
-from tests.support.redis_helpers import running, wait_for
+from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.support.workers import completions, dead_letters, drain, make_worker, pending
 
 
@@ -252,13 +253,31 @@ def test_backpressure_bounds_entries_awaiting_redelivery(ctx: Context) -> None:
 
 
 def test_redis_connection_errors_back_off_and_resume(ctx: Context) -> None:
-    broken = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    ctx_broken = Context(settings=ctx.settings, redis=broken, metrics=ctx.metrics)
-    worker = make_worker(ctx_broken, lambda messages: None)
-    with running(worker):
-        wait_for(
-            lambda: sample(ctx.metrics, "forge_infrastructure_errors_total", component="redis") >= 2
-        )
+    handled: list[str] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        handled.extend(m.event.id for m in messages)
+
+    def redis_errors() -> float:
+        return sample(ctx.metrics, "forge_infrastructure_errors_total", component="redis")
+
+    # The worker's Redis is behind a port that refuses connections until opened.
+    with RefusingThenForwarding.for_url(TEST_REDIS_URL) as gate:
+        client = redis.Redis.from_url(gate.url(TEST_REDIS_URL), socket_connect_timeout=0.2)
+        gated = Context(settings=ctx.settings, redis=client, metrics=ctx.metrics)
+        worker = make_worker(gated, handle)
+        with running(worker):
+            wait_for(lambda: redis_errors() >= 2)
+            publish(ctx.redis, ctx.keys.new_data, new_data("while-down"))
+            assert handled == []
+            gate.open()
+            wait_for(lambda: len(completions(ctx)) == 1)
+        client.close()
+    assert handled == ["while-down"]
+    (done,) = completions(ctx)
+    assert done.status == "succeeded"
+    assert done.source_id == "while-down"
+    assert pending(ctx) == 0
 
 
 def test_a_handler_can_ask_for_smaller_batches(ctx: Context) -> None:

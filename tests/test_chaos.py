@@ -28,6 +28,7 @@ from tests.support.events import new_data, publish
 from tests.support.workers import completions, pending
 
 
+@pytest.mark.slow
 def test_chaos_run_loses_and_doubles_nothing() -> None:
     cfg = ChaosConfig(
         events=2000,

@@ -212,6 +212,7 @@ def test_a_classifier_request_registers_one_version_and_announces_it_once(
     assert len(model_versions(ctx)) == 1
 
 
+@pytest.mark.slow
 def test_a_worker_killed_between_register_and_publish_leaves_one_version_and_one_event(
     ctx: Context, collection: str, model: str, registry: ModelRegistry, pg_url: str
 ) -> None:

@@ -263,7 +263,7 @@ def test_redis_connection_errors_back_off_and_resume(ctx: Context) -> None:
 
     # The worker's Redis is behind a port that refuses connections until opened.
     with RefusingThenForwarding.for_url(TEST_REDIS_URL) as gate:
-        client = redis.Redis.from_url(gate.url(TEST_REDIS_URL), socket_connect_timeout=0.2)
+        client = redis.Redis.from_url(gate.url(TEST_REDIS_URL))
         gated = Context(settings=ctx.settings, redis=client, metrics=ctx.metrics)
         worker = make_worker(gated, handle)
         with running(worker):

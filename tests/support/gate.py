@@ -20,6 +20,9 @@ _CHUNK = 65536
 
 
 class RefusingThenForwarding:
+    """A port on 127.0.0.1 that refuses until ``open()``, then forwards to the target;
+    ``close()`` (or leaving the ``with`` block) cuts every connection."""
+
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

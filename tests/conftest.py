@@ -5,12 +5,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import pytest
 import redis
 import structlog
 
-from forge.events import EVENT_FIELD
 from forge.observability.logging import configure_logging
 from forge.observability.metrics import Metrics
 from forge.runtime.context import Context
@@ -86,17 +84,3 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, ctx: Context) -> Context:
     monkeypatch.setenv("FORGE_STREAM_PREFIX", ctx.settings.stream_prefix)
     monkeypatch.setenv("FORGE_HOME", str(ctx.settings.home_dir))
     return ctx
-
-
-def publish(client: redis.Redis, stream: str, event: dict[str, object] | bytes) -> str:
-    payload = event if isinstance(event, bytes) else msgspec.json.encode(event)
-    return client.xadd(stream, {EVENT_FIELD: payload}).decode()
-
-
-def new_data(event_id: str, n: int = 1, collection: str = "tickets") -> dict[str, object]:
-    return {
-        "type": "new-data",
-        "id": event_id,
-        "collection": collection,
-        "records": [{"id": f"{event_id}-r{i}", "text": f"text {i}"} for i in range(n)],
-    }

@@ -24,10 +24,11 @@ from forge.runtime.broker import Settlement
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Message, Registry
 from forge.runtime.worker import Worker
-from tests.conftest import new_data, publish
-from tests.test_worker import completions, pending
+from tests.support.events import new_data, publish
+from tests.support.workers import completions, pending
 
 
+@pytest.mark.slow
 def test_chaos_run_loses_and_doubles_nothing() -> None:
     cfg = ChaosConfig(
         events=2000,

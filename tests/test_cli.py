@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from forge.cli.main import build_parser, main
+from forge.cli.main import build_parser
 from forge.contracts.schemas import drift
 from forge.events import EVENT_FIELD, NewData
 from forge.runtime.broker import Entry
@@ -19,29 +19,12 @@ from forge.runtime.context import Context
 from forge.runtime.deadletter import build_record, error_info
 from forge.runtime.handlers import HandlerSpec, Message, Registry
 from forge.runtime.worker import Worker
-from tests.conftest import new_data, publish
+from tests.support.cli import assert_one_line_error, run_cli
+from tests.support.events import new_data, publish
 from tests.support.redis_helpers import running, wait_for
-from tests.test_worker import completions, dead_letters
+from tests.support.workers import completions, dead_letters
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code != 0
-    assert err.count("\n") == 1, err
-    assert err.startswith("forge: error: ") or err.startswith("forge ")
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err
 
 
 # ---------------------------------------------------------------------- errors

@@ -18,8 +18,8 @@ from forge.runtime.context import Context
 from forge.servers.embedded_postgres import start_embedded_postgres
 from forge.servers.embedded_redis import EmbeddedRedis
 from forge.settings import Settings
+from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.redis_helpers import TEST_REDIS_URL
-from tests.test_cli import assert_one_line_error, run_cli
 
 
 @pytest.fixture

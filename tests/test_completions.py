@@ -16,8 +16,8 @@ from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Message
 from forge.runtime.processing import BatchProcessor
 from forge.runtime.retry import Retrier
-from tests.conftest import new_data
-from tests.test_worker import completions, dead_letters
+from tests.support.events import new_data
+from tests.support.workers import completions, dead_letters
 
 ARRIVED_MS = 1_700_000_000_000  # every entry's arrival: entry ids are chosen here
 Handle = Callable[[Sequence[Message[NewData]]], None]

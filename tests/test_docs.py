@@ -18,7 +18,7 @@ from forge.contracts.schemas import event_schemas
 from forge.events import ALL_EVENTS, decode_as, event_type_for, event_type_name
 from forge.keys import Keys
 from forge.settings import ENV_VARS, Settings
-from tests.test_cli import run_cli
+from tests.support.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"

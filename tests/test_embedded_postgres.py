@@ -22,9 +22,9 @@ from forge.servers.embedded_postgres import (
 )
 from forge.servers.pg_watchdog import start_watchdog
 from forge.settings import Settings
-from tests.conftest import publish
+from tests.support.events import publish
 from tests.support.redis_helpers import TEST_REDIS_URL, wait_for
-from tests.test_worker import completions
+from tests.support.workers import completions
 
 pytestmark = pytest.mark.postgres
 

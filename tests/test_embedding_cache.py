@@ -1,7 +1,9 @@
+"""The embedding cache: plain MGET and SET EX, so an in-process fakeredis server (one
+per test) stands in for Redis; an unreachable Redis is a real client on a dead port."""
+
 from __future__ import annotations
 
-from collections.abc import Iterator
-
+import fakeredis
 import numpy as np
 import pytest
 import redis
@@ -9,18 +11,21 @@ import redis
 from forge.embedding.cache import EmbeddingCache, content_hash, encode_cached
 from forge.keys import Keys
 from forge.settings import Settings
-from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, new_prefix
+from tests.support.redis_helpers import new_prefix
 
 MODEL = "test-model@0123456789abcdef"
+UNREACHABLE = "redis://127.0.0.1:1/0"
 
 
 @pytest.fixture
-def cache_prefix() -> Iterator[str]:
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    value = new_prefix()
-    yield value
-    delete_prefix(client, value)
-    client.close()
+def client() -> fakeredis.FakeRedis:
+    """A client of a server of its own (FakeRedis clients otherwise share one)."""
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture
+def cache_prefix() -> str:
+    return new_prefix()
 
 
 class Counts:
@@ -35,11 +40,12 @@ class Counts:
         self.misses += n
 
 
-def _cache(prefix: str, counts: Counts, url: str = TEST_REDIS_URL) -> EmbeddingCache:
-    # The cache turns a timed-out reply into a miss, so a short socket timeout would make
-    # a busy shared Redis look like missing entries; a dead port refuses at once anyway.
-    client = redis.Redis.from_url(url, socket_connect_timeout=30, socket_timeout=30)
+def _cache(prefix: str, counts: Counts, client: redis.Redis) -> EmbeddingCache:
     return EmbeddingCache(client, Keys(prefix=prefix), 60, on_hit=counts.hit, on_miss=counts.miss)
+
+
+def _unreachable() -> redis.Redis:
+    return redis.Redis.from_url(UNREACHABLE)  # a dead port refuses at once
 
 
 def _vectors(n: int, dim: int = 8) -> np.ndarray:
@@ -47,9 +53,9 @@ def _vectors(n: int, dim: int = 8) -> np.ndarray:
     return rng.standard_normal((n, dim)).astype(np.float32)
 
 
-def test_round_trip_with_ttl_and_counters(cache_prefix: str) -> None:
+def test_round_trip_with_ttl_and_counters(cache_prefix: str, client: redis.Redis) -> None:
     counts = Counts()
-    cache = _cache(cache_prefix, counts)
+    cache = _cache(cache_prefix, counts, client)
     texts = ["one", "two", "three"]
     vectors = _vectors(3)
     assert cache.get_many(MODEL, texts) == [None, None, None]
@@ -61,22 +67,20 @@ def test_round_trip_with_ttl_and_counters(cache_prefix: str) -> None:
     assert found[3] is None
     assert (counts.hits, counts.misses) == (3, 4)
 
-    client = redis.Redis.from_url(TEST_REDIS_URL)
     key = Keys(prefix=cache_prefix).embedding_cache(MODEL, content_hash("one"))
     assert key == cache.key(MODEL, "one")
     assert client.get(key) == vectors[0].astype("<f4").tobytes()
     assert 0 < client.ttl(key) <= 60
 
 
-def test_keys_separate_models(cache_prefix: str) -> None:
-    cache = _cache(cache_prefix, Counts())
+def test_keys_separate_models(cache_prefix: str, client: redis.Redis) -> None:
+    cache = _cache(cache_prefix, Counts(), client)
     cache.put_many(MODEL, ["text"], _vectors(1))
     assert cache.get_many("other-model@1", ["text"]) == [None]
 
 
-def test_unusable_values_are_misses(cache_prefix: str) -> None:
-    cache = _cache(cache_prefix, Counts())
-    client = redis.Redis.from_url(TEST_REDIS_URL)
+def test_unusable_values_are_misses(cache_prefix: str, client: redis.Redis) -> None:
+    cache = _cache(cache_prefix, Counts(), client)
     client.set(cache.key(MODEL, "odd"), b"12345")  # not whole float32s
     cache.put_many(MODEL, ["short"], _vectors(1, dim=4))
     assert cache.get_many(MODEL, ["odd", "short"], dimension=8) == [None, None]
@@ -84,7 +88,7 @@ def test_unusable_values_are_misses(cache_prefix: str) -> None:
 
 def test_unreachable_redis_is_all_miss_and_no_op() -> None:
     counts = Counts()
-    cache = _cache("forgetest:nowhere:", counts, url="redis://127.0.0.1:1/0")
+    cache = _cache("forgetest:nowhere:", counts, _unreachable())
     assert cache.get_many(MODEL, ["a", "b"]) == [None, None]
     cache.put_many(MODEL, ["a"], _vectors(1))  # must not raise
     assert (counts.hits, counts.misses) == (0, 2)
@@ -103,9 +107,11 @@ class FakeEncoder:
         return np.stack(rows) if rows else np.zeros((0, 8), dtype=np.float32)
 
 
-def test_encode_cached_computes_only_distinct_misses(cache_prefix: str) -> None:
+def test_encode_cached_computes_only_distinct_misses(
+    cache_prefix: str, client: redis.Redis
+) -> None:
     counts = Counts()
-    cache = _cache(cache_prefix, counts)
+    cache = _cache(cache_prefix, counts, client)
     encoder = FakeEncoder()
     first_encoded = encode_cached(encoder, cache, ["a", "bb", "a"], batch_size=4)
     first = first_encoded.vectors
@@ -124,13 +130,12 @@ def test_encode_cached_without_cache_or_redis() -> None:
     encoder = FakeEncoder()
     out = encode_cached(encoder, None, ["x", "yy"], batch_size=2).vectors
     np.testing.assert_array_equal(out[:, 0], [1.0, 2.0])
-    broken = _cache("forgetest:nowhere:", Counts(), url="redis://127.0.0.1:1/0")
+    broken = _cache("forgetest:nowhere:", Counts(), _unreachable())
     out = encode_cached(encoder, broken, ["x", "yy"], batch_size=2).vectors
     np.testing.assert_array_equal(out[:, 0], [1.0, 2.0])
 
 
-def test_from_settings_uses_prefix_and_ttl(cache_prefix: str) -> None:
-    client = redis.Redis.from_url(TEST_REDIS_URL)
+def test_from_settings_uses_prefix_and_ttl(cache_prefix: str, client: redis.Redis) -> None:
     settings = Settings(stream_prefix=cache_prefix, cache_ttl_s=123)
     cache = EmbeddingCache.from_settings(client, settings)
     cache.put_many(MODEL, ["t"], _vectors(1))

@@ -42,7 +42,7 @@ from forge.vectorstore import InvalidWrite, Row, VectorStore
 from forge.vectorstore.copy_binary import MAX_METADATA_DEPTH, encode_chunks
 from forge.vectorstore.naming import index_name, table_name, validate_name
 from tests.support.redis_helpers import wait_for
-from tests.test_worker import completions, dead_letters, pending
+from tests.support.workers import completions, dead_letters, pending
 
 pytestmark = [
     pytest.mark.postgres,

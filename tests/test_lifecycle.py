@@ -24,9 +24,10 @@ from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Message, Registry
 from forge.runtime.worker import Worker
 from forge.settings import Settings
-from tests.conftest import new_data, publish
+from tests.support.events import new_data, publish
+from tests.support.metrics import sample
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
-from tests.test_worker import completions, pending
+from tests.support.workers import completions, pending
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -96,7 +97,7 @@ def test_entries_of_a_sigkilled_worker_are_reclaimed(spawn, ctx: Context) -> Non
     assert {c.deliveries for c in done} == {2}
     assert {c.status for c in done} == {"succeeded"}
     assert pending(ctx) == 0
-    assert ctx.metrics.reclaimed_total.labels(stream="new-data")._value.get() == 3
+    assert sample(ctx.metrics, "forge_reclaimed_total", stream="new-data") == 3
 
 
 def test_lease_renewal_keeps_a_slow_handlers_entry(
@@ -139,9 +140,7 @@ def test_lease_renewal_keeps_a_slow_handlers_entry(
     (done,) = completions(workers[0].ctx)
     assert calls == ["long"]
     assert done.deliveries == 1
-    reclaimed = [
-        w.ctx.metrics.reclaimed_total.labels(stream="new-data")._value.get() for w in workers
-    ]
+    reclaimed = [sample(w.ctx.metrics, "forge_reclaimed_total", stream="new-data") for w in workers]
     assert reclaimed == [0, 0]
 
 

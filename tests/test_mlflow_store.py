@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from forge.settings import Settings
@@ -34,6 +35,7 @@ def _env(home: Path) -> dict[str, str]:
     return {**env, "FORGE_HOME": str(home), "PYTHONPATH": str(REPO)}
 
 
+@pytest.mark.slow
 def test_processes_opening_a_fresh_store_at_once_all_succeed(tmp_path: Path) -> None:
     home, cwd = tmp_path / "home", tmp_path / "cwd"
     cwd.mkdir()
@@ -67,6 +69,7 @@ def test_processes_opening_a_fresh_store_at_once_all_succeed(tmp_path: Path) -> 
     assert (home / "mlflow" / "mlflow.db.lock").exists()
 
 
+@pytest.mark.slow
 def test_the_store_and_default_experiment_live_under_forge_home(tmp_path: Path) -> None:
     home, cwd = tmp_path / "home", tmp_path / "elsewhere"
     cwd.mkdir()

@@ -26,9 +26,10 @@ from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Registry
 from forge.runtime.worker import Worker
 from forge.vectorstore import VectorStore
-from tests.conftest import publish
+from tests.support.events import publish
+from tests.support.metrics import sample
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
-from tests.test_worker import completions, dead_letters, pending
+from tests.support.workers import completions, dead_letters, pending
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = json.loads((REPO / "examples" / "new-data.json").read_text())
@@ -143,7 +144,7 @@ def test_cache_hits_avoid_the_model(
     assert result["from_cache"] == 4
     assert result["embedded"] == 0
     assert calls in ([], [0])  # the model saw no text
-    hits = ctx.metrics.embedding_cache_hits_total.labels(model="all-MiniLM-L6-v2")._value.get()
+    hits = sample(ctx.metrics, "forge_embedding_cache_hits_total", model="all-MiniLM-L6-v2")
     assert hits == 4
 
 
@@ -208,7 +209,7 @@ def _payload_id(payload: str) -> str:
 
 def test_sigkill_between_commit_and_ack_leaves_one_copy(
     ctx: Context,
-    worker: Callable[[], Worker],
+    service: EmbeddingService,
     vector_store: VectorStore,
     collection: str,
     pg_url: str,
@@ -245,8 +246,9 @@ def test_sigkill_between_commit_and_ack_leaves_one_copy(
     assert pending(ctx) == 1  # never acked
     assert completions(ctx) == []
 
+    # A worker built on the fixture's ctx would wait out its 30 s claim_min_idle_s.
     ctx = replace(ctx, settings=ctx.settings.replace(claim_min_idle_s=0.2))
-    run_until(worker, ctx, 1)
+    run_until(lambda: build_worker(ctx, vector_store, service), ctx, 1)
     (done,) = completions(ctx)
     assert done.status == "succeeded"
     assert done.deliveries == 2

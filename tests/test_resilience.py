@@ -20,9 +20,10 @@ from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis
 from forge.servers.embedded_redis import EmbeddedRedis
 from forge.settings import Settings
-from tests.conftest import new_data, publish
+from tests.support.events import new_data, publish
+from tests.support.metrics import sample
 from tests.support.redis_helpers import running, wait_for
-from tests.test_worker import completions
+from tests.support.workers import completions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,8 +77,7 @@ def test_worker_rides_out_a_redis_restart_and_loses_nothing(tmp_path: Path) -> N
             server.stop()  # SIGTERM: the AOF is flushed
             wait_for(
                 lambda: (
-                    ctx.metrics.infrastructure_errors_total.labels(component="redis")._value.get()
-                    > 0
+                    sample(ctx.metrics, "forge_infrastructure_errors_total", component="redis") > 0
                 )
             )
             server.start()

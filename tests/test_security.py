@@ -44,10 +44,10 @@ from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis, connect_redis_probe
 from forge.servers.embedded_redis import find_redis_server
 from forge.settings import Settings, redact_url
-from tests.conftest import new_data, publish
+from tests.support.events import new_data, publish
 from tests.support.redis_helpers import new_prefix, wait_for
 from tests.support.tls import TlsFiles, make_tls_files
-from tests.test_worker import completions, dead_letters, drain, make_worker
+from tests.support.workers import completions, dead_letters, drain, make_worker
 
 SECRET = "S3cret-7f3a-pw"
 USER = "forge-app"

@@ -15,8 +15,8 @@ from forge.observability.metrics import Metrics
 from forge.observability.status import count_lag, stream_status
 from forge.runtime.context import Context
 from forge.servers.embedded_redis import EmbeddedRedis
-from tests.test_cli import run_cli
-from tests.test_redis_binary import bundled
+from tests.support.cli import run_cli
+from tests.support.redis_helpers import bundled
 
 KEYS = Keys(prefix="lagtest:")
 STREAM = KEYS.new_data

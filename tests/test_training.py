@@ -41,9 +41,10 @@ from forge.training.service import TrainingService
 from forge.training.tracking import TrainingRun, connect
 from forge.training.versions import CANDIDATE, CHAMPION, ModelRegistry
 from forge.vectorstore import Row, VectorStore
-from tests.conftest import publish
+from tests.support.events import publish
+from tests.support.metrics import sample
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
-from tests.test_worker import dead_letters
+from tests.support.workers import dead_letters
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and quick: digits reach about 0.97 validation accuracy in a few epochs.
@@ -188,9 +189,9 @@ def test_a_classifier_request_registers_one_version_and_announces_it_once(
     assert [p.epoch for p in progress][:2] == [1, 2]
     assert {p.source_id for p in progress} == {"r1"}
     last = progress[-1]
-    ratio = ctx.metrics.training_progress_ratio.labels(model=model)._value.get()
+    ratio = sample(ctx.metrics, "forge_training_progress_ratio", model=model)
     assert ratio == last.epoch / last.epochs
-    assert ctx.metrics.training_loss.labels(model=model)._value.get() == last.loss
+    assert sample(ctx.metrics, "forge_training_loss", model=model) == last.loss
 
     (version,) = registry.versions(model)
     run = registry.client.get_run(version.run_id)
@@ -211,6 +212,7 @@ def test_a_classifier_request_registers_one_version_and_announces_it_once(
     assert len(model_versions(ctx)) == 1
 
 
+@pytest.mark.slow
 def test_a_worker_killed_between_register_and_publish_leaves_one_version_and_one_event(
     ctx: Context, collection: str, model: str, registry: ModelRegistry, pg_url: str
 ) -> None:

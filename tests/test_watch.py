@@ -19,9 +19,9 @@ from forge.observability.status import GroupStatus, Snapshot, StreamStatus
 from forge.runtime.context import Context
 from forge.watch import WatchData, WatchOptions, collect, render
 from forge.watch.collect import CompletionRow, Throughput, TrainingRow, server_time_s, throughput
-from tests.conftest import new_data, publish
+from tests.support.cli import run_cli
+from tests.support.events import new_data, publish
 from tests.support.redis_helpers import TEST_REDIS_URL
-from tests.test_cli import run_cli
 
 # ---------------------------------------------------------------------- seeding
 

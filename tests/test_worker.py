@@ -2,48 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
 import redis
 
 from forge.errors import InvalidEvent, PermanentError, TransientError
-from forge.events import EVENT_FIELD, Completion, DeadLetter, NewData, decode_as
+from forge.events import EVENT_FIELD, NewData
 from forge.runtime.context import Context
-from forge.runtime.deadletter import DeadLetterQueue
 from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry, Rejected, Succeeded
 from forge.runtime.worker import Worker
-from tests.conftest import new_data, publish
-from tests.support.redis_helpers import running, wait_for
-
-Handle = Callable[[Sequence[Message[NewData]]], Sequence[Outcome] | None]
-
-
-def make_worker(ctx: Context, handle: Handle) -> Worker:
-    registry = Registry()
-    registry.register(HandlerSpec("new-data", NewData, handle))
-    return Worker(ctx, registry)
-
-
-def completions(ctx: Context) -> list[Completion]:
-    entries = ctx.redis.xrange(ctx.keys.completions)
-    return [decode_as(Completion, fields[EVENT_FIELD]) for _, fields in entries]
-
-
-def dead_letters(ctx: Context) -> list[DeadLetter]:
-    return [e.record for e in DeadLetterQueue(ctx.broker).select()]
-
-
-def pending(ctx: Context) -> int:
-    info = ctx.redis.xpending(ctx.keys.new_data, ctx.keys.group)
-    return int(info["pending"])
-
-
-def drain(worker: Worker, ctx: Context, expected_completions: int, timeout_s: float = 10) -> None:
-    worker.ctx.broker.ensure_groups(worker.streams)
-    with running(worker):
-        wait_for(lambda: len(completions(ctx)) >= expected_completions, timeout_s)
+from tests.support.events import new_data, publish
+from tests.support.gate import RefusingThenForwarding
+from tests.support.metrics import sample
+from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
+from tests.support.workers import completions, dead_letters, drain, make_worker, pending
 
 
 def test_reads_in_batches_up_to_max_batch_size(ctx: Context) -> None:
@@ -118,7 +92,7 @@ def test_transient_errors_are_retried_in_process(ctx: Context) -> None:
     drain(make_worker(ctx, handle), ctx, 1)
     assert calls == [1, 1, 1]  # three attempts, one delivery
     assert completions(ctx)[0].status == "succeeded"
-    retries = ctx.metrics.retries_total.labels(stream="new-data")._value.get()
+    retries = sample(ctx.metrics, "forge_retries_total", stream="new-data")
     assert retries == 2
 
 
@@ -279,15 +253,31 @@ def test_backpressure_bounds_entries_awaiting_redelivery(ctx: Context) -> None:
 
 
 def test_redis_connection_errors_back_off_and_resume(ctx: Context) -> None:
-    broken = redis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-    ctx_broken = Context(settings=ctx.settings, redis=broken, metrics=ctx.metrics)
-    worker = make_worker(ctx_broken, lambda messages: None)
-    with running(worker):
-        wait_for(
-            lambda: (
-                ctx.metrics.infrastructure_errors_total.labels(component="redis")._value.get() >= 2
-            )
-        )
+    handled: list[str] = []
+
+    def handle(messages: Sequence[Message[NewData]]) -> None:
+        handled.extend(m.event.id for m in messages)
+
+    def redis_errors() -> float:
+        return sample(ctx.metrics, "forge_infrastructure_errors_total", component="redis")
+
+    # The worker's Redis is behind a port that refuses connections until opened.
+    with RefusingThenForwarding.for_url(TEST_REDIS_URL) as gate:
+        client = redis.Redis.from_url(gate.url(TEST_REDIS_URL))
+        gated = Context(settings=ctx.settings, redis=client, metrics=ctx.metrics)
+        worker = make_worker(gated, handle)
+        with running(worker):
+            wait_for(lambda: redis_errors() >= 2)
+            publish(ctx.redis, ctx.keys.new_data, new_data("while-down"))
+            assert handled == []
+            gate.open()
+            wait_for(lambda: len(completions(ctx)) == 1)
+        client.close()
+    assert handled == ["while-down"]
+    (done,) = completions(ctx)
+    assert done.status == "succeeded"
+    assert done.source_id == "while-down"
+    assert pending(ctx) == 0
 
 
 def test_a_handler_can_ask_for_smaller_batches(ctx: Context) -> None:

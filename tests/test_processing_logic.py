@@ -47,7 +47,7 @@ from forge.runtime.settle import (
     marker_bytes,
 )
 from forge.settings import Settings
-from tests.conftest import new_data
+from tests.support.events import new_data
 
 ARRIVED_S = 1_700_000_000.0  # every entry's arrival (its id's millisecond part)
 Handle = Callable[[Sequence[Message[NewData]]], Sequence[Outcome] | None]

@@ -70,7 +70,10 @@ def _server_answers(url: str) -> bool:
 
 
 def _handle_pids(pgdata: Path) -> list[int]:
-    return [int(pid) for pid in json.loads((pgdata / ".handle_pids.json").read_text())]
+    """The wheel's list of holders, read under the lock its writers hold: the wheel
+    rewrites the file in place."""
+    with embedded_postgres._pgserver().PostgresServer._lock:
+        return [int(pid) for pid in json.loads((pgdata / ".handle_pids.json").read_text())]
 
 
 def _postmaster_pid(pgdata: Path) -> int:

@@ -256,7 +256,10 @@ def _prune_stale_handles(pgdata: Path, dead: int | None = None) -> list[int]:
     live = [pid for pid in pids if pid != dead and _is_registered_process(pid, written_at)]
     if live != pids:
         log.info("pruned stale embedded postgres handles", stale=sorted(set(pids) - set(live)))
-        path.write_text(json.dumps(live))
+        # Replaced, not rewritten in place: a reader never sees a half-written list.
+        staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        staged.write_text(json.dumps(live))
+        os.replace(staged, path)
     return live
 
 

@@ -52,7 +52,8 @@ class Context:
         object.__setattr__(self, "keys", keys)
         broker = StreamBroker(self.redis, keys, maxlen=self.settings.stream_maxlen)
         object.__setattr__(self, "broker", broker)
-        object.__setattr__(self, "observer", PrometheusObserver(self.metrics))
+        observer: RuntimeObserver = PrometheusObserver(self.metrics)
+        object.__setattr__(self, "observer", observer)
 
     def publish(self, stream: str, event: Event) -> str:
         """Publish an event to an output stream (trimmed)."""

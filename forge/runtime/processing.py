@@ -77,19 +77,19 @@ class BatchProcessor:
         self.decoder: Decoder[Any] = Decoder(spec.event_type)
         self.settler = Settler(ctx)
         self._clock = clock
-        self._observer = observer or ctx.observer
+        self._observer = ctx.observer if observer is None else observer
         self._max_deliveries = ctx.settings.max_deliveries
         self._max_payload_bytes = ctx.settings.max_payload_bytes
 
     def process(self, stream: str, entries: Sequence[Entry]) -> BatchResult:
+        """Decide every entry of this batch of ``stream`` and build its settlement."""
         started = self._clock()
         records = [self._screen(entry) for entry in entries]
         fresh, echoes = self._find_duplicates(stream, records)
         handler_s = self._handle(fresh)
         for echo, first in echoes:  # the same event twice in one batch: one fate
             echo.verdict = first.verdict
-        for record in records:
-            _exhaust_last_delivery(record, self._max_deliveries)
+        _exhaust_last_deliveries(records, self._max_deliveries)
         # One clock reading for the whole batch: its completions are published together.
         timing = BatchTiming(started, handler_s, self._clock(), utcnow())
         result = self.settler.settle(records, timing)
@@ -211,11 +211,12 @@ class BatchProcessor:
             observer.redeliveries_scheduled(stream, len(result.failed))
 
 
-def _exhaust_last_delivery(record: EntryRecord, max_deliveries: int) -> None:
+def _exhaust_last_deliveries(records: Sequence[EntryRecord], max_deliveries: int) -> None:
     """A failure on the last allowed delivery dead-letters the entry now."""
-    verdict = record.verdict
-    if isinstance(verdict, DeliveryFailed) and record.entry.deliveries >= max_deliveries:
-        record.verdict = Exhausted(verdict.error)
+    for record in records:
+        verdict = record.verdict
+        if isinstance(verdict, DeliveryFailed) and record.entry.deliveries >= max_deliveries:
+            record.verdict = Exhausted(verdict.error)
 
 
 def _verdict_for(exc: BaseException) -> Verdict:

@@ -104,7 +104,7 @@ class Settler:
         self._keys = ctx.keys
         self._consumer = ctx.consumer
         self._marker_ttl_s = ctx.settings.idempotency_ttl_s
-        # Outlives any redelivery of the entry: reclaims come after claim_min_idle_s.
+        # Kept until the entry's next delivery, even a reclaim (after claim_min_idle_s).
         self._last_error_ttl_s = max(int(ctx.settings.claim_min_idle_s * 10), 3600)
 
     def settle(self, records: Sequence[EntryRecord], timing: BatchTiming) -> BatchResult:

@@ -85,7 +85,7 @@ from forge.embedding.service import EmbeddingService
 from forge.events import EVENT_FIELD, Completion, NewData
 from forge.observability.metrics import Metrics
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message, Outcome
 from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis
 from forge.settings import Settings
@@ -301,7 +301,7 @@ def build_worker(
         result: list[Outcome] = timed_handler(messages)
         return result
 
-    registry = Registry()
+    registry = HandlerRegistry()
     # Read as `consumers.register` reads: several model batches at once.
     reads = settings.embed_read_size
     registry.register(HandlerSpec("new-data", NewData, handle, name="embed", max_batch_size=reads))

@@ -2,7 +2,7 @@
 
 The engine (``forge``) never imports this package: ``forge worker`` finds
 ``register`` through the entry point (or ``--consumers module:function``) and calls
-it with a registry and the worker's context.
+it with the worker's ``HandlerRegistry`` and context.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from consumers.training import TrainingHandler, progress_publisher
 from forge.embedding.service import EmbeddingService
 from forge.events import NewData, TrainingRequest
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.retry import Retrier
 from forge.servers.endpoints import open_vector_store
 from forge.training.service import TrainingService
@@ -26,8 +26,8 @@ from forge.vectorstore import VectorStore
 T = TypeVar("T")
 
 
-def register(registry: Registry, ctx: Context) -> None:
-    """Register every Forge handler."""
+def register(handlers: HandlerRegistry, ctx: Context) -> None:
+    """Register every Forge handler in ``handlers``."""
     embedding = EmbeddingService.from_settings(ctx.settings, ctx.redis, ctx.metrics)
     store = Once(lambda: open_store(ctx))
     # Trained models share the embedders' byte budget (MODEL_CACHE_SIZE).
@@ -40,7 +40,7 @@ def register(registry: Registry, ctx: Context) -> None:
     retraining = RetrainOnNewData(new_data, ctx.keys, lambda: training().registry)
     # Several model batches per read, so writing one overlaps embedding the next.
     reads = ctx.settings.embed_read_size
-    registry.register(
+    handlers.register(
         HandlerSpec("new-data", NewData, retraining, name="embed", max_batch_size=reads)
     )
     trainer = TrainingHandler(ctx, store, training)
@@ -48,7 +48,7 @@ def register(registry: Registry, ctx: Context) -> None:
     spec = HandlerSpec(
         "training-requests", TrainingRequest, trainer, name="train", max_batch_size=1
     )
-    registry.register(spec)
+    handlers.register(spec)
 
 
 def open_store(ctx: Context) -> VectorStore:

@@ -21,7 +21,7 @@ from consumers.new_data import NewDataHandler
 from forge.embedding.cache import Encoded
 from forge.events import NewData
 from forge.runtime.context import Context
-from forge.runtime.handlers import Message, Outcome, Registry, Rejected, Succeeded
+from forge.runtime.handlers import HandlerRegistry, Message, Outcome, Rejected, Succeeded
 from forge.settings import Settings
 from forge.vectorstore import VectorStore
 
@@ -203,7 +203,7 @@ def test_a_bad_event_in_a_later_chunk_is_rejected_alone(
 
 def test_new_data_reads_several_model_batches_at_once(ctx: Context) -> None:
     ctx = replace(ctx, settings=ctx.settings.replace(max_batch_size=8, embed_pipeline_depth=3))
-    registry = Registry()
+    registry = HandlerRegistry()
     register(registry, ctx)
     assert registry.get("new-data").max_batch_size == 24
     assert registry.get("training-requests").max_batch_size == 1

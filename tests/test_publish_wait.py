@@ -13,7 +13,7 @@ from forge.errors import PermanentError
 from forge.events import NewData
 from forge.runtime.completion_wait import CompletionTimeout, wait_for_completions
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from tests.conftest import new_data
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
@@ -26,7 +26,7 @@ def worker_that(ctx: Context, fails_with: type[Exception] | None = None) -> Work
         if fails_with is not None:
             raise fails_with("no good")
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle))
     return Worker(ctx, registry)
 

@@ -33,7 +33,7 @@ from forge.events import (
     decode_as,
 )
 from forge.runtime.context import Context
-from forge.runtime.handlers import Registry
+from forge.runtime.handlers import HandlerRegistry
 from forge.runtime.worker import Worker
 from forge.settings import Settings
 from forge.training.base import Dataset
@@ -150,7 +150,7 @@ def pending(ctx: Context, stream: str) -> int:
 
 def worker(ctx: Context) -> Worker:
     """A worker with Forge's real handler registration (new-data and training)."""
-    handlers = Registry()
+    handlers = HandlerRegistry()
     register(handlers, ctx)
     made = Worker(ctx, handlers)
     made.ctx.broker.ensure_groups(made.streams)

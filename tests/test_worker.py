@@ -12,7 +12,14 @@ from forge.errors import InvalidEvent, PermanentError, TransientError
 from forge.events import EVENT_FIELD, Completion, DeadLetter, NewData, decode_as
 from forge.runtime.context import Context
 from forge.runtime.deadletter import DeadLetterQueue
-from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry, Rejected, Succeeded
+from forge.runtime.handlers import (
+    HandlerRegistry,
+    HandlerSpec,
+    Message,
+    Outcome,
+    Rejected,
+    Succeeded,
+)
 from forge.runtime.worker import Worker
 from tests.conftest import new_data, publish
 from tests.support.redis_helpers import running, wait_for
@@ -21,7 +28,7 @@ Handle = Callable[[Sequence[Message[NewData]]], Sequence[Outcome] | None]
 
 
 def make_worker(ctx: Context, handle: Handle) -> Worker:
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle))
     return Worker(ctx, registry)
 
@@ -70,7 +77,7 @@ def test_a_handler_may_ask_for_larger_batches_than_max_batch_size(ctx: Context) 
     def handle(messages: Sequence[Message[NewData]]) -> None:
         sizes.append(len(messages))
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle, max_batch_size=6))
     worker = Worker(ctx, registry)
     for i in range(10):
@@ -301,7 +308,7 @@ def test_a_handler_can_ask_for_smaller_batches(ctx: Context) -> None:
     def handle_training(messages: Sequence[Message[TrainingRequest]]) -> None:
         sizes["training-requests"].append(len(messages))
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle_data))
     registry.register(
         HandlerSpec("training-requests", TrainingRequest, handle_training, max_batch_size=1)
@@ -337,7 +344,7 @@ def _consumers(ctx: Context, stream: str) -> list[str]:
 def test_an_idle_worker_is_listed_in_every_group_it_reads(ctx: Context) -> None:
     from forge.events import TrainingRequest
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
     registry.register(HandlerSpec("training-requests", TrainingRequest, lambda messages: None))
     worker = Worker(ctx, registry)

@@ -29,7 +29,7 @@ from prometheus_client import Counter
 
 from forge.runtime.broker import Entry
 from forge.runtime.context import Context
-from forge.runtime.handlers import Registry
+from forge.runtime.handlers import HandlerRegistry
 from forge.runtime.lease import LeaseKeeper
 from forge.runtime.processing import BatchProcessor, BatchResult
 from forge.runtime.retry import Retrier
@@ -50,7 +50,7 @@ class Worker:
     def __init__(
         self,
         ctx: Context,
-        registry: Registry,
+        registry: HandlerRegistry,
         streams: Sequence[str] | None = None,
         heartbeat: Callable[[], None] | None = None,
     ) -> None:
@@ -93,7 +93,7 @@ class Worker:
         """What the stream's handler asks for, else MAX_BATCH_SIZE."""
         return self.processors[stream].spec.max_batch_size or self.settings.max_batch_size
 
-    def _processor(self, registry: Registry, short: str) -> BatchProcessor:
+    def _processor(self, registry: HandlerRegistry, short: str) -> BatchProcessor:
         retries = self.ctx.metrics.retries_total.labels(stream=short)
         retrier = Retrier.from_settings(self.settings, on_retry=lambda exc, n: retries.inc())
         return BatchProcessor(self.ctx, registry.get(short), retrier)

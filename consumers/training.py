@@ -77,7 +77,7 @@ class TrainingHandler:
         service = self.service
         done = service.registered(request)
         if done is None:
-            from forge.training.registry import get_trainer, parse_params
+            from forge.training.tasks import get_trainer, parse_params
 
             # Validate before loading data: a typo should not cost a collection scan.
             parse_params(get_trainer(request.task), request.params)

@@ -129,7 +129,7 @@ class TrainingService:
     ) -> Fitted:
         """Train inside an MLflow run; the run is marked failed if training fails. On a
         redelivery, runs an earlier delivery left unfinished are marked killed."""
-        from forge.training.registry import get_trainer, parse_params
+        from forge.training.tasks import get_trainer, parse_params
 
         trainer = get_trainer(request.task)
         params = parse_params(trainer, request.params)
@@ -214,7 +214,7 @@ class TrainingService:
     def load(self, model: str, ref: str | None = None) -> tuple[TrainedModel, VersionInfo]:
         """Version ``ref`` of ``model`` (default: champion, else latest), loaded through
         the byte-bounded model cache."""
-        from forge.training.registry import get_trainer
+        from forge.training.tasks import get_trainer
 
         version = self.registry.resolve(model, ref)
         trainer = get_trainer(version.task)

@@ -19,7 +19,7 @@ from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
 from forge.settings import Settings
-from forge.vectorstore import registry, scan, search, writer
+from forge.vectorstore import catalog, scan, search, writer
 from forge.vectorstore.migrations import migrate
 from forge.vectorstore.naming import validate_name
 from forge.vectorstore.types import (
@@ -125,10 +125,10 @@ class VectorStore:
         """Create collection ``name`` if needed; ``InvalidEvent`` on a dimension clash."""
         cached = self._cached(name)
         if cached is not None:
-            registry.check_dimension(cached, dimension)
+            catalog.check_dimension(cached, dimension)
             return cached
         with self._pool.connection() as conn:
-            created = registry.ensure_collection(conn, name, dimension, model, self._index)
+            created = catalog.ensure_collection(conn, name, dimension, model, self._index)
             return self._remember(created)
 
     def collection(self, name: str) -> Collection | None:
@@ -136,14 +136,14 @@ class VectorStore:
         if cached is not None:
             return cached
         with self._pool.connection() as conn:
-            found = registry.get_collection(conn, name)
+            found = catalog.get_collection(conn, name)
         return self._remember(found) if found else None
 
     def drop_collection(self, name: str) -> bool:
         with self._lock:
             self._collections.pop(name, None)
         with self._pool.connection() as conn:
-            return registry.drop_collection(conn, validate_name(name))
+            return catalog.drop_collection(conn, validate_name(name))
 
     # ------------------------------------------------------------------- writes
 
@@ -220,7 +220,7 @@ class VectorStore:
         target = self.collection(collection)
         if target is None:
             return []
-        registry.check_dimension(target, int(np.size(vector)))
+        catalog.check_dimension(target, int(np.size(vector)))
         with self._pool.connection() as conn:
             return search.search(
                 conn,
@@ -269,7 +269,7 @@ class VectorStore:
         cached = self._cached(name)
         if cached is not None:
             return cached
-        found = registry.get_collection(conn, name)
+        found = catalog.get_collection(conn, name)
         return self._remember(found) if found else None
 
     def _create_for(
@@ -281,7 +281,7 @@ class VectorStore:
             return None
         dimension = _dimension_of(rows[0])
         model = model or rows[0].model
-        return registry.ensure_collection(conn, name, dimension, model, self._index)
+        return catalog.ensure_collection(conn, name, dimension, model, self._index)
 
     def _cached(self, name: str) -> Collection | None:
         with self._lock:

@@ -42,7 +42,7 @@ Write = Row | Delete
 
 @dataclass(frozen=True, slots=True)
 class Collection:
-    """A collection's registry entry (``forge_collections``)."""
+    """A collection's catalog entry (``forge_collections``)."""
 
     name: str
     table: str

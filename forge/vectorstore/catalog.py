@@ -1,4 +1,5 @@
-"""The collection registry: one table per collection with an HNSW cosine index."""
+"""The collection catalog (``forge_collections``) and the table, with its HNSW cosine
+index, behind each collection."""
 
 from __future__ import annotations
 

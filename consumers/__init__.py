@@ -37,7 +37,7 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
         )
     )
     new_data = NewDataHandler(ctx.settings, store, embedding)
-    retraining = RetrainOnNewData(new_data, ctx.keys, lambda: training().registry)
+    retraining = RetrainOnNewData(new_data, ctx.keys, lambda: training().versions)
     # Several model batches per read, so writing one overlaps embedding the next.
     reads = ctx.settings.embed_read_size
     handlers.register(

@@ -20,7 +20,7 @@ from forge.events import NewData
 from forge.keys import Keys
 from forge.runtime.handlers import Message, Outcome, Succeeded
 from forge.training.retrain import plan_retrain
-from forge.training.versions import ModelRegistry
+from forge.training.versions import ModelVersions
 
 log = structlog.get_logger(__name__)
 
@@ -29,21 +29,21 @@ NewDataHandle = Callable[[Sequence[Message[NewData]]], Sequence[Outcome] | None]
 
 class RetrainOnNewData:
     def __init__(
-        self, inner: NewDataHandle, keys: Keys, open_registry: Callable[[], ModelRegistry]
+        self, inner: NewDataHandle, keys: Keys, open_versions: Callable[[], ModelVersions]
     ) -> None:
         self.inner = inner
         self.keys = keys
-        self._open_registry = open_registry
-        self._registry: ModelRegistry | None = None
+        self._open_versions = open_versions
+        self._versions: ModelVersions | None = None
         self._lock = threading.Lock()
 
     @property
-    def registry(self) -> ModelRegistry:
+    def versions(self) -> ModelVersions:
         """Connected on the first event that asks for retraining."""
         with self._lock:
-            if self._registry is None:
-                self._registry = self._open_registry()
-            return self._registry
+            if self._versions is None:
+                self._versions = self._open_versions()
+            return self._versions
 
     def __call__(self, messages: Sequence[Message[NewData]]) -> Sequence[Outcome] | None:
         outcomes = self.inner(messages)
@@ -57,7 +57,7 @@ class RetrainOnNewData:
         event = message.event
         if not event.retrain or not isinstance(outcome, Succeeded):
             return outcome
-        planned = plan_retrain(self.registry, event)
+        planned = plan_retrain(self.versions, event)
         if isinstance(planned, str):
             log.warning("no retraining", event_id=event.id, model=event.retrain, reason=planned)
             return Succeeded({**outcome.result, "retrain": {"skipped": planned}}, outcome.publish)

@@ -39,8 +39,9 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(slots=True)
-class _Job:
-    """One event's share of a collection batch."""
+class _PendingEvent:
+    """An event of a collection's batch on its way to the store: its writes, and what
+    its result reports about them."""
 
     index: int
     event: NewData
@@ -90,7 +91,7 @@ class NewDataHandler:
 
     def __call__(self, messages: Sequence[Message[NewData]]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}
-        jobs: dict[str, list[_Job]] = {}
+        by_collection: dict[str, list[_PendingEvent]] = {}
         # Event ids are unique per input stream; the full stream name (prefix included)
         # keeps deployments that share a database apart.
         scope = messages[0].stream
@@ -105,8 +106,8 @@ class NewDataHandler:
             except InvalidEvent as exc:
                 outcomes[index] = Rejected(error_info(exc))
                 continue
-            jobs.setdefault(event.collection, []).append(_Job(index, event))
-        for collection, group in jobs.items():
+            by_collection.setdefault(event.collection, []).append(_PendingEvent(index, event))
+        for collection, group in by_collection.items():
             outcomes.update(self._write_collection(scope, collection, group))
         self._prune_markers(scope)
         return [outcomes[i] for i in range(len(messages))]
@@ -132,16 +133,18 @@ class NewDataHandler:
     # ------------------------------------------------------------------ writing
 
     def _write_collection(
-        self, scope: str, collection: str, jobs: list[_Job]
+        self, scope: str, collection: str, pending: list[_PendingEvent]
     ) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
-        model = self.embedding.model_for(self.store, collection, jobs[0].event.model)
-        for job in list(jobs):
-            if job.event.model and job.event.model != model:
-                message = f"collection {collection!r} uses model {model!r}, not {job.event.model!r}"
-                outcomes[job.index] = Rejected(error_info(InvalidEvent(message)))
-                jobs.remove(job)
-        chunks = list(_chunks(jobs, self.settings.max_batch_size))
+        model = self.embedding.model_for(self.store, collection, pending[0].event.model)
+        for item in list(pending):
+            if item.event.model and item.event.model != model:
+                message = (
+                    f"collection {collection!r} uses model {model!r}, not {item.event.model!r}"
+                )
+                outcomes[item.index] = Rejected(error_info(InvalidEvent(message)))
+                pending.remove(item)
+        chunks = list(_chunks(pending, self.settings.max_batch_size))
         writing: futures.Future[dict[int, Outcome]] | None = None
         try:
             for position, chunk in enumerate(chunks):
@@ -173,7 +176,7 @@ class NewDataHandler:
         self,
         scope: str,
         collection: str,
-        jobs: list[_Job],
+        pending: list[_PendingEvent],
         model: str,
         version: str | None,
         embed_s: float,
@@ -182,29 +185,29 @@ class NewDataHandler:
         outcomes: dict[int, Outcome] = {}
         started = time.perf_counter()
         raced: dict[str, dict[str, Any]] = {}
-        while jobs:
+        while pending:
             try:
-                raced = self._write(scope, collection, jobs, model, version)
+                raced = self._write(scope, collection, pending, model, version)
                 break
             except InvalidWrite as exc:
-                bad = next(j for j in jobs if j.event.id == exc.event_id)
+                bad = next(p for p in pending if p.event.id == exc.event_id)
                 outcomes[bad.index] = Rejected(error_info(exc))
-                jobs.remove(bad)
+                pending.remove(bad)
         write_s = time.perf_counter() - started
         timings = {"embed_s": round(embed_s, 6), "write_s": round(write_s, 6)}
-        for job in jobs:
-            if job.event.id in raced:  # another worker wrote it first; report its result
-                outcomes[job.index] = Succeeded({**raced[job.event.id], "duplicate": True})
+        for item in pending:
+            if item.event.id in raced:  # another worker wrote it first; report its result
+                outcomes[item.index] = Succeeded({**raced[item.event.id], "duplicate": True})
             else:
-                outcomes[job.index] = Succeeded({**job.result, **timings})
+                outcomes[item.index] = Succeeded({**item.result, **timings})
         return outcomes
 
-    def _prepare_writes(self, jobs: list[_Job], model: str) -> str | None:
-        """Build every job's writes, embedding all the texts of the batch at once."""
+    def _prepare_writes(self, pending: list[_PendingEvent], model: str) -> str | None:
+        """Build every event's writes, embedding all the texts of the batch at once."""
         texts = [
             r.text
-            for job in jobs
-            for r in job.event.records
+            for item in pending
+            for r in item.event.records
             if not r.deleted and r.vector is None and r.text is not None
         ]
         version = None
@@ -216,51 +219,56 @@ class NewDataHandler:
             encoded = self.embedding.encode(embedder, texts)
             vectors, cached = list(encoded.vectors), encoded.cached
         position = 0
-        for job in jobs:
-            for record in job.event.records:
+        for item in pending:
+            for record in item.event.records:
                 if record.deleted:
-                    job.writes.append(Delete(record.id, job.event.id))
+                    item.writes.append(Delete(record.id, item.event.id))
                     continue
                 if record.vector is not None:
                     embedding = np.asarray(record.vector, dtype=np.float32)
                 else:
                     embedding, hit = vectors[position], cached[position]
                     position += 1
-                    job.from_cache += hit
-                    job.embedded += not hit
-                job.writes.append(
-                    Row(record.id, embedding, job.event.id, record.text, record.metadata, model)
+                    item.from_cache += hit
+                    item.embedded += not hit
+                item.writes.append(
+                    Row(record.id, embedding, item.event.id, record.text, record.metadata, model)
                 )
         return version
 
     def _write(
-        self, scope: str, collection: str, jobs: list[_Job], model: str, version: str | None
+        self,
+        scope: str,
+        collection: str,
+        pending: list[_PendingEvent],
+        model: str,
+        version: str | None,
     ) -> dict[str, dict[str, Any]]:
-        """Write the jobs in one transaction; returns events a racing worker wrote first."""
-        for job in jobs:
-            job.model, job.model_version = model, version
+        """Write the events in one transaction; returns events a racing worker wrote first."""
+        for item in pending:
+            item.model, item.model_version = model, version
         result = self.store.write_batch(
             collection,
-            [w for job in jobs for w in job.writes],
-            [job.event.id for job in jobs],
+            [w for item in pending for w in item.writes],
+            [item.event.id for item in pending],
             scope,
             model=model,
-            results={job.event.id: job.result for job in jobs},
+            results={item.event.id: item.result for item in pending},
         )
         return result.duplicates
 
 
-def _chunks(jobs: list[_Job], records_per_chunk: int) -> Iterator[list[_Job]]:
+def _chunks(pending: list[_PendingEvent], records_per_chunk: int) -> Iterator[list[_PendingEvent]]:
     """Consecutive runs of whole events with about ``records_per_chunk`` records each
     (an event is never split: its rows and its marker commit together)."""
-    chunk: list[_Job] = []
+    chunk: list[_PendingEvent] = []
     size = 0
-    for job in jobs:
-        records = max(len(job.event.records), 1)
+    for item in pending:
+        records = max(len(item.event.records), 1)
         if chunk and size + records > records_per_chunk:
             yield chunk
             chunk, size = [], 0
-        chunk.append(job)
+        chunk.append(item)
         size += records
     if chunk:
         yield chunk

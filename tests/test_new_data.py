@@ -208,7 +208,7 @@ def _payload_id(payload: str) -> str:
 
 def test_sigkill_between_commit_and_ack_leaves_one_copy(
     ctx: Context,
-    worker: Callable[[], Worker],
+    service: EmbeddingService,
     vector_store: VectorStore,
     collection: str,
     pg_url: str,
@@ -245,8 +245,10 @@ def test_sigkill_between_commit_and_ack_leaves_one_copy(
     assert pending(ctx) == 1  # never acked
     assert completions(ctx) == []
 
+    # The worker that reclaims is built with the short claim threshold: the fixture's
+    # would wait out the default one, as long as run_until's timeout.
     ctx = replace(ctx, settings=ctx.settings.replace(claim_min_idle_s=0.2))
-    run_until(worker, ctx, 1)
+    run_until(lambda: build_worker(ctx, vector_store, service), ctx, 1)
     (done,) = completions(ctx)
     assert done.status == "succeeded"
     assert done.deliveries == 2

@@ -78,6 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 from bench.write_path import fresh_collection, postgres_server, raw_copy, timed, write_path
 from consumers.new_data import NewDataHandler
+from consumers.once import Once
 from forge.embedding.cache import EmbeddingCache
 from forge.embedding.model import Embedder
 from forge.embedding.model_cache import ModelCache
@@ -294,7 +295,7 @@ def build_worker(
     service = EmbeddingService(
         settings, models, EmbeddingCache.from_settings(client, settings), ctx.metrics
     )
-    handler = NewDataHandler(settings, lambda: store, service)
+    handler = NewDataHandler(settings, Once(lambda: store), service)
     timed_handler = _Timed(handler)
 
     def handle(messages: Sequence[Message[NewData]]) -> list[Outcome]:

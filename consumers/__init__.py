@@ -7,11 +7,8 @@ it with the worker's ``HandlerRegistry`` and context.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from typing import Generic, TypeVar
-
 from consumers.new_data import NewDataHandler
+from consumers.once import Once
 from consumers.retrain import RetrainOnNewData
 from consumers.training import TrainingHandler, progress_publisher
 from forge.embedding.service import EmbeddingService
@@ -22,8 +19,6 @@ from forge.runtime.retry import Retrier
 from forge.servers.endpoints import open_vector_store
 from forge.training.service import TrainingService
 from forge.vectorstore import VectorStore
-
-T = TypeVar("T")
 
 
 def register(handlers: HandlerRegistry, ctx: Context) -> None:
@@ -37,7 +32,7 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
         )
     )
     new_data = NewDataHandler(ctx.settings, store, embedding)
-    retraining = RetrainOnNewData(new_data, ctx.keys, lambda: training().versions)
+    retraining = RetrainOnNewData(new_data, ctx.keys, Once(lambda: training().versions))
     # Several model batches per read, so writing one overlaps embedding the next.
     reads = ctx.settings.embed_read_size
     handlers.register(
@@ -61,19 +56,3 @@ def open_store(ctx: Context) -> VectorStore:
         attempts=1_000, initial_s=0.5, max_s=5.0, max_total_s=ctx.settings.db_connect_wait_s
     )
     return open_vector_store(ctx.settings, ctx.on_close, connect=wait.call)
-
-
-class Once(Generic[T]):
-    """A factory called at most once, on first use: both handlers share one store
-    and one training service, and a worker that never needs them never opens them."""
-
-    def __init__(self, factory: Callable[[], T]) -> None:
-        self._factory = factory
-        self._value: T | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self) -> T:
-        with self._lock:
-            if self._value is None:
-                self._value = self._factory()
-            return self._value

@@ -16,15 +16,15 @@ with their stored results, so every event is still written exactly once.
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from consumers.once import Once
 from forge.embedding.service import EmbeddingService
 from forge.errors import InvalidEvent
 from forge.events import NewData, Record
@@ -68,26 +68,14 @@ class _PendingEvent:
 
 class NewDataHandler:
     def __init__(
-        self,
-        settings: Settings,
-        open_store: Callable[[], VectorStore],
-        embedding: EmbeddingService,
+        self, settings: Settings, store: Once[VectorStore], embedding: EmbeddingService
     ) -> None:
         self.settings = settings
-        self._open_store = open_store
-        self._store: VectorStore | None = None
-        self._lock = threading.Lock()
+        # Opened on first use, so a worker that never sees new-data never connects.
+        self.store = store
         self.embedding = embedding
         self._next_prune = 0.0
-        self._executor: futures.ThreadPoolExecutor | None = None
-
-    @property
-    def store(self) -> VectorStore:
-        """Opened on first use, so a worker that never sees new-data never connects."""
-        with self._lock:
-            if self._store is None:
-                self._store = self._open_store()
-            return self._store
+        self._writer = Once(lambda: futures.ThreadPoolExecutor(1, "forge-embed-writer"))
 
     def __call__(self, messages: Sequence[Message[NewData]]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}
@@ -95,7 +83,7 @@ class NewDataHandler:
         # Event ids are unique per input stream; the full stream name (prefix included)
         # keeps deployments that share a database apart.
         scope = messages[0].stream
-        done = self.store.already_processed(scope, [m.event.id for m in messages])
+        done = self.store().already_processed(scope, [m.event.id for m in messages])
         for index, message in enumerate(messages):
             event = message.event
             if event.id in done:
@@ -119,7 +107,7 @@ class NewDataHandler:
         if now < self._next_prune:
             return
         self._next_prune = now + PRUNE_INTERVAL_S
-        self.store.prune_processed(self.settings.idempotency_ttl_s, scope)
+        self.store().prune_processed(self.settings.idempotency_ttl_s, scope)
 
     # ------------------------------------------------------------------ validation
 
@@ -136,7 +124,7 @@ class NewDataHandler:
         self, scope: str, collection: str, pending: list[_PendingEvent]
     ) -> dict[int, Outcome]:
         outcomes: dict[int, Outcome] = {}
-        model = self.embedding.model_for(self.store, collection, pending[0].event.model)
+        model = self.embedding.model_for(self.store(), collection, pending[0].event.model)
         for item in list(pending):
             if item.event.model and item.event.model != model:
                 message = (
@@ -158,19 +146,12 @@ class NewDataHandler:
                 if position == len(chunks) - 1:  # nothing left to overlap with
                     outcomes.update(self._write_chunk(*args))
                 else:
-                    writing = self._writer.submit(self._write_chunk, *args)
+                    writing = self._writer().submit(self._write_chunk, *args)
         finally:
             if writing is not None:
                 # A failed embed must not leave a write running into the retry.
                 futures.wait([writing])
         return outcomes
-
-    @property
-    def _writer(self) -> futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = futures.ThreadPoolExecutor(1, "forge-embed-writer")
-            return self._executor
 
     def _write_chunk(
         self,
@@ -247,7 +228,7 @@ class NewDataHandler:
         """Write the events in one transaction; returns events a racing worker wrote first."""
         for item in pending:
             item.model, item.model_version = model, version
-        result = self.store.write_batch(
+        result = self.store().write_batch(
             collection,
             [w for item in pending for w in item.writes],
             [item.event.id for item in pending],

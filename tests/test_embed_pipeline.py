@@ -18,6 +18,7 @@ import pytest
 
 from consumers import register
 from consumers.new_data import NewDataHandler
+from consumers.once import Once
 from forge.embedding.cache import Encoded
 from forge.events import NewData
 from forge.runtime.context import Context
@@ -91,7 +92,7 @@ def messages(collection: str, count: int, records: int = 1) -> list[Message[NewD
 
 def handler(store: Any, embedding: StubEmbedding, max_batch_size: int = 2) -> NewDataHandler:
     settings = Settings(max_batch_size=max_batch_size)
-    return NewDataHandler(settings, lambda: store, embedding)  # type: ignore[arg-type]
+    return NewDataHandler(settings, Once(lambda: store), embedding)  # type: ignore[arg-type]
 
 
 def results(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from consumers.new_data import NewDataHandler
+from consumers.once import Once
 from forge.embedding.cache import EmbeddingCache
 from forge.embedding.model import Embedder
 from forge.embedding.model_cache import ModelCache
@@ -52,7 +53,7 @@ def service(ctx: Context, embedder: Embedder) -> EmbeddingService:
 
 
 def build_worker(ctx: Context, vector_store: VectorStore, service: EmbeddingService) -> Worker:
-    handler = NewDataHandler(ctx.settings, lambda: vector_store, service)
+    handler = NewDataHandler(ctx.settings, Once(lambda: vector_store), service)
     registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handler))
     return Worker(ctx, registry)
@@ -270,7 +271,7 @@ def test_a_failing_database_is_retried_then_redelivered(
                 raise psycopg.OperationalError("server closed the connection unexpectedly")
             return getattr(vector_store, name)
 
-    handler = NewDataHandler(ctx.settings, FlakyStore, service)  # type: ignore[arg-type]
+    handler = NewDataHandler(ctx.settings, Once(FlakyStore), service)  # type: ignore[arg-type]
     registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handler))
     publish(ctx.redis, ctx.keys.new_data, event("e1", collection, [{"id": "a", "vector": [1, 0]}]))

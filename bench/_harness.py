@@ -9,11 +9,15 @@ PostgreSQL outage) hits nobody else.
 Pieces: ``Servers`` (start, restart, stop both servers), ``Workers`` (``forge worker``
 subprocesses: spawn, SIGKILL, replace, drain), ``Workload`` (valid and poison events,
 remembered by the input entry id Redis gave them), ``CompletionReader`` (follows the
-completions stream), ``verify`` (the end-of-run checks) and ``leaked_processes``.
+completions stream), ``verify`` (the end-of-run checks) and ``leaked_processes``. A run
+(``run_supervised``) gets a ``Harness`` (the harness's own connections, what it
+published and the completions it read), always cleans up after itself, and fills a
+``RunReport`` that ``print_report`` prints.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import os
@@ -23,14 +27,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 import psutil  # type: ignore[import-untyped]
@@ -915,34 +921,120 @@ def sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class RunReport(Protocol):
-    checks: list[Check]
-    wall_s: float
+@dataclass(kw_only=True)
+class RunReport(ABC):
+    """What a chaos or soak run found: the end-of-run verification, the run's own
+    checks, its wall time, and the folder it ran in."""
+
+    root: Path
+    verification: Verification | None = None
+    checks: list[Check] = field(default_factory=list)
+    wall_s: float = 0.0
 
     @property
-    def ok(self) -> bool: ...
+    def all_checks(self) -> list[Check]:
+        return (self.verification.checks if self.verification else []) + self.checks
+
+    @property
+    def ok(self) -> bool:
+        return self.verification is not None and all(c.ok for c in self.all_checks)
+
+    @abstractmethod
+    def table(self) -> list[tuple[str, str]]:
+        """The summary rows printed before the checks."""
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, drain_timeout_s: float, seed: int) -> None:
+    """The options every supervised run takes: ``drain_timeout_s``, ``seed``, ``dir``
+    (the run folder, ``root`` of its config) and ``keep``."""
+    parser.add_argument("--drain-timeout-s", type=float, default=drain_timeout_s)
+    parser.add_argument("--seed", type=int, default=seed)
+    parser.add_argument("--dir", type=Path, default=None, help="run folder (default: a temp one)")
+    parser.add_argument("--keep", action="store_true", help="keep the run folder")
+
+
+def run_folder(root: Path | None, kind: str) -> Path:
+    """``root``, or a fresh temporary folder for a ``kind`` run."""
+    root = root or Path(tempfile.mkdtemp(prefix=f"forge-{kind}-"))
+    log(f"{kind} run in {root}")
+    return root
+
+
+@dataclass
+class Harness:
+    """The harness's side of a run: its own Redis client and store, what it published
+    and the completions it has read."""
+
+    servers: Servers
+    client: redis.Redis
+    keys: Keys
+    store: VectorStore
+    ledger: Ledger
+    reader: CompletionReader
+
+    def drained(self, drained: bool, timeout_s: float) -> Check:
+        done = self.reader.finished(self.ledger.entries)
+        return Check(
+            f"every entry completed within the drain timeout ({timeout_s:g} s)",
+            drained,
+            f"{done:,}/{len(self.ledger.entries):,} completed",
+        )
+
+    def verify(self) -> Verification:
+        return verify(
+            self.client, self.store, self.servers.pg_url, self.ledger, self.reader, self.keys
+        )
+
+
+@contextlib.contextmanager
+def connected(servers: Servers) -> Iterator[Harness]:
+    """Start ``servers``, then connect the harness to them (the new-data group created);
+    its connections close when the block ends."""
+    servers.start()
+    client = connect(servers.redis_url)
+    keys = Keys(prefix=PREFIX, group=GROUP)
+    create_group(client, keys.new_data)
+    store = open_store(servers.pg_url)
+    try:
+        ledger = Ledger(client, keys.new_data)
+        reader = CompletionReader(client, keys.completions)
+        yield Harness(servers, client, keys, store, ledger, reader)
+    finally:
+        store.close()
+        client.close()
+
+
+def print_report(kind: str, report: RunReport, *, keep: bool, notes: Sequence[str] = ()) -> int:
+    """The summary, the checks and the verdict; the run's exit status."""
+    print()
+    print_table(report.table())
+    print_checks(report.all_checks)
+    for note in notes:
+        print(f"  note: {note}")
+    verdict = "PASS" if report.ok else "FAIL"
+    kept = "" if report.ok and not keep else f" (run folder kept: {report.root})"
+    print(f"{kind}: {verdict}{kept}")
+    return 0 if report.ok else 1
 
 
 def run_supervised(
-    root: Path,
-    report: RunReport,
-    body: Callable[[Servers, list[Workers]], None],
-    *,
-    keep: bool = False,
+    report: RunReport, body: Callable[[Harness, list[Workers]], None], *, keep: bool = False
 ) -> None:
-    """Run ``body`` with dedicated servers in ``root``, then always: stop every worker
-    and server it started, check that no process of the run is left, record the wall
-    time, and remove ``root`` unless the run failed or ``keep`` asks to keep it.
+    """Run ``body`` with dedicated servers in ``report.root`` and the harness connected
+    to them, then always: stop every worker and server it started, check that no
+    process of the run is left, record the wall time, and remove the folder unless the
+    run failed or ``keep`` asks to keep it.
 
     ``body`` appends each ``Workers`` it starts to the list it is given, so cleanup
     finds them even when it fails halfway.
     """
+    root = report.root
     began = time.monotonic()
     servers = Servers(root)
     started: list[Workers] = []
     try:
-        with sigterm_as_exit():
-            body(servers, started)
+        with sigterm_as_exit(), connected(servers) as harness:
+            body(harness, started)
     except Exception as exc:
         log(traceback.format_exc())
         report.checks.append(Check("run completed", False, f"{type(exc).__name__}: {exc}"))

@@ -66,6 +66,19 @@ class _PendingEvent:
         }
 
 
+@dataclass(slots=True)
+class _Chunk:
+    """Whole events of one collection, written in one transaction: where they go, the
+    embedding model (and its version, if it embedded any text) and the time that took."""
+
+    scope: str
+    collection: str
+    model: str
+    version: str | None
+    events: list[_PendingEvent]
+    embed_s: float
+
+
 class NewDataHandler:
     def __init__(
         self, settings: Settings, store: Once[VectorStore], embedding: EmbeddingService
@@ -123,59 +136,45 @@ class NewDataHandler:
     def _write_collection(
         self, scope: str, collection: str, pending: list[_PendingEvent]
     ) -> dict[int, Outcome]:
-        outcomes: dict[int, Outcome] = {}
         model = self.embedding.model_for(self.store(), collection, pending[0].event.model)
-        for item in list(pending):
-            if item.event.model and item.event.model != model:
-                message = (
-                    f"collection {collection!r} uses model {model!r}, not {item.event.model!r}"
-                )
-                outcomes[item.index] = Rejected(error_info(InvalidEvent(message)))
-                pending.remove(item)
+        outcomes = _reject_other_models(collection, model, pending)
         chunks = list(_chunks(pending, self.settings.max_batch_size))
         writing: futures.Future[dict[int, Outcome]] | None = None
         try:
-            for position, chunk in enumerate(chunks):
+            for position, events in enumerate(chunks):
                 started = time.perf_counter()
-                version = self._prepare_writes(chunk, model)
+                version = self._prepare_writes(events, model)
                 embed_s = time.perf_counter() - started
                 if writing is not None:
                     outcomes.update(writing.result())
                     writing = None
-                args = (scope, collection, chunk, model, version, embed_s)
+                chunk = _Chunk(scope, collection, model, version, events, embed_s)
                 if position == len(chunks) - 1:  # nothing left to overlap with
-                    outcomes.update(self._write_chunk(*args))
+                    outcomes.update(self._write_chunk(chunk))
                 else:
-                    writing = self._writer().submit(self._write_chunk, *args)
+                    writing = self._writer().submit(self._write_chunk, chunk)
         finally:
             if writing is not None:
                 # A failed embed must not leave a write running into the retry.
                 futures.wait([writing])
         return outcomes
 
-    def _write_chunk(
-        self,
-        scope: str,
-        collection: str,
-        pending: list[_PendingEvent],
-        model: str,
-        version: str | None,
-        embed_s: float,
-    ) -> dict[int, Outcome]:
+    def _write_chunk(self, chunk: _Chunk) -> dict[int, Outcome]:
         """Write one chunk in one transaction, leaving out events whose rows are bad."""
         outcomes: dict[int, Outcome] = {}
         started = time.perf_counter()
         raced: dict[str, dict[str, Any]] = {}
+        pending = chunk.events
         while pending:
             try:
-                raced = self._write(scope, collection, pending, model, version)
+                raced = self._write(chunk)
                 break
             except InvalidWrite as exc:
                 bad = next(p for p in pending if p.event.id == exc.event_id)
                 outcomes[bad.index] = Rejected(error_info(exc))
                 pending.remove(bad)
         write_s = time.perf_counter() - started
-        timings = {"embed_s": round(embed_s, 6), "write_s": round(write_s, 6)}
+        timings = {"embed_s": round(chunk.embed_s, 6), "write_s": round(write_s, 6)}
         for item in pending:
             if item.event.id in raced:  # another worker wrote it first; report its result
                 outcomes[item.index] = Succeeded({**raced[item.event.id], "duplicate": True})
@@ -217,26 +216,33 @@ class NewDataHandler:
                 )
         return version
 
-    def _write(
-        self,
-        scope: str,
-        collection: str,
-        pending: list[_PendingEvent],
-        model: str,
-        version: str | None,
-    ) -> dict[str, dict[str, Any]]:
-        """Write the events in one transaction; returns events a racing worker wrote first."""
-        for item in pending:
-            item.model, item.model_version = model, version
+    def _write(self, chunk: _Chunk) -> dict[str, dict[str, Any]]:
+        """Write the chunk in one transaction; returns events a racing worker wrote first."""
+        for item in chunk.events:
+            item.model, item.model_version = chunk.model, chunk.version
         result = self.store().write_batch(
-            collection,
-            [w for item in pending for w in item.writes],
-            [item.event.id for item in pending],
-            scope,
-            model=model,
-            results={item.event.id: item.result for item in pending},
+            chunk.collection,
+            [w for item in chunk.events for w in item.writes],
+            [item.event.id for item in chunk.events],
+            chunk.scope,
+            model=chunk.model,
+            results={item.event.id: item.result for item in chunk.events},
         )
         return result.duplicates
+
+
+def _reject_other_models(
+    collection: str, model: str, pending: list[_PendingEvent]
+) -> dict[int, Outcome]:
+    """Take the events that name another model than the collection's out of
+    ``pending``; their rejections."""
+    outcomes: dict[int, Outcome] = {}
+    for item in list(pending):
+        if item.event.model and item.event.model != model:
+            message = f"collection {collection!r} uses model {model!r}, not {item.event.model!r}"
+            outcomes[item.index] = Rejected(error_info(InvalidEvent(message)))
+            pending.remove(item)
+    return outcomes
 
 
 def _chunks(pending: list[_PendingEvent], records_per_chunk: int) -> Iterator[list[_PendingEvent]]:

@@ -118,13 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_watch.add_watch_parser(sub)
     cmd_docs.add_docs_parser(sub)
     cmd_env.add_env_parser(sub)
-
-    schemas = sub.add_parser("schemas", help="event JSON Schemas")
-    schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)
-    export = schemas_sub.add_parser("export", help="write schemas/*.schema.json")
-    export.add_argument("--dir", default="schemas")
-    export.add_argument("--check", action="store_true", help="fail if files differ from code")
-    export.set_defaults(run=cmd_streams.run_schemas_export)
+    cmd_docs.add_schemas_parser(sub)
     return parser
 
 

@@ -249,21 +249,23 @@ class VectorStore:
     def load_collection(self, name: str, ids: Sequence[str] | None = None) -> Snapshot:
         """Every row of collection ``name`` (or those in ``ids``), ordered by id, with
         vectors as one matrix; ``CollectionNotFound`` when there is no such collection."""
-        target = self.collection(name)
-        if target is None:
-            raise CollectionNotFound(f"collection {name!r} does not exist")
+        target = self._require(name)
         with self._pool.connection() as conn:
             return scan.load_rows(conn, target, ids)
 
     def update_metadata(self, name: str, patches: Mapping[str, JsonObject]) -> int:
         """Merge ``patches[id]`` into each record's metadata; returns the rows patched."""
-        target = self.collection(name)
-        if target is None:
-            raise CollectionNotFound(f"collection {name!r} does not exist")
+        target = self._require(name)
         with self._pool.connection() as conn:
             return scan.merge_metadata(conn, target, patches)
 
     # ------------------------------------------------------------------ helpers
+
+    def _require(self, name: str) -> Collection:
+        target = self.collection(name)
+        if target is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return target
 
     def _existing(self, conn: psycopg.Connection[Any], name: str) -> Collection | None:
         cached = self._cached(name)
@@ -296,11 +298,7 @@ class VectorStore:
 def _dimension_of(row: Row) -> int:
     shape = np.shape(row.embedding)
     if len(shape) != 1:
-        raise InvalidWrite(
-            f"record {row.id!r} of event {row.event_id!r}: vector shape {shape} is not 1-d",
-            event_id=row.event_id,
-            record_id=row.id,
-        )
+        raise InvalidWrite.of_row(row, f"vector shape {shape} is not 1-d")
     return int(shape[0])
 
 

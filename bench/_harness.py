@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
 import random
 import shlex
@@ -51,6 +50,7 @@ from forge.events import EVENT_FIELD, Completion, DeadLetter
 from forge.keys import Keys
 from forge.servers.embedded_postgres import SYSTEM_USER, EmbeddedPostgres, start_embedded_postgres
 from forge.servers.embedded_redis import EmbeddedRedis
+from forge.servers.proc import die_with_parent_preexec
 from forge.vectorstore import VectorStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +58,6 @@ PREFIX = "forge:"
 GROUP = "forge"
 MODEL = "all-MiniLM-L6-v2"  # the text collection's; vector-only collections record it too
 TEXT_DIM = 384  # all-MiniLM-L6-v2
-_PR_SET_PDEATHSIG = 1
 MAX_UNEXPECTED_EXITS = 20  # replacing workers that die on their own, but not forever
 
 _completion_decoder = msgspec.json.Decoder(Completion)
@@ -192,20 +191,6 @@ class Servers:
 # ---------------------------------------------------------------------------- workers
 
 
-def _die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` giving the worker SIGTERM (a graceful drain) if the harness dies,
-    so an interrupted run leaves no worker behind. prctl is looked up before fork."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def set_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return set_signal
-
-
 @dataclass
 class WorkerSettings:
     """The environment every ``forge worker`` of a run gets (see forge/settings.py)."""
@@ -283,7 +268,9 @@ class Workers:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent(),  # noqa: PLW1509 - no threads fork here
+                # SIGTERM (a graceful drain) if the harness dies: an interrupted run
+                # leaves no worker behind. Safe in preexec_fn: no threads fork here.
+                preexec_fn=die_with_parent_preexec(signal.SIGTERM),  # noqa: PLW1509
             )
         proc = WorkerProc(popen, psutil.Process(popen.pid), log_path, time.monotonic())
         self.alive.append(proc)

@@ -1,13 +1,13 @@
-"""Training as a service inside a worker: a training request and its data in, a
-registered MLflow model version out.
+"""Training as a service: in a worker, a training request and its data in, a
+registered MLflow model version out; for ``forge predict``, a version loaded back.
 
 ``fit`` runs the trainer under the request's deadline inside an MLflow run (params,
-a metric point per epoch, the model's files), ``register`` makes it a version of the
-model's registry entry tagged with the request's id, and ``registered`` finds that
-version again, so a redelivered request is answered without training twice.
+a metric point per epoch, the model's files), ``register`` makes it a new version of
+the model in MLflow's model registry, tagged with the request's id, and ``registered``
+finds that version again, so a redelivered request is answered without training twice.
 
-The trainers (torch, scikit-learn: seconds to import) load on the first training, not
-when a worker starts.
+The trainers (torch, scikit-learn: seconds to import) load on first use, not when a
+worker starts.
 """
 
 from __future__ import annotations

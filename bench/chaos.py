@@ -12,7 +12,7 @@ everysec, over a unix socket; an embedded PostgreSQL with pgvector) and ``--work
 with ``FORGE_CLAIM_MIN_IDLE_S`` short enough for reclaims to happen within the run. It
 publishes ``--events`` new-data events (8-d vector records, one to three per event,
 unique ids: the model is never needed) at ``--rate`` events/s, with ``--poison``
-entries of every poison kind in ``bench/_harness.py`` mixed in. Until the last entry
+entries of every poison kind in ``bench/_workload.py`` mixed in. Until the last entry
 is completed:
 
 * every ``--kill-every-s`` seconds (jittered) a random worker gets SIGKILL (one caught
@@ -51,24 +51,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
+from bench._checks import Check, Verification
+from bench._common import MODEL, log
 from bench._harness import (
-    MODEL,
-    Check,
     Harness,
-    Planned,
     RunReport,
-    Verification,
-    Workers,
-    WorkerSettings,
-    Workload,
     add_run_options,
-    holders,
-    log,
     print_report,
     run_folder,
     run_supervised,
-    start_workers,
 )
+from bench._workers import Workers, WorkerSettings, holders, start_workers
+from bench._workload import Planned, Workload
 
 COLLECTION = "chaos"
 MAX_DELIVERIES = 3  # FORGE_MAX_DELIVERIES, left at its default

@@ -42,29 +42,25 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
+from bench._checks import Check
+from bench._common import GROUP, MODEL, TEXT_DIM, log
 from bench._harness import (
-    GROUP,
-    MODEL,
-    TEXT_DIM,
-    Check,
-    CompletionReader,
     Harness,
-    Ledger,
-    Planned,
     RunReport,
-    Workers,
-    WorkerSettings,
-    Workload,
     add_run_options,
-    drain,
-    latency_s,
-    log,
-    percentile,
     print_report,
-    rss_bytes,
     run_folder,
     run_supervised,
-    start_workers,
+)
+from bench._workers import Workers, WorkerSettings, rss_bytes, start_workers
+from bench._workload import (
+    CompletionReader,
+    Ledger,
+    Planned,
+    Workload,
+    drain,
+    latency_s,
+    percentile,
 )
 from forge.keys import Keys
 

@@ -47,6 +47,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
@@ -154,9 +155,7 @@ def plan_events(cfg: ChaosConfig) -> list[Planned]:
 
 def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     report = ChaosReport(cfg, root=run_folder(cfg.root, "chaos"))
-    run_supervised(
-        report, lambda harness, started: _run(cfg, report, harness, started), keep=cfg.keep
-    )
+    run_supervised(report, partial(_run, cfg, report), keep=cfg.keep)
     return report
 
 

@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +160,7 @@ def _ms_pair(values: list[float]) -> str:
 
 def run_soak(cfg: SoakConfig) -> SoakReport:
     report = SoakReport(cfg, root=run_folder(cfg.root, "soak"))
-    run_supervised(
-        report, lambda harness, started: _run(cfg, report, harness, started), keep=cfg.keep
-    )
+    run_supervised(report, partial(_run, cfg, report), keep=cfg.keep)
     return report
 
 

@@ -12,7 +12,7 @@ everysec, over a unix socket; an embedded PostgreSQL with pgvector) and ``--work
 with ``FORGE_CLAIM_MIN_IDLE_S`` short enough for reclaims to happen within the run. It
 publishes ``--events`` new-data events (8-d vector records, one to three per event,
 unique ids: the model is never needed) at ``--rate`` events/s, with ``--poison``
-entries of every poison kind in ``bench/_harness.py`` mixed in. Until the last entry
+entries of every poison kind in ``bench/_workload.py`` mixed in. Until the last entry
 is completed:
 
 * every ``--kill-every-s`` seconds (jittered) a random worker gets SIGKILL (one caught
@@ -44,39 +44,26 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
+from bench._checks import Check, Verification
+from bench._common import MODEL, log
 from bench._harness import (
-    GROUP,
-    MODEL,
-    PREFIX,
-    Check,
-    CompletionReader,
-    Ledger,
-    Planned,
-    Servers,
-    Verification,
-    Workers,
-    WorkerSettings,
-    Workload,
-    connect,
-    create_group,
-    holders,
-    log,
-    open_store,
-    print_checks,
-    print_table,
+    Harness,
+    RunReport,
+    add_run_options,
+    print_report,
+    run_folder,
     run_supervised,
-    start_workers,
-    verify,
 )
-from forge.keys import Keys
+from bench._workers import Workers, WorkerSettings, holders, start_workers
+from bench._workload import Planned, Workload
 
 COLLECTION = "chaos"
 MAX_DELIVERIES = 3  # FORGE_MAX_DELIVERIES, left at its default
@@ -110,11 +97,8 @@ class ChaosConfig:
 
 
 @dataclass
-class ChaosReport:
+class ChaosReport(RunReport):
     config: ChaosConfig
-    root: Path
-    verification: Verification | None = None
-    checks: list[Check] = field(default_factory=list)
     kills: int = 0
     replacements: int = 0
     redis_restarts: int = 0
@@ -124,18 +108,9 @@ class ChaosReport:
     valid: int = 0
     poison: int = 0
     records: int = 0
-    wall_s: float = 0.0
     processing_s: float = 0.0
     startup_failures: list[str] = field(default_factory=list)
     log_events: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def all_checks(self) -> list[Check]:
-        return (self.verification.checks if self.verification else []) + self.checks
-
-    @property
-    def ok(self) -> bool:
-        return self.verification is not None and all(c.ok for c in self.all_checks)
 
     @property
     def throughput(self) -> float:
@@ -179,87 +154,63 @@ def plan_events(cfg: ChaosConfig) -> list[Planned]:
 
 
 def run_chaos(cfg: ChaosConfig) -> ChaosReport:
-    root = cfg.root or Path(tempfile.mkdtemp(prefix="forge-chaos-"))
-    report = ChaosReport(cfg, root)
-    log(f"chaos run in {root}")
-    run_supervised(
-        root,
-        report,
-        lambda servers, started: _run(cfg, report, servers, started),
-        keep=cfg.keep,
-    )
+    report = ChaosReport(cfg, root=run_folder(cfg.root, "chaos"))
+    run_supervised(report, partial(_run, cfg, report), keep=cfg.keep)
     return report
 
 
-def _run(cfg: ChaosConfig, report: ChaosReport, servers: Servers, started: list[Workers]) -> None:
-    servers.start()
-    client = connect(servers.redis_url)
-    keys = Keys(prefix=PREFIX, group=GROUP)
-    create_group(client, keys.new_data)
-    store = open_store(servers.pg_url)
-    try:
-        # Created up front with its dimension: otherwise a wrong-dimension poison event
-        # arriving first would create the collection with its own dimension.
-        store.ensure_collection(COLLECTION, cfg.dim, MODEL)
-        plan = plan_events(cfg)
-        report.poison = sum(p.poison for p in plan)
-        report.valid = len(plan) - report.poison
-        report.records = sum(len(p.records) for p in plan)
-        settings = WorkerSettings(
-            claim_min_idle_s=cfg.claim_min_idle_s,
-            reclaim_interval_s=cfg.reclaim_interval_s,
-            stream_maxlen=max(10 * len(plan), 100_000),
-        )
-        workers = start_workers(settings, servers, report.root, cfg.workers, started)
-        log(f"{cfg.workers} workers serving; publishing {len(plan):,} entries at {cfg.rate:g}/s")
+def _run(cfg: ChaosConfig, report: ChaosReport, harness: Harness, started: list[Workers]) -> None:
+    # Created up front with its dimension: otherwise a wrong-dimension poison event
+    # arriving first would create the collection with its own dimension.
+    harness.store.ensure_collection(COLLECTION, cfg.dim, MODEL)
+    plan = plan_events(cfg)
+    report.poison = sum(p.poison for p in plan)
+    report.valid = len(plan) - report.poison
+    report.records = sum(len(p.records) for p in plan)
+    settings = WorkerSettings(
+        claim_min_idle_s=cfg.claim_min_idle_s,
+        reclaim_interval_s=cfg.reclaim_interval_s,
+        stream_maxlen=max(10 * len(plan), 100_000),
+    )
+    workers = start_workers(settings, harness.servers, report.root, cfg.workers, started)
+    log(f"{cfg.workers} workers serving; publishing {len(plan):,} entries at {cfg.rate:g}/s")
 
-        ledger = Ledger(client, keys.new_data)
-        reader = CompletionReader(client, keys.completions)
-        first_publish = time.time()
-        drained = _Chaos(cfg, report, servers, workers, ledger, reader, plan).run()
-        last = max(
-            (
-                c.created_at.timestamp()
-                for cs in reader.by_entry.values()
-                for c in cs
-                if c.created_at
-            ),
-            default=time.time(),
+    first_publish = time.time()
+    drained = _Chaos(cfg, report, harness, workers, plan).run()
+    last = max(
+        (
+            c.created_at.timestamp()
+            for cs in harness.reader.by_entry.values()
+            for c in cs
+            if c.created_at
+        ),
+        default=time.time(),
+    )
+    report.processing_s = last - first_publish
+    log(f"drained: {drained}; stopping workers")
+    report.checks.append(harness.drained(drained, cfg.drain_timeout_s))
+    # A replacement still importing when SIGTERM comes dies of it (exit -15) before
+    # serving; let the last ones come up so the check below is about draining.
+    workers.wait_serving(timeout_s=60)
+    codes = workers.stop(timeout_s=60)
+    report.log_events = workers.log_events()
+    report.kills, report.replacements = workers.kills, workers.replacements
+    report.startup_failures = workers.startup_failures
+    report.checks.append(
+        Check(
+            "every worker drained and exited 0 on SIGTERM",
+            all(code == 0 for code in codes),
+            f"exit codes {sorted(set(codes))}",
         )
-        report.processing_s = last - first_publish
-        log(f"drained: {drained}; stopping workers")
-        report.checks.append(
-            Check(
-                f"every entry completed within the drain timeout ({cfg.drain_timeout_s:g} s)",
-                drained,
-                f"{reader.finished(ledger.entries):,}/{len(ledger.entries):,} completed",
-            )
+    )
+    report.checks.append(
+        Check(
+            "no worker died on its own while serving",
+            not workers.crashes,
+            "; ".join(workers.crashes) or "none",
         )
-        # A replacement still importing when SIGTERM comes dies of it (exit -15) before
-        # serving; let the last ones come up so the check below is about draining.
-        workers.wait_serving(timeout_s=60)
-        codes = workers.stop(timeout_s=60)
-        report.log_events = workers.log_events()
-        report.kills, report.replacements = workers.kills, workers.replacements
-        report.startup_failures = workers.startup_failures
-        report.checks.append(
-            Check(
-                "every worker drained and exited 0 on SIGTERM",
-                all(code == 0 for code in codes),
-                f"exit codes {sorted(set(codes))}",
-            )
-        )
-        report.checks.append(
-            Check(
-                "no worker died on its own while serving",
-                not workers.crashes,
-                "; ".join(workers.crashes) or "none",
-            )
-        )
-        report.verification = verify(client, store, servers.pg_url, ledger, reader, keys)
-    finally:
-        store.close()
-        client.close()
+    )
+    report.verification = harness.verify()
 
 
 class _Chaos:
@@ -270,14 +221,12 @@ class _Chaos:
         self,
         cfg: ChaosConfig,
         report: ChaosReport,
-        servers: Servers,
+        harness: Harness,
         workers: Workers,
-        ledger: Ledger,
-        reader: CompletionReader,
         plan: list[Planned],
     ) -> None:
-        self.cfg, self.report, self.servers, self.workers = cfg, report, servers, workers
-        self.ledger, self.reader, self.plan = ledger, reader, plan
+        self.cfg, self.report, self.servers, self.workers = cfg, report, harness.servers, workers
+        self.ledger, self.reader, self.plan = harness.ledger, harness.reader, plan
         self.rng = random.Random(cfg.seed + 2)
         self.start = time.monotonic()
         self.sent = self.completed = 0
@@ -411,10 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg-down-s", type=float, default=defaults.pg_down_s)
     parser.add_argument("--claim-min-idle-s", type=float, default=defaults.claim_min_idle_s)
     parser.add_argument("--reclaim-interval-s", type=float, default=defaults.reclaim_interval_s)
-    parser.add_argument("--drain-timeout-s", type=float, default=defaults.drain_timeout_s)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--dir", type=Path, default=None, help="run folder (default: a temp one)")
-    parser.add_argument("--keep", action="store_true", help="keep the run folder")
+    add_run_options(parser, drain_timeout_s=defaults.drain_timeout_s, seed=defaults.seed)
     args = parser.parse_args(argv)
     cfg = ChaosConfig(
         events=args.events,
@@ -437,15 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         keep=args.keep,
     )
     report = run_chaos(cfg)
-    print()
-    print_table(report.table())
-    print_checks(report.all_checks)
-    for note in report.startup_failures:
-        print(f"  note: a replacement worker failed to start: {note}")
-    verdict = "PASS" if report.ok else "FAIL"
-    kept = "" if report.ok and not cfg.keep else f" (run folder kept: {report.root})"
-    print(f"chaos: {verdict}{kept}")
-    return 0 if report.ok else 1
+    notes = [f"a replacement worker failed to start: {n}" for n in report.startup_failures]
+    return print_report("chaos", report, keep=cfg.keep, notes=notes)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 from bench.write_path import fresh_collection, postgres_server, raw_copy, timed, write_path
 from consumers.new_data import NewDataHandler
+from consumers.once import Once
 from forge.embedding.cache import EmbeddingCache
 from forge.embedding.model import Embedder
 from forge.embedding.model_cache import ModelCache
@@ -85,7 +86,7 @@ from forge.embedding.service import EmbeddingService
 from forge.events import EVENT_FIELD, Completion, NewData
 from forge.observability.metrics import Metrics
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message, Outcome
 from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis
 from forge.settings import Settings
@@ -294,14 +295,14 @@ def build_worker(
     service = EmbeddingService(
         settings, models, EmbeddingCache.from_settings(client, settings), ctx.metrics
     )
-    handler = NewDataHandler(settings, lambda: store, service)
+    handler = NewDataHandler(settings, Once(lambda: store), service)
     timed_handler = _Timed(handler)
 
     def handle(messages: Sequence[Message[NewData]]) -> list[Outcome]:
         result: list[Outcome] = timed_handler(messages)
         return result
 
-    registry = Registry()
+    registry = HandlerRegistry()
     # Read as `consumers.register` reads: several model batches at once.
     reads = settings.embed_read_size
     registry.register(HandlerSpec("new-data", NewData, handle, name="embed", max_batch_size=reads))

@@ -33,9 +33,9 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,33 +43,25 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
+from bench._checks import Check
+from bench._common import GROUP, MODEL, TEXT_DIM, log
 from bench._harness import (
-    GROUP,
-    MODEL,
-    PREFIX,
-    TEXT_DIM,
-    Check,
+    Harness,
+    RunReport,
+    add_run_options,
+    print_report,
+    run_folder,
+    run_supervised,
+)
+from bench._workers import Workers, WorkerSettings, rss_bytes, start_workers
+from bench._workload import (
     CompletionReader,
     Ledger,
     Planned,
-    Servers,
-    Verification,
-    Workers,
-    WorkerSettings,
     Workload,
-    connect,
-    create_group,
     drain,
     latency_s,
-    log,
-    open_store,
     percentile,
-    print_checks,
-    print_table,
-    rss_bytes,
-    run_supervised,
-    start_workers,
-    verify,
 )
 from forge.keys import Keys
 
@@ -110,11 +102,8 @@ class SoakConfig:
 
 
 @dataclass
-class SoakReport:
+class SoakReport(RunReport):
     config: SoakConfig
-    root: Path
-    verification: Verification | None = None
-    checks: list[Check] = field(default_factory=list)
     published: int = 0
     steady_events: int = 0  # events published after the warm-up
     steady_completed: int = 0  # completions created after the warm-up, before the load ended
@@ -127,15 +116,6 @@ class SoakReport:
     max_pending: int = 0
     max_pending_consumer: str = ""
     samples: int = 0
-    wall_s: float = 0.0
-
-    @property
-    def all_checks(self) -> list[Check]:
-        return (self.verification.checks if self.verification else []) + self.checks
-
-    @property
-    def ok(self) -> bool:
-        return self.verification is not None and all(c.ok for c in self.all_checks)
 
     @property
     def throughput(self) -> float:
@@ -179,70 +159,39 @@ def _ms_pair(values: list[float]) -> str:
 
 
 def run_soak(cfg: SoakConfig) -> SoakReport:
-    root = cfg.root or Path(tempfile.mkdtemp(prefix="forge-soak-"))
-    report = SoakReport(cfg, root)
-    log(f"soak run in {root}")
-    run_supervised(
-        root,
-        report,
-        lambda servers, started: _run(cfg, report, servers, started),
-        keep=cfg.keep,
-    )
+    report = SoakReport(cfg, root=run_folder(cfg.root, "soak"))
+    run_supervised(report, partial(_run, cfg, report), keep=cfg.keep)
     return report
 
 
-def _run(cfg: SoakConfig, report: SoakReport, servers: Servers, started: list[Workers]) -> None:
-    servers.start()
-    client = connect(servers.redis_url)
-    keys = Keys(prefix=PREFIX, group=GROUP)
-    create_group(client, keys.new_data)
-    store = open_store(servers.pg_url)
-    try:
-        store.ensure_collection(VECTOR_COLLECTION, cfg.dim, MODEL)
-        store.ensure_collection(TEXT_COLLECTION, TEXT_DIM, MODEL)
-        settings = WorkerSettings(
-            max_batch_size=cfg.max_batch_size, embed_pipeline_depth=cfg.embed_pipeline_depth
-        )
-        workers = start_workers(settings, servers, report.root, cfg.workers, started)
-        log(f"{cfg.workers} workers serving; {cfg.rate:g} events/s for {cfg.duration_s:g} s")
+def _run(cfg: SoakConfig, report: SoakReport, harness: Harness, started: list[Workers]) -> None:
+    harness.store.ensure_collection(VECTOR_COLLECTION, cfg.dim, MODEL)
+    harness.store.ensure_collection(TEXT_COLLECTION, TEXT_DIM, MODEL)
+    settings = WorkerSettings(
+        max_batch_size=cfg.max_batch_size, embed_pipeline_depth=cfg.embed_pipeline_depth
+    )
+    workers = start_workers(settings, harness.servers, report.root, cfg.workers, started)
+    log(f"{cfg.workers} workers serving; {cfg.rate:g} events/s for {cfg.duration_s:g} s")
 
-        ledger = Ledger(client, keys.new_data)
-        reader = CompletionReader(client, keys.completions)
-        load_end = _load(cfg, report, workers, ledger, reader, client, keys)
-        drained = drain(reader, ledger, workers, cfg.drain_timeout_s)
-        report.checks.append(
-            Check(
-                "every entry completed within the drain timeout",
-                drained,
-                f"{reader.finished(ledger.entries):,}/{len(ledger.entries):,} completed",
-            )
+    load_end = _load(cfg, report, workers, harness)
+    drained = drain(harness.reader, harness.ledger, workers, cfg.drain_timeout_s)
+    report.checks.append(harness.drained(drained, cfg.drain_timeout_s))
+    _measure(cfg, report, harness.ledger, harness.reader, load_end)
+    codes = workers.stop(timeout_s=60)
+    report.checks.append(
+        Check(
+            "every worker drained and exited 0 on SIGTERM",
+            all(code == 0 for code in codes) and not workers.crashes,
+            f"exit codes {sorted(set(codes))}; crashes: {workers.crashes or 'none'}",
         )
-        _measure(cfg, report, ledger, reader, load_end)
-        codes = workers.stop(timeout_s=60)
-        report.checks.append(
-            Check(
-                "every worker drained and exited 0 on SIGTERM",
-                all(code == 0 for code in codes) and not workers.crashes,
-                f"exit codes {sorted(set(codes))}; crashes: {workers.crashes or 'none'}",
-            )
-        )
-        report.verification = verify(client, store, servers.pg_url, ledger, reader, keys)
-    finally:
-        store.close()
-        client.close()
+    )
+    report.verification = harness.verify()
 
 
-def _load(
-    cfg: SoakConfig,
-    report: SoakReport,
-    workers: Workers,
-    ledger: Ledger,
-    reader: CompletionReader,
-    client: redis.Redis,
-    keys: Keys,
-) -> float:
+def _load(cfg: SoakConfig, report: SoakReport, workers: Workers, harness: Harness) -> float:
     """Publish at the fixed rate for the duration, sampling pending counts and RSS;
     returns the wall-clock time the load ended."""
+    ledger, reader = harness.ledger, harness.reader
     workload = Workload(cfg.seed, VECTOR_COLLECTION, cfg.dim, TEXT_COLLECTION)
     rng = random.Random(cfg.seed + 1)
     start = time.monotonic()
@@ -257,7 +206,7 @@ def _load(
             sent = due
         if now >= next_sample:
             next_sample = now + cfg.sample_s
-            _sample_pending(report, client, keys)
+            _sample_pending(report, harness.client, harness.keys)
             if not report.rss_start and now >= warm_at:
                 report.rss_start = rss_bytes(workers.pids())
                 log(f"warm: RSS {_mb(report.rss_start)}")
@@ -361,10 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sample-s", type=float, default=d.sample_s)
     parser.add_argument("--max-rss-growth", type=float, default=d.max_rss_growth)
-    parser.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--dir", type=Path, default=None, help="run folder (default: a temp one)")
-    parser.add_argument("--keep", action="store_true", help="keep the run folder")
+    add_run_options(parser, drain_timeout_s=d.drain_timeout_s, seed=d.seed)
     args = parser.parse_args(argv)
     cfg = SoakConfig(
         rate=args.rate,
@@ -382,14 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         root=args.dir,
         keep=args.keep,
     )
-    report = run_soak(cfg)
-    print()
-    print_table(report.table())
-    print_checks(report.all_checks)
-    verdict = "PASS" if report.ok else "FAIL"
-    kept = "" if report.ok and not cfg.keep else f" (run folder kept: {report.root})"
-    print(f"soak: {verdict}{kept}")
-    return 0 if report.ok else 1
+    return print_report("soak", run_soak(cfg), keep=cfg.keep)
 
 
 if __name__ == "__main__":

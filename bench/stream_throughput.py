@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 from forge.events import EVENT_FIELD, Completion, NewData, Timings
 from forge.observability.metrics import Metrics
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis
 from forge.settings import Settings
@@ -143,7 +143,7 @@ def run_forge(url: str, prefix: str, data: Sequence[bytes], batch: int) -> float
     def handle(messages: Sequence[Message[NewData]]) -> None:
         return None
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle))
     worker = Worker(ctx, registry)
     prepare(client, ctx.keys.new_data, data)

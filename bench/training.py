@@ -51,8 +51,8 @@ from forge.events import TrainingRequest
 from forge.settings import Settings
 from forge.training.base import Dataset, Deadline
 from forge.training.classifier import ClassifierParams, ClassifierTrainer, default_device
-from forge.training.registry import get_trainer, parse_params
 from forge.training.service import TrainingService
+from forge.training.tasks import get_trainer, parse_params
 from forge.training.tracking import quiet_mlflow
 from forge.training.validation import stratified_split
 

@@ -2,32 +2,27 @@
 
 The engine (``forge``) never imports this package: ``forge worker`` finds
 ``register`` through the entry point (or ``--consumers module:function``) and calls
-it with a registry and the worker's context.
+it with the worker's ``HandlerRegistry`` and context.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from typing import Generic, TypeVar
-
 from consumers.new_data import NewDataHandler
+from consumers.once import Once
 from consumers.retrain import RetrainOnNewData
 from consumers.training import TrainingHandler, progress_publisher
 from forge.embedding.service import EmbeddingService
 from forge.events import NewData, TrainingRequest
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.retry import Retrier
 from forge.servers.endpoints import open_vector_store
 from forge.training.service import TrainingService
 from forge.vectorstore import VectorStore
 
-T = TypeVar("T")
 
-
-def register(registry: Registry, ctx: Context) -> None:
-    """Register every Forge handler."""
+def register(handlers: HandlerRegistry, ctx: Context) -> None:
+    """Register every Forge handler in ``handlers``."""
     embedding = EmbeddingService.from_settings(ctx.settings, ctx.redis, ctx.metrics)
     store = Once(lambda: open_store(ctx))
     # Trained models share the embedders' byte budget (MODEL_CACHE_SIZE).
@@ -37,10 +32,10 @@ def register(registry: Registry, ctx: Context) -> None:
         )
     )
     new_data = NewDataHandler(ctx.settings, store, embedding)
-    retraining = RetrainOnNewData(new_data, ctx.keys, lambda: training().registry)
+    retraining = RetrainOnNewData(new_data, ctx.keys, Once(lambda: training().versions))
     # Several model batches per read, so writing one overlaps embedding the next.
     reads = ctx.settings.embed_read_size
-    registry.register(
+    handlers.register(
         HandlerSpec("new-data", NewData, retraining, name="embed", max_batch_size=reads)
     )
     trainer = TrainingHandler(ctx, store, training)
@@ -48,7 +43,7 @@ def register(registry: Registry, ctx: Context) -> None:
     spec = HandlerSpec(
         "training-requests", TrainingRequest, trainer, name="train", max_batch_size=1
     )
-    registry.register(spec)
+    handlers.register(spec)
 
 
 def open_store(ctx: Context) -> VectorStore:
@@ -61,19 +56,3 @@ def open_store(ctx: Context) -> VectorStore:
         attempts=1_000, initial_s=0.5, max_s=5.0, max_total_s=ctx.settings.db_connect_wait_s
     )
     return open_vector_store(ctx.settings, ctx.on_close, connect=wait.call)
-
-
-class Once(Generic[T]):
-    """A factory called at most once, on first use: both handlers share one store
-    and one training service, and a worker that never needs them never opens them."""
-
-    def __init__(self, factory: Callable[[], T]) -> None:
-        self._factory = factory
-        self._value: T | None = None
-        self._lock = threading.Lock()
-
-    def __call__(self) -> T:
-        with self._lock:
-            if self._value is None:
-                self._value = self._factory()
-            return self._value

@@ -16,15 +16,15 @@ with their stored results, so every event is still written exactly once.
 from __future__ import annotations
 
 import math
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from consumers.once import Once
 from forge.embedding.service import EmbeddingService
 from forge.errors import InvalidEvent
 from forge.events import NewData, Record
@@ -39,8 +39,9 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(slots=True)
-class _Job:
-    """One event's share of a collection batch."""
+class _PendingEvent:
+    """An event of a collection's batch on its way to the store: its writes, and what
+    its result reports about them."""
 
     index: int
     event: NewData
@@ -65,36 +66,37 @@ class _Job:
         }
 
 
+@dataclass(slots=True)
+class _Chunk:
+    """Whole events of one collection, written in one transaction: where they go, the
+    embedding model (and its version, if it embedded any text) and the time that took."""
+
+    scope: str
+    collection: str
+    model: str
+    version: str | None
+    events: list[_PendingEvent]
+    embed_s: float
+
+
 class NewDataHandler:
     def __init__(
-        self,
-        settings: Settings,
-        open_store: Callable[[], VectorStore],
-        embedding: EmbeddingService,
+        self, settings: Settings, store: Once[VectorStore], embedding: EmbeddingService
     ) -> None:
         self.settings = settings
-        self._open_store = open_store
-        self._store: VectorStore | None = None
-        self._lock = threading.Lock()
+        # Opened on first use, so a worker that never sees new-data never connects.
+        self.store = store
         self.embedding = embedding
         self._next_prune = 0.0
-        self._executor: futures.ThreadPoolExecutor | None = None
-
-    @property
-    def store(self) -> VectorStore:
-        """Opened on first use, so a worker that never sees new-data never connects."""
-        with self._lock:
-            if self._store is None:
-                self._store = self._open_store()
-            return self._store
+        self._writer = Once(lambda: futures.ThreadPoolExecutor(1, "forge-embed-writer"))
 
     def __call__(self, messages: Sequence[Message[NewData]]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}
-        jobs: dict[str, list[_Job]] = {}
+        by_collection: dict[str, list[_PendingEvent]] = {}
         # Event ids are unique per input stream; the full stream name (prefix included)
         # keeps deployments that share a database apart.
         scope = messages[0].stream
-        done = self.store.already_processed(scope, [m.event.id for m in messages])
+        done = self.store().already_processed(scope, [m.event.id for m in messages])
         for index, message in enumerate(messages):
             event = message.event
             if event.id in done:
@@ -105,8 +107,8 @@ class NewDataHandler:
             except InvalidEvent as exc:
                 outcomes[index] = Rejected(error_info(exc))
                 continue
-            jobs.setdefault(event.collection, []).append(_Job(index, event))
-        for collection, group in jobs.items():
+            by_collection.setdefault(event.collection, []).append(_PendingEvent(index, event))
+        for collection, group in by_collection.items():
             outcomes.update(self._write_collection(scope, collection, group))
         self._prune_markers(scope)
         return [outcomes[i] for i in range(len(messages))]
@@ -118,7 +120,7 @@ class NewDataHandler:
         if now < self._next_prune:
             return
         self._next_prune = now + PRUNE_INTERVAL_S
-        self.store.prune_processed(self.settings.idempotency_ttl_s, scope)
+        self.store().prune_processed(self.settings.idempotency_ttl_s, scope)
 
     # ------------------------------------------------------------------ validation
 
@@ -132,79 +134,60 @@ class NewDataHandler:
     # ------------------------------------------------------------------ writing
 
     def _write_collection(
-        self, scope: str, collection: str, jobs: list[_Job]
+        self, scope: str, collection: str, pending: list[_PendingEvent]
     ) -> dict[int, Outcome]:
-        outcomes: dict[int, Outcome] = {}
-        model = self.embedding.model_for(self.store, collection, jobs[0].event.model)
-        for job in list(jobs):
-            if job.event.model and job.event.model != model:
-                message = f"collection {collection!r} uses model {model!r}, not {job.event.model!r}"
-                outcomes[job.index] = Rejected(error_info(InvalidEvent(message)))
-                jobs.remove(job)
-        chunks = list(_chunks(jobs, self.settings.max_batch_size))
+        model = self.embedding.model_for(self.store(), collection, pending[0].event.model)
+        outcomes = _reject_other_models(collection, model, pending)
+        chunks = list(_chunks(pending, self.settings.max_batch_size))
         writing: futures.Future[dict[int, Outcome]] | None = None
         try:
-            for position, chunk in enumerate(chunks):
+            for position, events in enumerate(chunks):
                 started = time.perf_counter()
-                version = self._prepare_writes(chunk, model)
+                version = self._prepare_writes(events, model)
                 embed_s = time.perf_counter() - started
                 if writing is not None:
                     outcomes.update(writing.result())
                     writing = None
-                args = (scope, collection, chunk, model, version, embed_s)
+                chunk = _Chunk(scope, collection, model, version, events, embed_s)
                 if position == len(chunks) - 1:  # nothing left to overlap with
-                    outcomes.update(self._write_chunk(*args))
+                    outcomes.update(self._write_chunk(chunk))
                 else:
-                    writing = self._writer.submit(self._write_chunk, *args)
+                    writing = self._writer().submit(self._write_chunk, chunk)
         finally:
             if writing is not None:
                 # A failed embed must not leave a write running into the retry.
                 futures.wait([writing])
         return outcomes
 
-    @property
-    def _writer(self) -> futures.ThreadPoolExecutor:
-        with self._lock:
-            if self._executor is None:
-                self._executor = futures.ThreadPoolExecutor(1, "forge-embed-writer")
-            return self._executor
-
-    def _write_chunk(
-        self,
-        scope: str,
-        collection: str,
-        jobs: list[_Job],
-        model: str,
-        version: str | None,
-        embed_s: float,
-    ) -> dict[int, Outcome]:
+    def _write_chunk(self, chunk: _Chunk) -> dict[int, Outcome]:
         """Write one chunk in one transaction, leaving out events whose rows are bad."""
         outcomes: dict[int, Outcome] = {}
         started = time.perf_counter()
         raced: dict[str, dict[str, Any]] = {}
-        while jobs:
+        pending = chunk.events
+        while pending:
             try:
-                raced = self._write(scope, collection, jobs, model, version)
+                raced = self._write(chunk)
                 break
             except InvalidWrite as exc:
-                bad = next(j for j in jobs if j.event.id == exc.event_id)
+                bad = next(p for p in pending if p.event.id == exc.event_id)
                 outcomes[bad.index] = Rejected(error_info(exc))
-                jobs.remove(bad)
+                pending.remove(bad)
         write_s = time.perf_counter() - started
-        timings = {"embed_s": round(embed_s, 6), "write_s": round(write_s, 6)}
-        for job in jobs:
-            if job.event.id in raced:  # another worker wrote it first; report its result
-                outcomes[job.index] = Succeeded({**raced[job.event.id], "duplicate": True})
+        timings = {"embed_s": round(chunk.embed_s, 6), "write_s": round(write_s, 6)}
+        for item in pending:
+            if item.event.id in raced:  # another worker wrote it first; report its result
+                outcomes[item.index] = Succeeded({**raced[item.event.id], "duplicate": True})
             else:
-                outcomes[job.index] = Succeeded({**job.result, **timings})
+                outcomes[item.index] = Succeeded({**item.result, **timings})
         return outcomes
 
-    def _prepare_writes(self, jobs: list[_Job], model: str) -> str | None:
-        """Build every job's writes, embedding all the texts of the batch at once."""
+    def _prepare_writes(self, pending: list[_PendingEvent], model: str) -> str | None:
+        """Build every event's writes, embedding all the texts of the batch at once."""
         texts = [
             r.text
-            for job in jobs
-            for r in job.event.records
+            for item in pending
+            for r in item.event.records
             if not r.deleted and r.vector is None and r.text is not None
         ]
         version = None
@@ -216,51 +199,63 @@ class NewDataHandler:
             encoded = self.embedding.encode(embedder, texts)
             vectors, cached = list(encoded.vectors), encoded.cached
         position = 0
-        for job in jobs:
-            for record in job.event.records:
+        for item in pending:
+            for record in item.event.records:
                 if record.deleted:
-                    job.writes.append(Delete(record.id, job.event.id))
+                    item.writes.append(Delete(record.id, item.event.id))
                     continue
                 if record.vector is not None:
                     embedding = np.asarray(record.vector, dtype=np.float32)
                 else:
                     embedding, hit = vectors[position], cached[position]
                     position += 1
-                    job.from_cache += hit
-                    job.embedded += not hit
-                job.writes.append(
-                    Row(record.id, embedding, job.event.id, record.text, record.metadata, model)
+                    item.from_cache += hit
+                    item.embedded += not hit
+                item.writes.append(
+                    Row(record.id, embedding, item.event.id, record.text, record.metadata, model)
                 )
         return version
 
-    def _write(
-        self, scope: str, collection: str, jobs: list[_Job], model: str, version: str | None
-    ) -> dict[str, dict[str, Any]]:
-        """Write the jobs in one transaction; returns events a racing worker wrote first."""
-        for job in jobs:
-            job.model, job.model_version = model, version
-        result = self.store.write_batch(
-            collection,
-            [w for job in jobs for w in job.writes],
-            [job.event.id for job in jobs],
-            scope,
-            model=model,
-            results={job.event.id: job.result for job in jobs},
+    def _write(self, chunk: _Chunk) -> dict[str, dict[str, Any]]:
+        """Write the chunk in one transaction; returns events a racing worker wrote first."""
+        for item in chunk.events:
+            item.model, item.model_version = chunk.model, chunk.version
+        result = self.store().write_batch(
+            chunk.collection,
+            [w for item in chunk.events for w in item.writes],
+            [item.event.id for item in chunk.events],
+            chunk.scope,
+            model=chunk.model,
+            results={item.event.id: item.result for item in chunk.events},
         )
         return result.duplicates
 
 
-def _chunks(jobs: list[_Job], records_per_chunk: int) -> Iterator[list[_Job]]:
+def _reject_other_models(
+    collection: str, model: str, pending: list[_PendingEvent]
+) -> dict[int, Outcome]:
+    """Take the events that name another model than the collection's out of
+    ``pending``; their rejections."""
+    outcomes: dict[int, Outcome] = {}
+    for item in list(pending):
+        if item.event.model and item.event.model != model:
+            message = f"collection {collection!r} uses model {model!r}, not {item.event.model!r}"
+            outcomes[item.index] = Rejected(error_info(InvalidEvent(message)))
+            pending.remove(item)
+    return outcomes
+
+
+def _chunks(pending: list[_PendingEvent], records_per_chunk: int) -> Iterator[list[_PendingEvent]]:
     """Consecutive runs of whole events with about ``records_per_chunk`` records each
     (an event is never split: its rows and its marker commit together)."""
-    chunk: list[_Job] = []
+    chunk: list[_PendingEvent] = []
     size = 0
-    for job in jobs:
-        records = max(len(job.event.records), 1)
+    for item in pending:
+        records = max(len(item.event.records), 1)
         if chunk and size + records > records_per_chunk:
             yield chunk
             chunk, size = [], 0
-        chunk.append(job)
+        chunk.append(item)
         size += records
     if chunk:
         yield chunk

@@ -11,16 +11,16 @@ training worker, not here.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 
 import structlog
 
+from consumers.once import Once
 from forge.events import NewData
 from forge.keys import Keys
 from forge.runtime.handlers import Message, Outcome, Succeeded
 from forge.training.retrain import plan_retrain
-from forge.training.versions import ModelRegistry
+from forge.training.versions import ModelVersions
 
 log = structlog.get_logger(__name__)
 
@@ -28,22 +28,11 @@ NewDataHandle = Callable[[Sequence[Message[NewData]]], Sequence[Outcome] | None]
 
 
 class RetrainOnNewData:
-    def __init__(
-        self, inner: NewDataHandle, keys: Keys, open_registry: Callable[[], ModelRegistry]
-    ) -> None:
+    def __init__(self, inner: NewDataHandle, keys: Keys, versions: Once[ModelVersions]) -> None:
         self.inner = inner
         self.keys = keys
-        self._open_registry = open_registry
-        self._registry: ModelRegistry | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def registry(self) -> ModelRegistry:
-        """Connected on the first event that asks for retraining."""
-        with self._lock:
-            if self._registry is None:
-                self._registry = self._open_registry()
-            return self._registry
+        # Connected on the first event that asks for retraining.
+        self.versions = versions
 
     def __call__(self, messages: Sequence[Message[NewData]]) -> Sequence[Outcome] | None:
         outcomes = self.inner(messages)
@@ -57,7 +46,7 @@ class RetrainOnNewData:
         event = message.event
         if not event.retrain or not isinstance(outcome, Succeeded):
             return outcome
-        planned = plan_retrain(self.registry, event)
+        planned = plan_retrain(self.versions(), event)
         if isinstance(planned, str):
             log.warning("no retraining", event_id=event.id, model=event.retrain, reason=planned)
             return Succeeded({**outcome.result, "retrain": {"skipped": planned}}, outcome.publish)

@@ -13,12 +13,12 @@ labelled rows, timeout) raise ``PermanentError``: a ``failed`` completion, no re
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
+from consumers.once import Once
 from forge.errors import PermanentError
 from forge.events import TrainingProgress, TrainingRequest
 from forge.runtime.context import Context
@@ -39,33 +39,13 @@ def cluster_field(model: str) -> str:
 
 class TrainingHandler:
     def __init__(
-        self,
-        ctx: Context,
-        open_store: Callable[[], VectorStore],
-        open_service: Callable[[], TrainingService],
+        self, ctx: Context, store: Once[VectorStore], service: Once[TrainingService]
     ) -> None:
         self.ctx = ctx
-        self._open_store = open_store
-        self._open_service = open_service
-        self._store: VectorStore | None = None
-        self._service: TrainingService | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def store(self) -> VectorStore:
-        """Opened on first use, like the service: a worker that never trains never
-        connects to PostgreSQL or MLflow for it."""
-        with self._lock:
-            if self._store is None:
-                self._store = self._open_store()
-            return self._store
-
-    @property
-    def service(self) -> TrainingService:
-        with self._lock:
-            if self._service is None:
-                self._service = self._open_service()
-            return self._service
+        # Both opened on first use: a worker that never trains never connects to
+        # PostgreSQL or MLflow for it.
+        self.store = store
+        self.service = service
 
     def __call__(self, messages: Sequence[Message[TrainingRequest]]) -> list[Outcome]:
         # A PermanentError raised here fails only its own request: with batches of one
@@ -74,10 +54,10 @@ class TrainingHandler:
 
     def handle(self, message: Message[TrainingRequest]) -> Outcome:
         request = message.event
-        service = self.service
+        service = self.service()
         done = service.registered(request)
         if done is None:
-            from forge.training.registry import get_trainer, parse_params
+            from forge.training.tasks import get_trainer, parse_params
 
             # Validate before loading data: a typo should not cost a collection scan.
             parse_params(get_trainer(request.task), request.params)
@@ -100,7 +80,7 @@ class TrainingHandler:
     def _dataset(self, request: TrainingRequest) -> tuple[Dataset, str | None]:
         """The request's rows (all of the collection, or ``record_ids``) and the
         embedding model that made their vectors."""
-        store = self.store
+        store = self.store()
         collection = store.collection(request.collection)
         if collection is None:
             raise PermanentError(f"collection {request.collection!r} does not exist")
@@ -119,7 +99,7 @@ class TrainingHandler:
             return
         key = cluster_field(request.model)
         patches = {record_id: {key: cluster} for record_id, cluster in assignments.items()}
-        patched = self.store.update_metadata(request.collection, patches)
+        patched = self.store().update_metadata(request.collection, patches)
         log.info("cluster assignments written", collection=request.collection, rows=patched)
 
 

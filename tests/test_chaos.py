@@ -22,7 +22,7 @@ from bench.chaos import ChaosConfig, run_chaos
 from forge.events import NewData, TrainingRequest
 from forge.runtime.broker import Settlement
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from tests.support.events import new_data, publish
 from tests.support.workers import completions, pending
@@ -59,7 +59,7 @@ def test_chaos_run_loses_and_doubles_nothing() -> None:
 
 
 def _worker(ctx: Context) -> Worker:
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
     worker = Worker(ctx, registry)
     worker.ctx.broker.ensure_groups(worker.streams)
@@ -148,7 +148,7 @@ def test_a_backlog_is_not_held_up_by_blocking_reads_of_an_idle_stream(
     idle training stream while new-data had a backlog cost a whole read block every
     other turn: the soak run measured 160 events/s a worker instead of 730."""
     ctx = replace(ctx, settings=ctx.settings.replace(read_block_s=1.0))
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
     registry.register(
         HandlerSpec("training-requests", TrainingRequest, lambda messages: None, max_batch_size=1)
@@ -186,7 +186,7 @@ def test_reclaims_respect_the_redelivery_backlog_limit(ctx: Context) -> None:
     )
     for i in range(40):
         publish(ctx.redis, ctx.keys.new_data, new_data(f"e{i}"))
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, _always_failing))
     worker = Worker(ctx, registry)
     worker.ctx.broker.ensure_groups(worker.streams)

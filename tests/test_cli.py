@@ -17,7 +17,7 @@ from forge.events import EVENT_FIELD, NewData
 from forge.runtime.broker import Entry
 from forge.runtime.context import Context
 from forge.runtime.deadletter import build_record, error_info
-from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.events import new_data, publish
@@ -173,7 +173,7 @@ def flaky_worker(ctx: Context, broken_flag: str) -> Worker:
         if ctx.redis.exists(broken_flag):
             raise RuntimeError("downstream is broken")
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle))
     return Worker(ctx, registry)
 

@@ -18,10 +18,11 @@ import pytest
 
 from consumers import register
 from consumers.new_data import NewDataHandler
+from consumers.once import Once
 from forge.embedding.cache import Encoded
 from forge.events import NewData
 from forge.runtime.context import Context
-from forge.runtime.handlers import Message, Outcome, Registry, Rejected, Succeeded
+from forge.runtime.handlers import HandlerRegistry, Message, Outcome, Rejected, Succeeded
 from forge.settings import Settings
 from forge.vectorstore import VectorStore
 
@@ -91,7 +92,7 @@ def messages(collection: str, count: int, records: int = 1) -> list[Message[NewD
 
 def handler(store: Any, embedding: StubEmbedding, max_batch_size: int = 2) -> NewDataHandler:
     settings = Settings(max_batch_size=max_batch_size)
-    return NewDataHandler(settings, lambda: store, embedding)  # type: ignore[arg-type]
+    return NewDataHandler(settings, Once(lambda: store), embedding)  # type: ignore[arg-type]
 
 
 def results(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
@@ -203,7 +204,7 @@ def test_a_bad_event_in_a_later_chunk_is_rejected_alone(
 
 def test_new_data_reads_several_model_batches_at_once(ctx: Context) -> None:
     ctx = replace(ctx, settings=ctx.settings.replace(max_batch_size=8, embed_pipeline_depth=3))
-    registry = Registry()
+    registry = HandlerRegistry()
     register(registry, ctx)
     assert registry.get("new-data").max_batch_size == 24
     assert registry.get("training-requests").max_batch_size == 1

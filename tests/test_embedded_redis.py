@@ -37,7 +37,7 @@ CHILD_SCRIPT = textwrap.dedent(
 
     data_dir, mode = Path(sys.argv[1]), sys.argv[2]
     if mode != "hang":
-        embedded_redis._die_with_parent = lambda: None
+        embedded_redis.die_with_parent_preexec = lambda sig=None: None
     server = embedded_redis.EmbeddedRedis(data_dir)
     redis.Redis.from_url(server.start()).set("survivor", mode)
     print("PID", server.pid, flush=True)

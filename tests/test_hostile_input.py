@@ -27,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumers.new_data import NewDataHandler
+from consumers.once import Once
 from forge.embedding.model_cache import ModelCache
 from forge.embedding.service import EmbeddingService
 from forge.errors import InvalidEvent
@@ -35,7 +36,7 @@ from forge.observability.metrics import Metrics
 from forge.runtime.broker import Entry
 from forge.runtime.context import Context
 from forge.runtime.deadletter import build_record, payload_bytes, sniff_event_id
-from forge.runtime.handlers import HandlerSpec, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.worker import Worker
 from forge.settings import Settings
 from forge.vectorstore import InvalidWrite, Row, VectorStore
@@ -353,8 +354,8 @@ def fake_embedding(settings: Settings) -> EmbeddingService:
 
 
 def new_data_worker(ctx: Context, store: VectorStore) -> Worker:
-    handler = NewDataHandler(ctx.settings, lambda: store, fake_embedding(ctx.settings))
-    registry = Registry()
+    handler = NewDataHandler(ctx.settings, Once(lambda: store), fake_embedding(ctx.settings))
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handler))
     return Worker(ctx, registry)
 
@@ -750,8 +751,8 @@ def test_hostile_model_names_with_the_real_loader_touch_no_outside_files(
     before = _files(tmp_path)
     # The hash model serves the default name only: every other name reaches the real
     # sentence-transformers loader.
-    handler = NewDataHandler(ctx.settings, lambda: vector_store, fake_embedding(ctx.settings))
-    registry = Registry()
+    handler = NewDataHandler(ctx.settings, Once(lambda: vector_store), fake_embedding(ctx.settings))
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handler))
     run_until_settled(Worker(ctx, registry), ctx, len(published), timeout_s=60)
     check_every_entry_settled(ctx, published)

@@ -21,7 +21,7 @@ import redis
 from forge.events import NewData
 from forge.observability.metrics import Metrics
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from forge.settings import Settings
 from tests.support.events import new_data, publish
@@ -75,7 +75,7 @@ def handled(ctx: Context) -> list[bytes]:
 
 
 def quick_worker(ctx: Context) -> Worker:
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
     return Worker(ctx, registry)
 
@@ -124,7 +124,7 @@ def test_lease_renewal_keeps_a_slow_handlers_entry(
     workers = []
     for _ in range(2):
         ctx = Context(settings=fast_reclaim, redis=redis_client, metrics=Metrics(gpu=False))
-        registry = Registry()
+        registry = HandlerRegistry()
         registry.register(HandlerSpec("new-data", NewData, slow))
         workers.append(Worker(ctx, registry))
     for worker in workers:  # whichever is not busy with the entry tries to reclaim it

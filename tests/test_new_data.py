@@ -23,7 +23,7 @@ from forge.embedding.search import Searcher
 from forge.embedding.service import EmbeddingService
 from forge.events import NewData
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.worker import Worker
 from forge.vectorstore import VectorStore
 from tests.support.events import publish
@@ -54,7 +54,7 @@ def service(ctx: Context, embedder: Embedder) -> EmbeddingService:
 
 def build_worker(ctx: Context, vector_store: VectorStore, service: EmbeddingService) -> Worker:
     handler = NewDataHandler(ctx.settings, lambda: vector_store, service)
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handler))
     return Worker(ctx, registry)
 
@@ -271,7 +271,7 @@ def test_a_failing_database_is_retried_then_redelivered(
             return getattr(vector_store, name)
 
     handler = NewDataHandler(ctx.settings, FlakyStore, service)  # type: ignore[arg-type]
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handler))
     publish(ctx.redis, ctx.keys.new_data, event("e1", collection, [{"id": "a", "vector": [1, 0]}]))
     run_until(lambda: Worker(ctx, registry), ctx, 1)

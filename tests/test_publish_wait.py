@@ -14,7 +14,7 @@ from forge.events import NewData
 from forge.runtime.broker import StreamBroker
 from forge.runtime.completion_wait import CompletionTimeout, wait_for_completions
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.events import new_data
@@ -27,7 +27,7 @@ def worker_that(ctx: Context, fails_with: type[Exception] | None = None) -> Work
         if fails_with is not None:
             raise fails_with("no good")
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle))
     return Worker(ctx, registry)
 

@@ -15,7 +15,7 @@ import redis
 from forge.events import NewData
 from forge.observability.metrics import Metrics
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis
 from forge.servers.embedded_redis import EmbeddedRedis
@@ -66,7 +66,7 @@ def test_worker_rides_out_a_redis_restart_and_loses_nothing(tmp_path: Path) -> N
         seen.extend(m.event.id for m in messages)
 
     ctx = Context(settings=settings, redis=client, metrics=Metrics(gpu=False))
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle))
     worker = Worker(ctx, registry)
     try:
@@ -135,7 +135,7 @@ def test_cli_uses_the_embedded_redis_when_redis_url_is_unset(
 def test_wrong_redis_credentials_fail_fast_instead_of_retrying_forever(ctx: Context) -> None:
     bad = connect_redis("redis://nobody:not-the-password@127.0.0.1:6379/0")
     broken = Context(settings=ctx.settings, redis=bad, metrics=Metrics(gpu=False))
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
     with pytest.raises(redis.AuthenticationError):
         Worker(broken, registry).run()

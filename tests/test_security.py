@@ -39,7 +39,7 @@ from forge.observability.logging import configure_logging, redact_text
 from forge.observability.metrics import Metrics
 from forge.runtime import serve
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis, connect_redis_probe
 from forge.servers.embedded_redis import find_redis_server
@@ -481,7 +481,7 @@ def test_worker_with_an_unreachable_postgres_password_url_leaks_nothing(ctx: Con
             db_connect_wait_s=0.5,
         ),
     )
-    registry = Registry()
+    registry = HandlerRegistry()
     register(registry, ctx)
     publish(ctx.redis, ctx.keys.new_data, new_data("e1"))
     with capture_logs() as logs:
@@ -506,7 +506,7 @@ def request(
         conn.close()
 
 
-def register_echo(registry: Registry, ctx: Context) -> None:
+def register_echo(registry: HandlerRegistry, ctx: Context) -> None:
     """A trivial new-data handler, for running ``serve_worker`` as ``forge worker`` does."""
     registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
 

@@ -31,7 +31,7 @@ from forge.training.classifier_model import ClassifierModel
 from forge.training.clustering import ClusteringModel
 from forge.training.incremental import IncrementalModel
 from forge.training.losses import FocalLoss, LossOptions, get_loss
-from forge.training.registry import TRAINERS, get_trainer, parse_params
+from forge.training.tasks import TRAINERS, get_trainer, parse_params
 
 LABEL = "digit"
 # Trainings that do not test the deadline get none: a bound on the wall clock would
@@ -153,10 +153,10 @@ def test_dataset_rejects_mismatched_rows() -> None:
         Dataset(["a"], np.zeros((2, 3), dtype=np.float32), [{}])
 
 
-# ------------------------------------------------------------ registry and params
+# --------------------------------------------------------------- tasks and params
 
 
-def test_registry_knows_the_three_tasks() -> None:
+def test_tasks_name_the_three_trainers() -> None:
     assert set(TRAINERS) == {"classifier", "incremental", "clustering"}
     for task, trainer in TRAINERS.items():
         assert trainer.task == task

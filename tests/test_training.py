@@ -33,13 +33,13 @@ from forge.events import (
     decode_as,
 )
 from forge.runtime.context import Context
-from forge.runtime.handlers import Registry
+from forge.runtime.handlers import HandlerRegistry
 from forge.runtime.worker import Worker
 from forge.settings import Settings
 from forge.training.base import Dataset
 from forge.training.service import TrainingService
 from forge.training.tracking import TrainingRun, connect
-from forge.training.versions import CANDIDATE, CHAMPION, ModelRegistry
+from forge.training.versions import CANDIDATE, CHAMPION, ModelVersions
 from forge.vectorstore import Row, VectorStore
 from tests.support.events import publish
 from tests.support.metrics import sample
@@ -77,8 +77,8 @@ def model() -> str:
 
 
 @pytest.fixture
-def registry(settings: Settings) -> ModelRegistry:
-    return ModelRegistry(connect(settings))
+def versions(settings: Settings) -> ModelVersions:
+    return ModelVersions(connect(settings))
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +151,7 @@ def pending(ctx: Context, stream: str) -> int:
 
 def worker(ctx: Context) -> Worker:
     """A worker with Forge's real handler registration (new-data and training)."""
-    handlers = Registry()
+    handlers = HandlerRegistry()
     register(handlers, ctx)
     made = Worker(ctx, handlers)
     made.ctx.broker.ensure_groups(made.streams)
@@ -175,7 +175,7 @@ def train(ctx: Context, event: dict[str, Any]) -> Completion:
 
 
 def test_a_classifier_request_registers_one_version_and_announces_it_once(
-    ctx: Context, collection: str, model: str, registry: ModelRegistry
+    ctx: Context, collection: str, model: str, versions: ModelVersions
 ) -> None:
     done = train(ctx, request("r1", model, collection))
     assert done.status == "succeeded", done.error
@@ -193,14 +193,14 @@ def test_a_classifier_request_registers_one_version_and_announces_it_once(
     assert ratio == last.epoch / last.epochs
     assert sample(ctx.metrics, "forge_training_loss", model=model) == last.loss
 
-    (version,) = registry.versions(model)
-    run = registry.client.get_run(version.run_id)
+    (version,) = versions.all(model)
+    run = versions.client.get_run(version.run_id)
     assert run.data.tags["forge.request_id"] == "r1"
     assert run.data.tags["forge.event_stream"] == ctx.keys.training_requests
     assert run.data.tags["forge.task"] == "classifier"
     assert run.data.tags["forge.collection"] == collection
     assert run.data.params["hidden_dim"] == "64"
-    history = registry.client.get_metric_history(version.run_id, "epoch_loss")
+    history = versions.client.get_metric_history(version.run_id, "epoch_loss")
     assert [m.step for m in history][:2] == [1, 2]
     assert version.request_id == "r1"
     assert version.source.endswith("/model")
@@ -208,13 +208,13 @@ def test_a_classifier_request_registers_one_version_and_announces_it_once(
     again = train(ctx, request("r1", model, collection))
     assert again.duplicate
     assert again.result["model_version"] == 1
-    assert len(registry.versions(model)) == 1
+    assert len(versions.all(model)) == 1
     assert len(model_versions(ctx)) == 1
 
 
 @pytest.mark.slow
 def test_a_worker_killed_between_register_and_publish_leaves_one_version_and_one_event(
-    ctx: Context, collection: str, model: str, registry: ModelRegistry, pg_url: str
+    ctx: Context, collection: str, model: str, versions: ModelVersions, pg_url: str
 ) -> None:
     publish(ctx.redis, ctx.keys.training_requests, request("r1", model, collection))
     env = dict(
@@ -235,7 +235,7 @@ def test_a_worker_killed_between_register_and_publish_leaves_one_version_and_one
         check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert len(registry.versions(model)) == 1  # registered...
+    assert len(versions.all(model)) == 1  # registered...
     assert model_versions(ctx) == []  # ...but never announced
     assert pending(ctx, ctx.keys.training_requests) == 1
 
@@ -246,7 +246,7 @@ def test_a_worker_killed_between_register_and_publish_leaves_one_version_and_one
     assert done.result["model_version"] == 1
     (announced,) = model_versions(ctx)
     assert announced.model_version == 1
-    assert len(registry.versions(model)) == 1
+    assert len(versions.all(model)) == 1
     assert pending(ctx, ctx.keys.training_requests) == 0
 
 
@@ -270,7 +270,7 @@ def test_a_redelivery_marks_runs_left_running_by_a_dead_worker_killed(
 
 
 def test_a_training_past_its_timeout_fails_saying_so(
-    ctx: Context, collection: str, model: str, registry: ModelRegistry
+    ctx: Context, collection: str, model: str, versions: ModelVersions
 ) -> None:
     params = {**CLASSIFIER, "epochs": 100_000, "patience": 100_000}
     done = train(ctx, request("slow", model, collection, params=params, timeout_s=0.5))
@@ -280,9 +280,9 @@ def test_a_training_past_its_timeout_fails_saying_so(
     assert "timed out" in done.error.message
     assert done.deliveries == 1
     assert dead_letters(ctx) == []
-    assert registry.latest(model) is None
-    (run,) = registry.client.search_runs(
-        [registry.client.get_experiment_by_name(f"forge/{model}").experiment_id]
+    assert versions.latest(model) is None
+    (run,) = versions.client.search_runs(
+        [versions.client.get_experiment_by_name(f"forge/{model}").experiment_id]
     )
     assert run.info.status == "FAILED"
 
@@ -324,19 +324,19 @@ def test_requests_that_cannot_be_done_fail_without_retries_or_dead_letters(
 
 
 def test_a_better_version_becomes_champion_and_a_worse_one_stays_candidate(
-    ctx: Context, collection: str, model: str, registry: ModelRegistry
+    ctx: Context, collection: str, model: str, versions: ModelVersions
 ) -> None:
     assert train(ctx, request("poor", model, collection, params=POOR)).status == "succeeded"
-    assert registry.aliases(model) == {CHAMPION: 1}  # the first version has no rival
+    assert versions.aliases(model) == {CHAMPION: 1}  # the first version has no rival
     good = train(ctx, request("good", model, collection))
     assert good.result["aliases"] == [CHAMPION]
-    assert registry.aliases(model) == {CHAMPION: 2}
+    assert versions.aliases(model) == {CHAMPION: 2}
     worse = train(ctx, request("worse", model, collection, params=POOR))
     assert worse.result["aliases"] == [CANDIDATE]
-    assert registry.aliases(model) == {CHAMPION: 2, CANDIDATE: 3}
+    assert versions.aliases(model) == {CHAMPION: 2, CANDIDATE: 3}
     forced = train(ctx, request("forced", model, collection, params=POOR, promote="always"))
     assert forced.result["aliases"] == [CHAMPION]
-    assert registry.aliases(model) == {CHAMPION: 4}  # the older candidate is stale
+    assert versions.aliases(model) == {CHAMPION: 4}  # the older candidate is stale
     never = train(ctx, request("never", model, collection, promote="never"))
     assert never.result["aliases"] == [CANDIDATE]
     assert [v.aliases for v in model_versions(ctx)] == [
@@ -352,7 +352,7 @@ def test_new_data_naming_a_model_retrains_it_on_the_new_records(
     ctx: Context,
     collection: str,
     model: str,
-    registry: ModelRegistry,
+    versions: ModelVersions,
     digits: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
 ) -> None:
     params = {"label_field": "digit", "epochs": 3, "classes": [str(d) for d in range(10)]}
@@ -377,13 +377,13 @@ def test_new_data_naming_a_model_retrains_it_on_the_new_records(
     assert done["batch-7"].result["retrain"] == {"request_id": retrain_id}
     assert done[retrain_id].status == "succeeded", done[retrain_id].error
     assert done[retrain_id].result["model_version"] == 2
-    v1, v2 = registry.resolve(model, "1"), registry.resolve(model, "2")
+    v1, v2 = versions.resolve(model, "1"), versions.resolve(model, "2")
     assert v2.request_id == retrain_id
-    run = registry.client.get_run(v2.run_id)
+    run = versions.client.get_run(v2.run_id)
     assert run.data.params["rows"] == "300"
     assert run.data.params["warm_start_from"] == "latest"
-    assert registry.metrics(v2)["warm_started"] == 1.0
-    assert registry.metrics(v2)["rows_seen"] > registry.metrics(v1)["rows_seen"]
+    assert versions.metrics(v2)["warm_started"] == 1.0
+    assert versions.metrics(v2)["rows_seen"] > versions.metrics(v1)["rows_seen"]
     assert [v.model_version for v in model_versions(ctx)] == [1, 2]
 
 

@@ -17,7 +17,7 @@ from pgvector.psycopg import register_vector
 from forge.errors import ConfigError
 from forge.runtime.context import Context
 from forge.settings import Settings
-from forge.vectorstore import IndexOptions, InvalidWrite, Row, VectorStore, registry, table_name
+from forge.vectorstore import IndexOptions, InvalidWrite, Row, VectorStore, catalog, table_name
 from forge.vectorstore import search as search_module
 from forge.vectorstore.naming import index_name
 from forge.vectorstore.search import ef_search_for
@@ -216,7 +216,7 @@ def test_creator_that_rolls_back_leaves_the_name_to_the_next(
     thread = threading.Thread(target=write)
     with psycopg.connect(pg_url, autocommit=True) as other, other.transaction():
         # Another worker's first write has created the collection, not committed yet.
-        registry.ensure_collection(other, collection_name, DIM + 1, None)
+        catalog.ensure_collection(other, collection_name, DIM + 1, None)
         thread.start()
         wait_for_advisory_lock(pg_url)
         assert thread.is_alive(), "the second creator must wait for the first"

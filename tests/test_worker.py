@@ -11,7 +11,14 @@ import redis
 from forge.errors import InvalidEvent, PermanentError, TransientError
 from forge.events import EVENT_FIELD, NewData
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry, Rejected, Succeeded
+from forge.runtime.handlers import (
+    HandlerRegistry,
+    HandlerSpec,
+    Message,
+    Outcome,
+    Rejected,
+    Succeeded,
+)
 from forge.runtime.worker import Worker
 from tests.support.events import new_data, publish
 from tests.support.gate import RefusingThenForwarding
@@ -44,7 +51,7 @@ def test_a_handler_may_ask_for_larger_batches_than_max_batch_size(ctx: Context) 
     def handle(messages: Sequence[Message[NewData]]) -> None:
         sizes.append(len(messages))
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle, max_batch_size=6))
     worker = Worker(ctx, registry)
     for i in range(10):
@@ -291,7 +298,7 @@ def test_a_handler_can_ask_for_smaller_batches(ctx: Context) -> None:
     def handle_training(messages: Sequence[Message[TrainingRequest]]) -> None:
         sizes["training-requests"].append(len(messages))
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle_data))
     registry.register(
         HandlerSpec("training-requests", TrainingRequest, handle_training, max_batch_size=1)
@@ -327,7 +334,7 @@ def _consumers(ctx: Context, stream: str) -> list[str]:
 def test_an_idle_worker_is_listed_in_every_group_it_reads(ctx: Context) -> None:
     from forge.events import TrainingRequest
 
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, lambda messages: None))
     registry.register(HandlerSpec("training-requests", TrainingRequest, lambda messages: None))
     worker = Worker(ctx, registry)

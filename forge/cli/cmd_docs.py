@@ -1,4 +1,5 @@
-"""``forge docs export``: regenerate the documents made from code (AsyncAPI, configuration)."""
+"""``forge docs export`` and ``forge schemas export``: regenerate the files made from
+code (AsyncAPI and configuration under docs/, a JSON Schema per event under schemas/)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from forge.contracts import asyncapi, configdoc
+from forge.contracts import asyncapi, configdoc, generated
+from forge.contracts.schemas import schema_files
 from forge.errors import ConfigError
 from forge.settings import Settings
 
@@ -19,42 +21,55 @@ GENERATED: dict[str, Callable[[], str]] = {
 
 
 def add_docs_parser(sub: Any) -> None:
-    docs = sub.add_parser("docs", help="generated documentation")
-    docs_sub = docs.add_subparsers(dest="docs_command", required=True)
-    export_cmd = docs_sub.add_parser("export", help="write docs/asyncapi.yaml, configuration.md")
-    export_cmd.add_argument("--dir", default="docs")
-    export_cmd.add_argument("--check", action="store_true", help="fail if files differ from code")
-    export_cmd.set_defaults(run=run_docs_export)
+    help_ = "write docs/asyncapi.yaml, configuration.md"
+    _add_export(sub, "docs", "generated documentation", help_, run_docs_export)
 
 
-def export(directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for filename, generate in GENERATED.items():
-        path = directory / filename
-        path.write_text(generate(), encoding="utf-8")
-        written.append(path)
-    return written
+def add_schemas_parser(sub: Any) -> None:
+    _add_export(
+        sub, "schemas", "event JSON Schemas", "write schemas/*.schema.json", run_schemas_export
+    )
 
 
 def drift(directory: Path) -> list[str]:
     """Generated files that are missing or differ from what the code produces."""
-    stale = []
-    for filename, generate in GENERATED.items():
-        path = directory / filename
-        if not path.exists() or path.read_text(encoding="utf-8") != generate():
-            stale.append(filename)
-    return stale
+    return generated.stale(directory, GENERATED)
 
 
 def run_docs_export(args: argparse.Namespace, settings: Settings) -> int:
+    return _export("docs", GENERATED, args)
+
+
+def run_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
+    return _export("schemas", schema_files(), args)
+
+
+def _add_export(
+    sub: Any,
+    command: str,
+    help_: str,
+    export_help: str,
+    run: Callable[[argparse.Namespace, Settings], int],
+) -> None:
+    parser = sub.add_parser(command, help=help_)
+    commands = parser.add_subparsers(dest=f"{command}_command", required=True)
+    export = commands.add_parser("export", help=export_help)
+    export.add_argument("--dir", default=command)  # each writes the folder it is named after
+    export.add_argument("--check", action="store_true", help="fail if files differ from code")
+    export.set_defaults(run=run)
+
+
+def _export(command: str, files: generated.Generators, args: argparse.Namespace) -> int:
+    """Write the files into ``--dir``, or with ``--check`` fail naming those that differ."""
     directory = Path(args.dir)
     if args.check:
-        stale = drift(directory)
+        stale = generated.stale(directory, files)
         if stale:
-            raise ConfigError(f"docs out of date: {', '.join(stale)} (run 'forge docs export')")
-        print("docs up to date")
+            raise ConfigError(
+                f"{command} out of date: {', '.join(stale)} (run 'forge {command} export')"
+            )
+        print(f"{command} up to date")
         return 0
-    for path in export(directory):
+    for path in generated.write(directory, files):
         print(path)
     return 0

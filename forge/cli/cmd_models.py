@@ -20,7 +20,7 @@ from forge.cli.output import print_json, print_table, shorten
 from forge.embedding.service import EmbeddingService
 from forge.errors import ConfigError, ForgeError
 from forge.settings import Settings
-from forge.training.versions import CANDIDATE, CHAMPION, ModelRegistry, VersionInfo
+from forge.training.versions import CANDIDATE, CHAMPION, ModelVersions, VersionInfo
 
 
 def add_models_parser(sub: Any) -> None:
@@ -55,8 +55,8 @@ def add_predict_parser(sub: Any) -> None:
 
 
 def run_list(args: argparse.Namespace, settings: Settings) -> int:
-    with _registry(settings) as registry:
-        rows = [_summary(registry, name) for name in registry.models()]
+    with _model_versions(settings) as versions:
+        rows = [_summary(versions, name) for name in versions.models()]
     if args.json:
         print_json(rows)
         return 0
@@ -66,9 +66,8 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_show(args: argparse.Namespace, settings: Settings) -> int:
-    with _registry(settings) as registry:
-        versions = registry.versions(args.model)
-        rows = [_version_row(v, registry.metrics(v)) for v in versions]
+    with _model_versions(settings) as versions:
+        rows = [_version_row(v, versions.metrics(v)) for v in versions.all(args.model)]
     if args.json:
         print_json({"model": args.model, "versions": rows})
         return 0
@@ -91,8 +90,8 @@ def run_show(args: argparse.Namespace, settings: Settings) -> int:
 def run_promote(args: argparse.Namespace, settings: Settings) -> int:
     from forge.training.promotion import promote
 
-    with _registry(settings) as registry:
-        version = promote(registry, args.model, args.version)
+    with _model_versions(settings) as versions:
+        version = promote(versions, args.model, args.version)
     print(f"{version.model} version {version.version} is now the {CHAMPION}")
     return 0
 
@@ -161,19 +160,19 @@ def _mlflow_errors() -> Iterator[None]:
 
 
 @contextmanager
-def _registry(settings: Settings) -> Iterator[ModelRegistry]:
+def _model_versions(settings: Settings) -> Iterator[ModelVersions]:
     from forge.training.tracking import connect
 
     with _mlflow_errors():
-        yield ModelRegistry(connect(settings))
+        yield ModelVersions(connect(settings))
 
 
-def _summary(registry: ModelRegistry, name: str) -> dict[str, Any]:
-    aliases = registry.aliases(name)
-    latest = registry.latest(name)
-    shown = registry.get(name, aliases[CHAMPION]) if CHAMPION in aliases else latest
+def _summary(versions: ModelVersions, name: str) -> dict[str, Any]:
+    aliases = versions.aliases(name)
+    latest = versions.latest(name)
+    shown = versions.get(name, aliases[CHAMPION]) if CHAMPION in aliases else latest
     metric = shown.primary_metric if shown else ""
-    value = registry.metrics(shown).get(metric) if shown else None
+    value = versions.metrics(shown).get(metric) if shown else None
     return {
         "model": name,
         "latest": latest.version if latest else None,

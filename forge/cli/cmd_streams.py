@@ -1,4 +1,4 @@
-"""Stream commands: publish, status, dlq and schemas."""
+"""Stream commands: publish, status and dlq."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import msgspec
 
 from forge.cli.output import print_json, print_table, shorten
 from forge.cli.runtime import redis_location, worker_may_be_running
-from forge.contracts.schemas import drift, export
 from forge.errors import ConfigError, ForgeError, InvalidEvent, UsageError
 from forge.events import INPUT_STREAM_EVENTS, Completion, DeadLetter, Decoder, utcnow
 from forge.keys import Keys
@@ -335,22 +334,4 @@ def run_dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
         else:
             count = dlq.purge(_selected(dlq, args))
     print(f"purged {count}")
-    return 0
-
-
-# ---------------------------------------------------------------------- schemas
-
-
-def run_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
-    directory = Path(args.dir)
-    if args.check:
-        stale = drift(directory)
-        if stale:
-            raise ConfigError(
-                f"schemas out of date: {', '.join(stale)} (run 'forge schemas export')"
-            )
-        print("schemas up to date")
-        return 0
-    for path in export(directory):
-        print(path)
     return 0

@@ -13,6 +13,7 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
+from forge.cli.argtypes import positive_int, positive_seconds
 from forge.keys import Keys
 from forge.servers.endpoints import open_redis
 from forge.settings import Settings
@@ -23,33 +24,19 @@ from forge.watch import WatchOptions, collect, render
 _PIPE_WIDTH = 200
 
 
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return number
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
 def add_watch_parser(sub: Any) -> None:
     watch = sub.add_parser(
         "watch", help="live view of completions, throughput, lag, dead letters and trainings"
     )
     watch.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    watch.add_argument("--interval-s", type=_positive_float, default=2.0, help="refresh period")
-    watch.add_argument("--rows", type=_positive_int, default=15, help="completions to show")
+    watch.add_argument("--interval-s", type=positive_seconds, default=2.0, help="refresh period")
+    watch.add_argument("--rows", type=positive_int, default=15, help="completions to show")
     watch.add_argument(
-        "--window-s", type=_positive_float, default=60.0, help="throughput averaging window"
+        "--window-s", type=positive_seconds, default=60.0, help="throughput averaging window"
     )
     watch.add_argument(
         "--stale-s",
-        type=_positive_float,
+        type=positive_seconds,
         default=300.0,
         help="hide trainings without progress for this long",
     )

@@ -18,6 +18,7 @@ import psycopg
 import redis
 
 from forge import __version__
+from forge.cli.argtypes import positive_int, positive_seconds
 from forge.errors import ForgeError, UsageError
 from forge.observability.logging import configure_logging, redact_text
 from forge.settings import Settings
@@ -37,23 +38,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(EXIT_USAGE)
-
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value}") from None
-    if not number > 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {value}")
-    return number
 
 
 def _port(value: str) -> int:
@@ -82,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--stream", action="append", default=[], help="input stream (repeat)")
     worker.add_argument(
         "--processes",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="worker processes under one supervisor that serves /health and /metrics"
         " for all of them (default 1: the worker runs in this process)",
@@ -114,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     publish.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_seconds,
         default=120.0,
         metavar="S",
         help="with --wait: give up after S seconds (default 120)",
@@ -134,13 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmd_watch.add_watch_parser(sub)
     cmd_docs.add_docs_parser(sub)
     cmd_env.add_env_parser(sub)
-
-    schemas = sub.add_parser("schemas", help="event JSON Schemas")
-    schemas_sub = schemas.add_subparsers(dest="schemas_command", required=True)
-    export = schemas_sub.add_parser("export", help="write schemas/*.schema.json")
-    export.add_argument("--dir", default="schemas")
-    export.add_argument("--check", action="store_true", help="fail if files differ from code")
-    export.set_defaults(run=cmd_streams.run_schemas_export)
+    cmd_docs.add_schemas_parser(sub)
     return parser
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from forge.contracts import generated
 from forge.events import ALL_EVENTS, Event, event_type_name
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -61,22 +63,16 @@ def render(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
+def schema_files() -> dict[str, Callable[[], str]]:
+    """File name -> its text, for ``forge.contracts.generated``."""
+    return {name: partial(render, document) for name, document in event_schemas().items()}
+
+
 def export(directory: Path) -> list[Path]:
     """Write every schema into ``directory``; returns the files written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
-    for filename, document in event_schemas().items():
-        path = directory / filename
-        path.write_text(render(document), encoding="utf-8")
-        written.append(path)
-    return written
+    return generated.write(directory, schema_files())
 
 
 def drift(directory: Path) -> list[str]:
     """File names whose content differs from what the code generates (or is missing)."""
-    stale = []
-    for filename, document in event_schemas().items():
-        path = directory / filename
-        if not path.exists() or path.read_text(encoding="utf-8") != render(document):
-            stale.append(filename)
-    return stale
+    return generated.stale(directory, schema_files())

@@ -1,8 +1,10 @@
-"""Embedding as a service inside a worker: models from the byte-bounded model cache,
-vectors through the Redis embedding cache, and the model chosen per collection.
+"""Embedding for workers and commands: models from the byte-bounded model cache,
+vectors through the Redis embedding cache (one-shot commands go without), and the
+model chosen per collection.
 
 Shared by the new-data handler and by search, so both embed a collection's texts with
-the same model.
+the same model, and by ``forge predict``. A worker's training service keeps trained
+models in the same model cache: one byte budget for both.
 """
 
 from __future__ import annotations

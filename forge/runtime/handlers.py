@@ -1,8 +1,8 @@
-"""The handler contract and the explicit registry consumers register into.
+"""The handler contract and the ``HandlerRegistry`` consumers register their handlers in.
 
 ``forge`` never imports ``consumers``: a consumer package exposes a ``register``
 function, named by the ``forge.consumers`` entry point (or ``--consumers`` on the
-command line), and that function adds its handlers to a ``Registry``.
+command line), and that function adds its handlers to a ``HandlerRegistry``.
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ class HandlerSpec(Generic[E]):
 
 
 @dataclass(slots=True)
-class Registry:
+class HandlerRegistry:
+    """The handler of each input stream, by short stream name: at most one each."""
+
     handlers: dict[str, HandlerSpec[Any]] = field(default_factory=dict)
 
     def register(self, spec: HandlerSpec[Any]) -> None:
@@ -106,7 +108,7 @@ class Registry:
         return list(self.handlers)
 
 
-RegisterFn = Callable[[Registry, "Context"], None]
+RegisterFn = Callable[[HandlerRegistry, "Context"], None]
 
 
 def load_register_fn(target: str) -> RegisterFn:
@@ -127,9 +129,11 @@ def discover_register_fns() -> list[RegisterFn]:
     return [ep.load() for ep in entry_points(group=ENTRY_POINT_GROUP)]
 
 
-def build_registry(context: Context, targets: Sequence[str] = ()) -> Registry:
-    registry = Registry()
+def build_handler_registry(context: Context, targets: Sequence[str] = ()) -> HandlerRegistry:
+    """Every handler the ``targets`` (``module:function``) register, or by default those
+    of the functions installed under the ``forge.consumers`` entry point."""
+    handlers = HandlerRegistry()
     fns = [load_register_fn(t) for t in targets] if targets else discover_register_fns()
     for fn in fns:
-        fn(registry, context)
-    return registry
+        fn(handlers, context)
+    return handlers

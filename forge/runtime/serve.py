@@ -11,7 +11,7 @@ import structlog
 from forge.observability.http import HealthCheck, start_http_server
 from forge.observability.metrics import Metrics
 from forge.runtime.context import Context
-from forge.runtime.handlers import build_registry
+from forge.runtime.handlers import build_handler_registry
 from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis_probe
 from forge.settings import Settings
@@ -39,7 +39,7 @@ def serve_worker(
     health = HealthCheck(redis_ping=probe.ping, loop_heartbeat_max_age_s=max_beat_age_s(settings))
     server = None
     try:
-        registry = build_registry(ctx, consumers)
+        registry = build_handler_registry(ctx, consumers)
         worker = Worker(ctx, registry, streams or None, heartbeat=heartbeat or health.beat)
         metrics.init_streams(ctx.keys.short(s) for s in worker.streams)
         # Every input stream, not only this worker's: when an autoscaler takes one kind

@@ -28,7 +28,7 @@ import structlog
 
 from forge.runtime.broker import Settlement
 from forge.runtime.context import Context
-from forge.runtime.handlers import Registry
+from forge.runtime.handlers import HandlerRegistry
 from forge.runtime.lease import LeaseKeeper
 from forge.runtime.processing import BatchProcessor
 from forge.runtime.retry import Retrier
@@ -50,7 +50,7 @@ class Worker:
     def __init__(
         self,
         ctx: Context,
-        registry: Registry,
+        registry: HandlerRegistry,
         streams: Sequence[str] | None = None,
         heartbeat: Callable[[], None] | None = None,
     ) -> None:
@@ -81,7 +81,7 @@ class Worker:
         default = self.settings.max_batch_size
         return {s: p.spec.max_batch_size or default for s, p in self.processors.items()}
 
-    def _processor(self, registry: Registry, short: str) -> BatchProcessor:
+    def _processor(self, registry: HandlerRegistry, short: str) -> BatchProcessor:
         observer = self.ctx.observer
         retrier = Retrier.from_settings(
             self.settings, on_retry=lambda exc, attempt: observer.retried(short)

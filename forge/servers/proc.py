@@ -1,4 +1,5 @@
-"""Process-lifetime helpers shared by the embedded servers and the supervisor."""
+"""Process-lifetime helpers: how Forge's children die with it. Shared by the embedded
+servers, the PostgreSQL watchdog, the worker supervisor and the bench harness."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""What every trainer shares: the dataset it is given, the model it returns, and the
-rules for giving up (too little data, past the deadline).
+"""What every trainer shares: the dataset it is given, the model it returns, the
+parameters every task has, the rules for giving up (too little data, past the
+deadline) and ``TaskTrainer``, the opening every task's ``train`` goes through.
 
 Trainers are pure ML: the caller loads a collection into a ``Dataset``, hands over the
 previous model version (if any) for warm starts, and persists the ``TrainedModel``.
@@ -8,18 +9,22 @@ previous model version (if any) for warm starts, and persists the ``TrainedModel
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
+from msgspec import Meta
 
 from forge.errors import PermanentError
 
 Vectors = npt.NDArray[np.float32]
+# Labelled rows and their labels, as strings (``Dataset.labels``).
+Labelled = tuple["Dataset", list[str]]
 
 
 class TrainingTimeout(PermanentError):
@@ -66,7 +71,7 @@ class Dataset:
             metadata=[self.metadata[i] for i in index],
         )
 
-    def labels(self, field: str) -> tuple[Dataset, list[str]]:
+    def labels(self, field: str) -> Labelled:
         """The rows whose ``metadata[field]`` is present and not null, and those
         labels as strings (so 3 and "3" are one class)."""
         rows = [i for i, meta in enumerate(self.metadata) if meta.get(field) is not None]
@@ -107,8 +112,12 @@ class TrainedModel(Protocol):
 
 class Trainer(Protocol):
     task: str
-    # Hyperparameters; structs forbid unknown fields so a typo is an error, not a no-op.
-    params_type: type[msgspec.Struct]
+
+    @property
+    def params_type(self) -> type[msgspec.Struct]:
+        """Hyperparameters; structs forbid unknown fields so a typo is an error, not a
+        no-op."""
+        ...
 
     def train(
         self,
@@ -153,9 +162,7 @@ def eta_s(started_s: float, done: int, total: int) -> float | None:
     return (time.monotonic() - started_s) / done * max(total - done, 0)
 
 
-def require_labels(
-    data: Dataset, field: str, *, min_rows: int, min_classes: int = 2
-) -> tuple[Dataset, list[str]]:
+def require_labels(data: Dataset, field: str, *, min_rows: int, min_classes: int = 2) -> Labelled:
     """The labelled rows of ``data``, or a ``PermanentError`` saying why there are too
     few of them to train on."""
     labelled, labels = data.labels(field)
@@ -196,3 +203,64 @@ def coerce_params(params: Any, params_type: type[P]) -> P:
         return msgspec.convert(params, params_type)
     except msgspec.ValidationError as exc:
         raise PermanentError(f"invalid training parameters: {exc}") from None
+
+
+class TrainerParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The parameters of every task, beside its own."""
+
+    seed: int = 0
+    # Rows a training needs (labelled rows, for the classification tasks).
+    min_rows: Annotated[int, Meta(ge=2)] = 20
+    # Train from scratch: ignore the previous version even when it could be continued.
+    fresh: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingControls:
+    """How the caller steers a training: where it starts (``None``: from scratch), whom
+    it tells of each epoch, and when it must have stopped."""
+
+    warm_start: TrainedModel | None
+    on_epoch: EpochCallback
+    deadline: Deadline
+
+
+Params = TypeVar("Params", bound=TrainerParams)
+Rows = TypeVar("Rows")
+Model = TypeVar("Model", bound=TrainedModel)
+
+
+class TaskTrainer(ABC, Generic[Params, Rows, Model]):
+    """A ``Trainer`` whose ``train`` opens as every task's does: parameters validated,
+    the rows to train on picked (too few of them fail before any work is done), the
+    deadline checked, and the warm start dropped when the parameters ask for a
+    ``fresh`` model. A task supplies ``rows``, ``fit`` and ``load``."""
+
+    task: str
+    params_type: type[Params]
+
+    def train(
+        self,
+        data: Dataset,
+        params: Any,
+        *,
+        warm_start: TrainedModel | None,
+        on_epoch: EpochCallback,
+        deadline: Deadline,
+    ) -> Model:
+        p = coerce_params(params, self.params_type)
+        rows = self.rows(data, p)
+        deadline.check()
+        controls = TrainingControls(None if p.fresh else warm_start, on_epoch, deadline)
+        return self.fit(rows, p, controls)
+
+    @abstractmethod
+    def rows(self, data: Dataset, p: Params) -> Rows:
+        """What of ``data`` this task trains on; ``PermanentError`` when it is too little."""
+
+    @abstractmethod
+    def fit(self, rows: Rows, p: Params, controls: TrainingControls) -> Model:
+        """Train on ``rows``, calling ``controls.deadline.check()`` between steps."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> Model: ...

@@ -7,9 +7,8 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import msgspec
 import numpy as np
 import structlog
 import torch
@@ -23,8 +22,11 @@ from forge.training.base import (
     Deadline,
     EpochCallback,
     EpochReport,
+    Labelled,
+    TaskTrainer,
     TrainedModel,
-    coerce_params,
+    TrainerParams,
+    TrainingControls,
     eta_s,
     require_labels,
 )
@@ -41,7 +43,7 @@ from forge.training.validation import classification_metrics, stratified_split
 log = structlog.get_logger(__name__)
 
 
-class ClassifierParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ClassifierParams(TrainerParams, frozen=True, kw_only=True, forbid_unknown_fields=True):
     label_field: str
     hidden_dim: Annotated[int, Meta(ge=1, le=65_536)] = 256
     epochs: Annotated[int, Meta(ge=1, le=100_000)] = 50
@@ -57,10 +59,6 @@ class ClassifierParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     focal_gamma: Annotated[float, Meta(ge=0)] = 2.0
     # "balanced" weighs each class by n_rows / (n_classes * class_rows).
     class_weights: Literal["none", "balanced"] = "none"
-    seed: int = 0
-    min_rows: Annotated[int, Meta(ge=2)] = 20
-    # Ignore the previous version even when its weights would fit.
-    fresh: bool = False
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -135,32 +133,27 @@ class _Loop:
         return float(F.cross_entropy(out, y)), out.argmax(dim=-1)
 
 
-class ClassifierTrainer:
+class ClassifierTrainer(TaskTrainer[ClassifierParams, Labelled, ClassifierModel]):
     task = "classifier"
-    params_type: type[msgspec.Struct] = ClassifierParams
+    params_type = ClassifierParams
 
-    def train(
-        self,
-        data: Dataset,
-        params: Any,
-        *,
-        warm_start: TrainedModel | None,
-        on_epoch: EpochCallback,
-        deadline: Deadline,
+    def rows(self, data: Dataset, p: ClassifierParams) -> Labelled:
+        return require_labels(data, p.label_field, min_rows=p.min_rows)
+
+    def fit(
+        self, rows: Labelled, p: ClassifierParams, controls: TrainingControls
     ) -> ClassifierModel:
-        p = coerce_params(params, ClassifierParams)
-        labelled, labels = require_labels(data, p.label_field, min_rows=p.min_rows)
-        deadline.check()
+        labelled, labels = rows
         classes = sorted(set(labels))
         split = _split(labelled, labels, classes, p)
         device = default_device()
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(p.seed)
             net = MLPHead(labelled.dim, p.hidden_dim, len(classes), p.dropout)
-            carried = self._warm_start(net, classes, p, None if p.fresh else warm_start)
+            carried = self._warm_start(net, classes, p, controls.warm_start)
             criterion = get_loss(p.loss, _loss_options(p, split.y_train, len(classes)))
             loop = _Loop(net.to(device), criterion.to(device), p, device)
-            fit = _fit(loop, split, on_epoch, deadline)
+            fit = _fit(loop, split, controls.on_epoch, controls.deadline)
             net.load_state_dict(fit.state)
         config = ClassifierConfig(
             input_dim=labelled.dim,

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import msgspec
 import numpy as np
 import numpy.typing as npt
 from msgspec import Meta
@@ -26,9 +25,11 @@ from forge.training.base import (
     EpochCallback,
     EpochReport,
     Prediction,
+    TaskTrainer,
     TrainedModel,
+    TrainerParams,
+    TrainingControls,
     Vectors,
-    coerce_params,
     eta_s,
     read_json,
     write_json,
@@ -39,7 +40,7 @@ CENTERS_FILE = "centers.npy"
 _PREDICT_BATCH_ROWS = 8192
 
 
-class ClusteringParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class ClusteringParams(TrainerParams, frozen=True, kw_only=True, forbid_unknown_fields=True):
     n_clusters: Annotated[int, Meta(ge=2, le=100_000)] = 8
     batch_size: Annotated[int, Meta(ge=1)] = 1024
     # Passes over the data (each one mini-batch per ``batch_size`` rows).
@@ -47,9 +48,6 @@ class ClusteringParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # Stop once a pass improves the inertia by less than this fraction.
     tol: Annotated[float, Meta(ge=0)] = 1e-4
     silhouette_sample_size: Annotated[int, Meta(ge=2)] = 5000
-    seed: int = 0
-    min_rows: Annotated[int, Meta(ge=2)] = 20
-    fresh: bool = False
 
 
 class ClusteringModel:
@@ -113,27 +111,22 @@ class ClusteringModel:
         return cls(centers, {k: float(v) for k, v in config.get("metrics", {}).items()})
 
 
-class ClusteringTrainer:
+class ClusteringTrainer(TaskTrainer[ClusteringParams, Dataset, ClusteringModel]):
     task = "clustering"
-    params_type: type[msgspec.Struct] = ClusteringParams
+    params_type = ClusteringParams
 
-    def train(
-        self,
-        data: Dataset,
-        params: Any,
-        *,
-        warm_start: TrainedModel | None,
-        on_epoch: EpochCallback,
-        deadline: Deadline,
-    ) -> ClusteringModel:
-        p = coerce_params(params, ClusteringParams)
+    def rows(self, data: Dataset, p: ClusteringParams) -> Dataset:
         need = max(p.min_rows, p.n_clusters + 1)
         if len(data) < need:
             raise PermanentError(
                 f"too few rows: {len(data)}, need {need} for {p.n_clusters} clusters"
             )
-        deadline.check()
-        init = _initial_centers(None if p.fresh else warm_start, data.dim, p.n_clusters)
+        return data
+
+    def fit(
+        self, rows: Dataset, p: ClusteringParams, controls: TrainingControls
+    ) -> ClusteringModel:
+        init = _initial_centers(controls.warm_start, rows.dim, p.n_clusters)
         kmeans = MiniBatchKMeans(
             n_clusters=p.n_clusters,
             init="k-means++" if init is None else init,
@@ -141,13 +134,13 @@ class ClusteringTrainer:
             batch_size=p.batch_size,
             random_state=p.seed,
         )
-        epochs_run = _fit(kmeans, data.vectors, p, on_epoch, deadline)
+        epochs_run = _fit(kmeans, rows.vectors, p, controls.on_epoch, controls.deadline)
         model = ClusteringModel(kmeans.cluster_centers_, {})
-        index, distance = model.nearest(data.vectors)
-        model.assignments = dict(zip(data.ids, index.tolist(), strict=True))
+        index, distance = model.nearest(rows.vectors)
+        model.assignments = dict(zip(rows.ids, index.tolist(), strict=True))
         model.metrics = {
             "inertia": float((distance.astype(np.float64) ** 2).sum()),
-            "silhouette": _silhouette(data.vectors, index, p),
+            "silhouette": _silhouette(rows.vectors, index, p),
             "epochs_run": float(epochs_run),
             "n_clusters": float(p.n_clusters),
             "warm_started": float(init is not None),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
@@ -30,10 +30,13 @@ from forge.training.base import (
     Deadline,
     EpochCallback,
     EpochReport,
+    Labelled,
     Prediction,
+    TaskTrainer,
     TrainedModel,
+    TrainerParams,
+    TrainingControls,
     Vectors,
-    coerce_params,
     eta_s,
     read_json,
     require_labels,
@@ -48,7 +51,7 @@ CONFIG_FILE = "config.json"
 Labels = npt.NDArray[np.str_]
 
 
-class IncrementalParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class IncrementalParams(TrainerParams, frozen=True, kw_only=True, forbid_unknown_fields=True):
     label_field: str
     # log_loss and modified_huber give probabilities; hinge only a margin.
     loss: Literal["log_loss", "modified_huber", "hinge"] = "log_loss"
@@ -59,10 +62,6 @@ class IncrementalParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     batch_size: Annotated[int, Meta(ge=1)] = 1024
     validation_fraction: Annotated[float, Meta(gt=0, lt=1)] = 0.2
     classes: list[str] | None = None
-    seed: int = 0
-    min_rows: Annotated[int, Meta(ge=2)] = 20
-    # Ignore the previous version and fit a new model.
-    fresh: bool = False
 
 
 class IncrementalConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -123,29 +122,26 @@ def _scores(estimator: SGDClassifier, x: Vectors) -> npt.NDArray[np.float64]:
     return np.asarray(exp / exp.sum(axis=1, keepdims=True), dtype=np.float64)
 
 
-class IncrementalTrainer:
+class IncrementalTrainer(TaskTrainer[IncrementalParams, Labelled, IncrementalModel]):
     task = "incremental"
-    params_type: type[msgspec.Struct] = IncrementalParams
+    params_type = IncrementalParams
 
-    def train(
-        self,
-        data: Dataset,
-        params: Any,
-        *,
-        warm_start: TrainedModel | None,
-        on_epoch: EpochCallback,
-        deadline: Deadline,
+    def rows(self, data: Dataset, p: IncrementalParams) -> Labelled:
+        return require_labels(data, p.label_field, min_rows=p.min_rows)
+
+    def fit(
+        self, rows: Labelled, p: IncrementalParams, controls: TrainingControls
     ) -> IncrementalModel:
-        p = coerce_params(params, IncrementalParams)
-        labelled, labels = require_labels(data, p.label_field, min_rows=p.min_rows)
-        deadline.check()
-        previous = _previous(None if p.fresh else warm_start, labelled.dim)
+        labelled, labels = rows
+        previous = _previous(controls.warm_start, labelled.dim)
         estimator, classes = _estimator(previous, labels, p)
         train, val = stratified_split(labels, p.validation_fraction, p.seed)
         y = np.asarray(labels)
         train_set = (labelled.vectors[train], y[train])
         val_set = (labelled.vectors[val], y[val])
-        epochs_run = _fit(estimator, classes, train_set, val_set, p, on_epoch, deadline)
+        epochs_run = _fit(
+            estimator, classes, train_set, val_set, p, controls.on_epoch, controls.deadline
+        )
         predicted = estimator.predict(val_set[0])
         metrics = classification_metrics(val_set[1].tolist(), predicted.tolist())
         rows_seen = len(train) + (previous.config.rows_seen if previous else 0)

@@ -14,7 +14,7 @@ from typing import Literal
 
 import structlog
 
-from forge.training.versions import CANDIDATE, CHAMPION, ModelRegistry, VersionInfo
+from forge.training.versions import CANDIDATE, CHAMPION, ModelVersions, VersionInfo
 
 log = structlog.get_logger(__name__)
 
@@ -31,21 +31,21 @@ def beats(policy: Policy, new_value: float | None, champion_value: float | None)
     return new_value is not None and not math.isnan(new_value) and new_value > champion_value
 
 
-def apply_policy(registry: ModelRegistry, version: VersionInfo, policy: Policy) -> VersionInfo:
+def apply_policy(versions: ModelVersions, version: VersionInfo, policy: Policy) -> VersionInfo:
     """Give a new version its alias (``champion`` or ``candidate``); returns it updated."""
-    aliases = registry.aliases(version.model)
+    aliases = versions.aliases(version.model)
     champion = aliases.get(CHAMPION)
     if champion == version.version:
         return version
     metric = version.primary_metric
-    new_value = registry.metrics(version).get(metric)
+    new_value = versions.metrics(version).get(metric)
     champion_value = None
     if champion is not None:
-        champion_value = registry.metrics(registry.get(version.model, champion)).get(metric)
+        champion_value = versions.metrics(versions.get(version.model, champion)).get(metric)
     if beats(policy, new_value, champion_value):
-        promote(registry, version.model, version.version)
+        promote(versions, version.model, version.version)
     else:
-        registry.set_alias(version.model, CANDIDATE, version.version)
+        versions.set_alias(version.model, CANDIDATE, version.version)
     log.info(
         "model version registered",
         model=version.model,
@@ -55,15 +55,15 @@ def apply_policy(registry: ModelRegistry, version: VersionInfo, policy: Policy) 
         champion=champion,
         champion_value=champion_value,
     )
-    return registry.get(version.model, version.version)
+    return versions.get(version.model, version.version)
 
 
-def promote(registry: ModelRegistry, model: str, version: int) -> VersionInfo:
+def promote(versions: ModelVersions, model: str, version: int) -> VersionInfo:
     """Make ``version`` the champion. A candidate no newer than it is stale then (the
     candidate is the newest version that did not become champion) and loses its alias."""
-    target = registry.get(model, version)
-    registry.set_alias(model, CHAMPION, version)
-    candidate = registry.aliases(model).get(CANDIDATE)
+    target = versions.get(model, version)
+    versions.set_alias(model, CHAMPION, version)
+    candidate = versions.aliases(model).get(CANDIDATE)
     if candidate is not None and candidate <= version:
-        registry.drop_alias(model, CANDIDATE)
-    return registry.get(model, target.version)
+        versions.drop_alias(model, CANDIDATE)
+    return versions.get(model, target.version)

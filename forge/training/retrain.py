@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 
 from forge.events import NewData, TrainingRequest, utcnow
-from forge.training.versions import LATEST, ModelRegistry
+from forge.training.versions import LATEST, ModelVersions
 
 _MAX_ID_CHARS = 256
 
@@ -24,7 +24,7 @@ def retrain_request_id(event_id: str, model: str) -> str:
     return f"retrain:{hashlib.sha256(event_id.encode()).hexdigest()}:{model}"
 
 
-def plan_retrain(registry: ModelRegistry, event: NewData) -> TrainingRequest | str:
+def plan_retrain(versions: ModelVersions, event: NewData) -> TrainingRequest | str:
     """The training request for ``event.retrain``, or why there is none."""
     model = event.retrain
     if model is None:
@@ -32,7 +32,7 @@ def plan_retrain(registry: ModelRegistry, event: NewData) -> TrainingRequest | s
     record_ids = [r.id for r in event.records if not r.deleted]
     if not record_ids:
         return "the event adds no records"
-    latest = registry.latest(model)
+    latest = versions.latest(model)
     if latest is None:
         return f"model {model!r} has no version to continue from: train it first"
     return TrainingRequest(

@@ -1,13 +1,13 @@
-"""Training as a service inside a worker: a training request and its data in, a
-registered MLflow model version out.
+"""Training as a service: in a worker, a training request and its data in, a
+registered MLflow model version out; for ``forge predict``, a version loaded back.
 
 ``fit`` runs the trainer under the request's deadline inside an MLflow run (params,
-a metric point per epoch, the model's files), ``register`` makes it a version of the
-model's registry entry tagged with the request's id, and ``registered`` finds that
-version again, so a redelivered request is answered without training twice.
+a metric point per epoch, the model's files), ``register`` makes it a new version of
+the model in MLflow's model registry, tagged with the request's id, and ``registered``
+finds that version again, so a redelivered request is answered without training twice.
 
-The trainers (torch, scikit-learn: seconds to import) load on the first training, not
-when a worker starts.
+The trainers (torch, scikit-learn: seconds to import) load on first use, not when a
+worker starts.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from forge.training.versions import (
     TAG_REQUEST_ID,
     TAG_STREAM,
     TAG_TASK,
-    ModelRegistry,
+    ModelVersions,
     VersionInfo,
 )
 
@@ -87,7 +87,7 @@ class TrainingService:
     ) -> None:
         self.settings = settings
         self.client = client
-        self.registry = ModelRegistry(client)
+        self.versions = ModelVersions(client)
         self.models = models
         self.progress = progress
 
@@ -107,12 +107,12 @@ class TrainingService:
     def registered(self, request: TrainingRequest) -> Registered | None:
         """The version an earlier delivery of ``request`` registered, if any. A delivery
         that died between registering and aliasing gets its aliases now."""
-        version = self.registry.find_by_request(request.model, request.id)
+        version = self.versions.find_by_request(request.model, request.id)
         if version is None:
             return None
-        latest = self.registry.latest(request.model)
+        latest = self.versions.latest(request.model)
         if not version.aliases and latest is not None and latest.version == version.version:
-            version = apply_policy(self.registry, version, request.promote)
+            version = apply_policy(self.versions, version, request.promote)
         log.info(
             "training request already registered", model=request.model, version=version.version
         )
@@ -129,7 +129,7 @@ class TrainingService:
     ) -> Fitted:
         """Train inside an MLflow run; the run is marked failed if training fails. On a
         redelivery, runs an earlier delivery left unfinished are marked killed."""
-        from forge.training.registry import get_trainer, parse_params
+        from forge.training.tasks import get_trainer, parse_params
 
         trainer = get_trainer(request.task)
         params = parse_params(trainer, request.params)
@@ -154,17 +154,17 @@ class TrainingService:
         """Register the fitted model's files as a new version and apply the promotion
         policy. Idempotent per request: a version the request already has is reused."""
         request = fitted.request
-        existing = self.registry.find_by_request(request.model, request.id)
+        existing = self.versions.find_by_request(request.model, request.id)
         if existing is not None:  # a racing delivery got here first
             return self._registered(existing)
         tags = dict(fitted.tags)
         params = msgspec.json.encode(request.params).decode()
         if len(params) <= _MAX_TAG_CHARS:
             tags[TAG_PARAMS] = params
-        version = self.registry.register(
+        version = self.versions.register(
             request.model, fitted.run.model_uri, fitted.run.run_id, tags
         )
-        version = apply_policy(self.registry, version, request.promote)
+        version = apply_policy(self.versions, version, request.promote)
         return self._registered(version)
 
     def train(
@@ -214,9 +214,9 @@ class TrainingService:
     def load(self, model: str, ref: str | None = None) -> tuple[TrainedModel, VersionInfo]:
         """Version ``ref`` of ``model`` (default: champion, else latest), loaded through
         the byte-bounded model cache."""
-        from forge.training.registry import get_trainer
+        from forge.training.tasks import get_trainer
 
-        version = self.registry.resolve(model, ref)
+        version = self.versions.resolve(model, ref)
         trainer = get_trainer(version.task)
         key = f"trained:{self.client.tracking_uri}:{model}:{version.version}"
         loaded = self.models.get_or_load(
@@ -242,7 +242,7 @@ class TrainingService:
         return artifacts.fetch(version.source, target, self.client.tracking_uri)
 
     def _registered(self, version: VersionInfo) -> Registered:
-        metrics = self.registry.metrics(version)
+        metrics = self.versions.metrics(version)
         created = datetime.fromtimestamp(version.created_at_ms / 1000, UTC)
         event = ModelVersion(
             id=f"{version.model}:v{version.version}",

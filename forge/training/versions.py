@@ -83,8 +83,9 @@ class VersionInfo:
         return dict(msgspec.json.decode(raw)) if raw else {}
 
 
-class ModelRegistry:
-    """Forge's operations on the MLflow model registry."""
+class ModelVersions:
+    """Forge's models and their versions in the MLflow model registry: lookups by
+    request, number or alias, new versions and alias changes."""
 
     def __init__(self, client: MlflowClient) -> None:
         self.client = client
@@ -131,7 +132,7 @@ class ModelRegistry:
             raise ModelNotFound(f"model {model!r} has no version {ref!r}")
         return found
 
-    def versions(self, model: str) -> list[VersionInfo]:
+    def all(self, model: str) -> list[VersionInfo]:
         """Every version of ``model``, newest first."""
         aliases = self.aliases(model)
         found = [_info(v, aliases) for v in self._search(_by_name(model))]

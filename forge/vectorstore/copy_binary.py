@@ -76,10 +76,10 @@ def _text(value: str, row: Row) -> bytes:
     try:
         data = value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise _invalid(row, str(exc)) from exc
+        raise InvalidWrite.of_row(row, str(exc)) from exc
     if b"\x00" in data:
         # PostgreSQL text cannot hold NUL; name the event so the caller can drop it.
-        raise _invalid(row, "NUL character in text")
+        raise InvalidWrite.of_row(row, "NUL character in text")
     return _length.pack(len(data)) + data
 
 
@@ -89,13 +89,13 @@ def _jsonb(row: Row) -> bytes:
     try:
         data = _json.encode(row.metadata)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise _invalid(row, f"metadata is not JSON: {exc}") from exc
+        raise InvalidWrite.of_row(row, f"metadata is not JSON: {exc}") from exc
     if b"\\u0000" in data:
-        raise _invalid(row, "NUL character in metadata")
+        raise InvalidWrite.of_row(row, "NUL character in metadata")
     # Counting brackets is cheap and bounds the depth from above; only then walk it.
     nesting = data.count(b"[") + data.count(b"{")
     if nesting > MAX_METADATA_DEPTH and _depth(row.metadata) > MAX_METADATA_DEPTH:
-        raise _invalid(row, f"metadata nested deeper than {MAX_METADATA_DEPTH} levels")
+        raise InvalidWrite.of_row(row, f"metadata nested deeper than {MAX_METADATA_DEPTH} levels")
     return _length.pack(len(data) + 1) + _JSONB_VERSION + data
 
 
@@ -111,11 +111,3 @@ def _depth(value: object) -> int:
             deepest = max(deepest, depth + 1)
             stack.extend((child, depth + 1) for child in item)
     return deepest
-
-
-def _invalid(row: Row, problem: str) -> InvalidWrite:
-    return InvalidWrite(
-        f"record {row.id!r} of event {row.event_id!r}: {problem}",
-        event_id=row.event_id,
-        record_id=row.id,
-    )

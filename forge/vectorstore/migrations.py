@@ -37,6 +37,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
+        # As recorded in forge_schema_migrations of every database migrated since.
         "pgvector, collection registry and processed events",
         (
             "CREATE EXTENSION IF NOT EXISTS vector",

@@ -19,7 +19,7 @@ from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
 from forge.settings import Settings
-from forge.vectorstore import registry, scan, search, writer
+from forge.vectorstore import catalog, scan, search, writer
 from forge.vectorstore.migrations import migrate
 from forge.vectorstore.naming import validate_name
 from forge.vectorstore.types import (
@@ -125,10 +125,10 @@ class VectorStore:
         """Create collection ``name`` if needed; ``InvalidEvent`` on a dimension clash."""
         cached = self._cached(name)
         if cached is not None:
-            registry.check_dimension(cached, dimension)
+            catalog.check_dimension(cached, dimension)
             return cached
         with self._pool.connection() as conn:
-            created = registry.ensure_collection(conn, name, dimension, model, self._index)
+            created = catalog.ensure_collection(conn, name, dimension, model, self._index)
             return self._remember(created)
 
     def collection(self, name: str) -> Collection | None:
@@ -136,14 +136,14 @@ class VectorStore:
         if cached is not None:
             return cached
         with self._pool.connection() as conn:
-            found = registry.get_collection(conn, name)
+            found = catalog.get_collection(conn, name)
         return self._remember(found) if found else None
 
     def drop_collection(self, name: str) -> bool:
         with self._lock:
             self._collections.pop(name, None)
         with self._pool.connection() as conn:
-            return registry.drop_collection(conn, validate_name(name))
+            return catalog.drop_collection(conn, validate_name(name))
 
     # ------------------------------------------------------------------- writes
 
@@ -220,7 +220,7 @@ class VectorStore:
         target = self.collection(collection)
         if target is None:
             return []
-        registry.check_dimension(target, int(np.size(vector)))
+        catalog.check_dimension(target, int(np.size(vector)))
         with self._pool.connection() as conn:
             return search.search(
                 conn,
@@ -249,27 +249,29 @@ class VectorStore:
     def load_collection(self, name: str, ids: Sequence[str] | None = None) -> Snapshot:
         """Every row of collection ``name`` (or those in ``ids``), ordered by id, with
         vectors as one matrix; ``CollectionNotFound`` when there is no such collection."""
-        target = self.collection(name)
-        if target is None:
-            raise CollectionNotFound(f"collection {name!r} does not exist")
+        target = self._require(name)
         with self._pool.connection() as conn:
             return scan.load_rows(conn, target, ids)
 
     def update_metadata(self, name: str, patches: Mapping[str, JsonObject]) -> int:
         """Merge ``patches[id]`` into each record's metadata; returns the rows patched."""
-        target = self.collection(name)
-        if target is None:
-            raise CollectionNotFound(f"collection {name!r} does not exist")
+        target = self._require(name)
         with self._pool.connection() as conn:
             return scan.merge_metadata(conn, target, patches)
 
     # ------------------------------------------------------------------ helpers
 
+    def _require(self, name: str) -> Collection:
+        target = self.collection(name)
+        if target is None:
+            raise CollectionNotFound(f"collection {name!r} does not exist")
+        return target
+
     def _existing(self, conn: psycopg.Connection[Any], name: str) -> Collection | None:
         cached = self._cached(name)
         if cached is not None:
             return cached
-        found = registry.get_collection(conn, name)
+        found = catalog.get_collection(conn, name)
         return self._remember(found) if found else None
 
     def _create_for(
@@ -281,7 +283,7 @@ class VectorStore:
             return None
         dimension = _dimension_of(rows[0])
         model = model or rows[0].model
-        return registry.ensure_collection(conn, name, dimension, model, self._index)
+        return catalog.ensure_collection(conn, name, dimension, model, self._index)
 
     def _cached(self, name: str) -> Collection | None:
         with self._lock:
@@ -296,11 +298,7 @@ class VectorStore:
 def _dimension_of(row: Row) -> int:
     shape = np.shape(row.embedding)
     if len(shape) != 1:
-        raise InvalidWrite(
-            f"record {row.id!r} of event {row.event_id!r}: vector shape {shape} is not 1-d",
-            event_id=row.event_id,
-            record_id=row.id,
-        )
+        raise InvalidWrite.of_row(row, f"vector shape {shape} is not 1-d")
     return int(shape[0])
 
 

@@ -42,7 +42,7 @@ Write = Row | Delete
 
 @dataclass(frozen=True, slots=True)
 class Collection:
-    """A collection's registry entry (``forge_collections``)."""
+    """A collection's catalog entry (``forge_collections``)."""
 
     name: str
     table: str
@@ -108,6 +108,15 @@ class InvalidWrite(InvalidEvent):
         super().__init__(message)
         self.event_id = event_id
         self.record_id = record_id
+
+    @classmethod
+    def of_row(cls, row: Row, problem: str) -> InvalidWrite:
+        """``problem`` with ``row``, naming its record and event."""
+        return cls(
+            f"record {row.id!r} of event {row.event_id!r}: {problem}",
+            event_id=row.event_id,
+            record_id=row.id,
+        )
 
 
 @dataclass(frozen=True, slots=True)

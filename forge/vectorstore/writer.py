@@ -95,21 +95,15 @@ def check_rows(rows: Sequence[Row], dimension: int) -> None:
     for row in rows:
         shape = np.shape(row.embedding)
         if shape != (dimension,):
-            raise _invalid(row, f"vector shape {shape}, collection dimension {dimension}")
+            raise InvalidWrite.of_row(
+                row, f"vector shape {shape}, collection dimension {dimension}"
+            )
     if not rows:
         return
     # One vectorised pass: NaN/infinity would be rejected by pgvector mid-batch.
     finite = np.isfinite(np.stack([row.embedding for row in rows])).all(axis=1)
     if not finite.all():
-        raise _invalid(rows[int(np.argmin(finite))], "vector has NaN or infinity")
-
-
-def _invalid(row: Row, problem: str) -> InvalidWrite:
-    return InvalidWrite(
-        f"record {row.id!r} of event {row.event_id!r}: {problem}",
-        event_id=row.event_id,
-        record_id=row.id,
-    )
+        raise InvalidWrite.of_row(rows[int(np.argmin(finite))], "vector has NaN or infinity")
 
 
 def write_claimed(

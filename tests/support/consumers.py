@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 from forge.events import NewData
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry, Succeeded
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message, Outcome, Succeeded
 
 
-def register_slow(registry: Registry, ctx: Context) -> None:
+def register_slow(registry: HandlerRegistry, ctx: Context) -> None:
     """A new-data handler that announces each batch in Redis, then sleeps."""
     sleep_s = float(os.environ.get("TEST_HANDLER_SLEEP_S", "1.0"))
 
@@ -26,14 +26,14 @@ def register_slow(registry: Registry, ctx: Context) -> None:
     registry.register(HandlerSpec("new-data", NewData, handle, name="slow"))
 
 
-def register_crash_after_commit(registry: Registry, ctx: Context) -> None:
+def register_crash_after_commit(registry: HandlerRegistry, ctx: Context) -> None:
     """The real handlers, but the process dies right after new-data's database commit
     and before the runtime can ack: the crash window exactly-once effects must cover."""
     import signal
 
     from consumers import register
 
-    inner = Registry()
+    inner = HandlerRegistry()
     register(inner, ctx)
     real = inner.get("new-data")
 
@@ -45,7 +45,7 @@ def register_crash_after_commit(registry: Registry, ctx: Context) -> None:
     registry.register(HandlerSpec("new-data", NewData, handle, name="crashing"))
 
 
-def register_crash_after_register(registry: Registry, ctx: Context) -> None:
+def register_crash_after_register(registry: HandlerRegistry, ctx: Context) -> None:
     """The real training handler, but the process dies right after the model version
     is registered in MLflow and before the runtime can publish its event and ack: the
     window the model-version event's exactly-once publication must cover."""
@@ -54,7 +54,7 @@ def register_crash_after_register(registry: Registry, ctx: Context) -> None:
     from consumers import register
     from forge.events import TrainingRequest
 
-    inner = Registry()
+    inner = HandlerRegistry()
     register(inner, ctx)
     real = inner.get("training-requests")
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from forge.events import EVENT_FIELD, Completion, DeadLetter, NewData, decode_as
 from forge.runtime.context import Context
 from forge.runtime.deadletter import DeadLetterQueue
-from forge.runtime.handlers import HandlerSpec, Message, Outcome, Registry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message, Outcome
 from forge.runtime.worker import Worker
 from tests.support.redis_helpers import running, wait_for
 
@@ -16,7 +16,7 @@ Handle = Callable[[Sequence[Message[NewData]]], Sequence[Outcome] | None]
 
 def make_worker(ctx: Context, handle: Handle) -> Worker:
     """A worker whose only handler is ``handle``, for new-data."""
-    registry = Registry()
+    registry = HandlerRegistry()
     registry.register(HandlerSpec("new-data", NewData, handle))
     return Worker(ctx, registry)
 

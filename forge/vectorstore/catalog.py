@@ -1,4 +1,5 @@
-"""The collection registry: one table per collection with an HNSW cosine index."""
+"""The collection catalog (``forge_collections``) and the table, with its HNSW cosine
+index, behind each collection."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def ensure_collection(
     EXISTS`` can still collide in the catalog; a later creator then finds the
     collection, or creates it if the first one rolled back.
     """
-    _check_dimension(name, dimension)
+    _check_indexable(name, dimension)
     with conn.transaction():
         existing = get_collection(conn, name)
         if existing is None:
@@ -71,7 +72,7 @@ def drop_collection(conn: psycopg.Connection[Any], name: str) -> bool:
     return True
 
 
-def _check_dimension(name: str, dimension: int) -> None:
+def _check_indexable(name: str, dimension: int) -> None:
     if not 0 < dimension <= MAX_INDEXED_DIMENSION:
         raise InvalidEvent(
             f"collection {name!r}: dimension must be 1-{MAX_INDEXED_DIMENSION}, got {dimension}"

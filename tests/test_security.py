@@ -31,7 +31,6 @@ import redis
 from psycopg.conninfo import conninfo_to_dict
 from structlog.testing import capture_logs
 
-from forge.cli.main import main
 from forge.errors import EmbeddedServerError
 from forge.events import NewData
 from forge.observability.http import HealthReport, HttpServerHandle, start_http_server
@@ -44,6 +43,7 @@ from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis, connect_redis_probe
 from forge.servers.embedded_redis import find_redis_server
 from forge.settings import Settings, redact_url
+from tests.support.cli import run_cli
 from tests.support.events import new_data, publish
 from tests.support.redis_helpers import new_prefix, wait_for
 from tests.support.tls import TlsFiles, make_tls_files
@@ -203,15 +203,6 @@ def test_worker_processes_and_dead_letters_over_tls(tls_ctx: Context) -> None:
     statuses = sorted(c.status for c in completions(tls_ctx))
     assert statuses == ["dead-lettered"] + ["succeeded"] * 5
     assert [r.error.type for r in dead_letters(tls_ctx)] == ["InvalidEvent"]
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_publish_and_status_over_tls_never_print_the_password(

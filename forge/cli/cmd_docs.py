@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from forge.contracts import asyncapi, configdoc, generated
 from forge.contracts.schemas import schema_files
@@ -20,17 +19,6 @@ GENERATED: dict[str, Callable[[], str]] = {
 }
 
 
-def add_docs_parser(sub: Any) -> None:
-    help_ = "write docs/asyncapi.yaml, configuration.md"
-    _add_export(sub, "docs", "generated documentation", help_, run_docs_export)
-
-
-def add_schemas_parser(sub: Any) -> None:
-    _add_export(
-        sub, "schemas", "event JSON Schemas", "write schemas/*.schema.json", run_schemas_export
-    )
-
-
 def drift(directory: Path) -> list[str]:
     """Generated files that are missing or differ from what the code produces."""
     return generated.stale(directory, GENERATED)
@@ -42,21 +30,6 @@ def run_docs_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_schemas_export(args: argparse.Namespace, settings: Settings) -> int:
     return _export("schemas", schema_files(), args)
-
-
-def _add_export(
-    sub: Any,
-    command: str,
-    help_: str,
-    export_help: str,
-    run: Callable[[argparse.Namespace, Settings], int],
-) -> None:
-    parser = sub.add_parser(command, help=help_)
-    commands = parser.add_subparsers(dest=f"{command}_command", required=True)
-    export = commands.add_parser("export", help=export_help)
-    export.add_argument("--dir", default=command)  # each writes the folder it is named after
-    export.add_argument("--check", action="store_true", help="fail if files differ from code")
-    export.set_defaults(run=run)
 
 
 def _export(command: str, files: generated.Generators, args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from forge.errors import ConfigError
@@ -20,25 +19,6 @@ from forge.servers.embedded_redis import EmbeddedRedis
 from forge.settings import Settings
 
 _NOT_RUNNING = "start 'forge worker' (with REDIS_URL and POSTGRES_URL unset) first"
-
-
-def add_env_parser(sub: Any) -> None:
-    env = sub.add_parser(
-        "env",
-        help="print REDIS_URL=... and POSTGRES_URL=... of the servers in use, for eval",
-        description="Print shell assignments (REDIS_URL, REDIS_SOCKET, POSTGRES_URL) for "
-        "the configured servers, or for the embedded ones a running 'forge worker' "
-        "serves; or print one value alone.",
-    )
-    only = env.add_mutually_exclusive_group()
-    only.add_argument("--redis-url", action="store_true", help="print the Redis URL alone")
-    only.add_argument(
-        "--redis-socket",
-        action="store_true",
-        help="print the Redis unix socket path alone (for redis-cli -s)",
-    )
-    only.add_argument("--postgres-url", action="store_true", help="print the PostgreSQL URL alone")
-    env.set_defaults(run=run_env)
 
 
 def run_env(args: argparse.Namespace, settings: Settings) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from forge.cli.output import print_json, print_table, shorten
 from forge.embedding.search import Searcher, parse_filters
@@ -11,16 +10,6 @@ from forge.embedding.service import EmbeddingService
 from forge.servers.embedded_postgres import resolve_postgres_url
 from forge.settings import Settings
 from forge.vectorstore import VectorStore
-
-
-def add_search_parser(sub: Any) -> None:
-    search = sub.add_parser("search", help="find the records nearest to a text")
-    search.add_argument("collection")
-    search.add_argument("text")
-    search.add_argument("-k", type=int, default=10, help="how many results (default 10)")
-    search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
-    search.add_argument("--json", action="store_true")
-    search.set_defaults(run=run_search)
 
 
 def run_search(args: argparse.Namespace, settings: Settings) -> int:

@@ -173,32 +173,6 @@ def _redis_origin(settings: Settings) -> str:
 # ---------------------------------------------------------------------- dlq
 
 
-def add_dlq_parser(sub: Any) -> None:
-    dlq = sub.add_parser("dlq", help="inspect, replay and purge dead-lettered events")
-    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
-
-    listing = dlq_sub.add_parser("list", help="list dead-letter records")
-    listing.add_argument("--filter", action="append", default=[], metavar="FIELD=GLOB")
-    listing.add_argument("--limit", type=int, default=None)
-    listing.add_argument("--json", action="store_true")
-    listing.set_defaults(run=run_dlq_list)
-
-    show = dlq_sub.add_parser("show", help="show one record in full")
-    show.add_argument("id", help="dead-letter entry id, as listed by 'forge dlq list'")
-    show.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-    show.set_defaults(run=run_dlq_show)
-
-    for name, run, verb in (
-        ("replay", run_dlq_replay, "replay"),
-        ("purge", run_dlq_purge, "delete"),
-    ):
-        cmd = dlq_sub.add_parser(name, help=f"{verb} records")
-        cmd.add_argument("ids", nargs="*", help="dead-letter entry ids")
-        cmd.add_argument("--all", action="store_true", help=f"{verb} every record")
-        cmd.add_argument("--filter", action="append", default=[], metavar="FIELD=GLOB")
-        cmd.set_defaults(run=run)
-
-
 def check_entry_ids(ids: list[str]) -> None:
     """Refuse a malformed id before Redis does, with what a valid one looks like."""
     for entry_id in ids:

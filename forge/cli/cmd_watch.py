@@ -6,14 +6,12 @@ import argparse
 import io
 import sys
 import time
-from typing import Any
 
 import redis
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
-from forge.cli.argtypes import positive_int, positive_seconds
 from forge.keys import Keys
 from forge.servers.endpoints import open_redis
 from forge.settings import Settings
@@ -22,25 +20,6 @@ from forge.watch import WatchOptions, collect, render
 # Wide enough that event ids and errors are not wrapped when output goes to a file or
 # a pipe, where rich would otherwise assume 80 columns.
 _PIPE_WIDTH = 200
-
-
-def add_watch_parser(sub: Any) -> None:
-    watch = sub.add_parser(
-        "watch", help="live view of completions, throughput, lag, dead letters and trainings"
-    )
-    watch.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    watch.add_argument("--interval-s", type=positive_seconds, default=2.0, help="refresh period")
-    watch.add_argument("--rows", type=positive_int, default=15, help="completions to show")
-    watch.add_argument(
-        "--window-s", type=positive_seconds, default=60.0, help="throughput averaging window"
-    )
-    watch.add_argument(
-        "--stale-s",
-        type=positive_seconds,
-        default=300.0,
-        help="hide trainings without progress for this long",
-    )
-    watch.set_defaults(run=run_watch)
 
 
 def run_watch(args: argparse.Namespace, settings: Settings) -> int:

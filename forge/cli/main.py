@@ -7,119 +7,31 @@ ends in one line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
-import psycopg
-import redis
 
-from forge import __version__
-from forge.cli.argtypes import positive_int, positive_seconds
+from forge.cli.parsers import EXIT_USAGE, Command, build_parser
 from forge.errors import ForgeError, UsageError
-from forge.observability.logging import configure_logging, redact_text
 from forge.settings import Settings
 
+if TYPE_CHECKING:
+    import psycopg
+
+__all__ = ["build_parser", "describe_error", "entrypoint", "exit_now", "main"]
+
 EXIT_ERROR = 1
-EXIT_USAGE = 2
+# What CPython exits with when it cannot flush stdout or stderr at exit.
+EXIT_FLUSH_FAILED = 120
 # libpq's connection-string parse errors (psycopg raises them as ProgrammingError).
 _CONNINFO_ERROR_RE = re.compile(r"connection info string|connection option|URI|percent-encoded")
 _QUOTED_RE = re.compile(r'"([^"]*)"')
-
-Command = Callable[[argparse.Namespace, Settings], int]
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-        raise SystemExit(EXIT_USAGE)
-
-
-def _port(value: str) -> int:
-    number = int(value)
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {value}")
-    return number
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from forge.cli import (
-        cmd_docs,
-        cmd_env,
-        cmd_models,
-        cmd_search,
-        cmd_streams,
-        cmd_watch,
-        cmd_worker,
-    )
-
-    parser = _Parser(prog="forge", description="Redis Streams ML training and embedding engine.")
-    parser.add_argument("--version", action="version", version=f"forge {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    worker = sub.add_parser("worker", help="run consumer-group workers")
-    worker.add_argument("--stream", action="append", default=[], help="input stream (repeat)")
-    worker.add_argument(
-        "--processes",
-        type=positive_int,
-        default=1,
-        help="worker processes under one supervisor that serves /health and /metrics"
-        " for all of them (default 1: the worker runs in this process)",
-    )
-    worker.add_argument(
-        "--http-port",
-        type=_port,
-        default=None,
-        help="port of /health and /metrics, 0 for any free one"
-        " (default: $FORGE_HTTP_PORT, else 8080)",
-    )
-    worker.add_argument(
-        "--http-host",
-        default=None,
-        help="address /health and /metrics listen on (default: $FORGE_HTTP_HOST, else 127.0.0.1)",
-    )
-    worker.add_argument(
-        "--consumers", action="append", default=[], help="module:function registering handlers"
-    )
-    worker.set_defaults(run=cmd_worker.run_worker)
-
-    publish = sub.add_parser("publish", help="validate and publish events to a stream")
-    publish.add_argument("stream", help="stream name, e.g. forge:new-data or new-data")
-    publish.add_argument("source", help="JSON text, @file (object, array or JSON lines) or -")
-    publish.add_argument(
-        "--wait",
-        action="store_true",
-        help="wait for each event's completion and print it; exit 1 unless all succeeded",
-    )
-    publish.add_argument(
-        "--timeout",
-        type=positive_seconds,
-        default=120.0,
-        metavar="S",
-        help="with --wait: give up after S seconds (default 120)",
-    )
-    publish.set_defaults(run=cmd_streams.run_publish)
-
-    status = sub.add_parser(
-        "status", help="the Redis in use; length, lag, pending and consumers per stream"
-    )
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(run=cmd_streams.run_status)
-
-    cmd_streams.add_dlq_parser(sub)
-    cmd_search.add_search_parser(sub)
-    cmd_models.add_models_parser(sub)
-    cmd_models.add_predict_parser(sub)
-    cmd_watch.add_watch_parser(sub)
-    cmd_docs.add_docs_parser(sub)
-    cmd_env.add_env_parser(sub)
-    cmd_docs.add_schemas_parser(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,7 +40,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run_reporting_errors(args)
 
 
+def entrypoint() -> NoReturn:
+    """The ``forge`` program: ``main`` and a quick exit (see ``exit_now``)."""
+    args = build_parser().parse_args()
+    code = _run_reporting_errors(args)
+    if args.command == "worker":
+        # The interpreter's full exit: a worker's stop is not waited on at a prompt,
+        # and it is the one command that runs other processes and servers for long.
+        raise SystemExit(code)
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """Exit without tearing the interpreter down.
+
+    Once a command has printed its answer, freeing torch's, MLflow's and pandas' objects
+    one by one takes another ~2 s ("Cold commands" in docs/benchmarks.md) that the
+    operating system does at once. What a normal exit does before that teardown still
+    happens, in the interpreter's order: threading's exit hooks (a concurrent.futures
+    pool's threads are told to stop) and a join of the other non-daemon threads, the
+    atexit handlers (logs flushed, embedded servers this process started stopped), and
+    a flush of stdout and stderr, whose failure exits 120 as CPython's does. What is
+    skipped is objects' ``__del__``: the commands close the files they write, MLflow's
+    store commits each change, and the operating system closes sockets and descriptors.
+    """
+    # Private hooks, the ones the interpreter's own exit calls; where a Python lacks
+    # them, a normal exit.
+    shutdown_threads = getattr(threading, "_shutdown", None)
+    run_atexit = getattr(atexit, "_run_exitfuncs", None)
+    if shutdown_threads is None or run_atexit is None:
+        raise SystemExit(code)
+    shutdown_threads()
+    run_atexit()
+    stdout_flushed = _flushed(sys.stdout)
+    # stderr is flushed even when stdout was not: it may say why the command failed.
+    if not (_flushed(sys.stderr) and stdout_flushed):
+        code = EXIT_FLUSH_FAILED
+    os._exit(code)
+
+
+def _flushed(stream: Any) -> bool:
+    """Whether ``stream`` holds nothing unwritten (a closed or missing one holds nothing)."""
+    if stream is None or stream.closed:
+        return True
+    try:
+        stream.flush()
+    except OSError:  # e.g. a reader that went away: `forge dlq list | head -1`
+        return False
+    return True
+
+
 def _run_reporting_errors(args: argparse.Namespace) -> int:
+    # Here, not at the top: structlog and rich are not worth importing for --help.
+    from forge.observability.logging import configure_logging
+
     try:
         settings = Settings.from_env()
         if args.command != "worker" and "FORGE_LOG_LEVEL" not in os.environ:
@@ -148,23 +113,30 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
 
 
-# Error classes a user can act on, most specific first, and how each is introduced.
-_ERROR_PREFIXES: tuple[tuple[type[BaseException], str], ...] = (
-    (redis.AuthenticationError, "Redis refused the credentials"),
-    (redis.ConnectionError, "cannot reach Redis"),
-    (redis.RedisError, "Redis error"),
+# redis error classes a user can act on, most specific first, and how each is introduced.
+_REDIS_ERROR_PREFIXES = (
+    ("AuthenticationError", "Redis refused the credentials"),
+    ("ConnectionError", "cannot reach Redis"),
+    ("RedisError", "Redis error"),
 )
 
 
 def describe_error(exc: Exception) -> str | None:
     """The one line a user sees for an error they can act on; None for a bug."""
+    from forge.observability.logging import redact_text
+
     if isinstance(exc, ForgeError):
         return str(exc)
     text = redact_text(str(exc).splitlines()[0] if str(exc) else "")
-    for cls, prefix in _ERROR_PREFIXES:
-        if isinstance(exc, cls):
-            return f"{prefix}: {text}"
-    if isinstance(exc, psycopg.Error):
+    # The clients are looked up, not imported: a library this process never loaded
+    # raised nothing, and importing redis and psycopg would cost every command ~0.2 s.
+    redis: Any = sys.modules.get("redis")
+    if redis is not None:
+        for name, prefix in _REDIS_ERROR_PREFIXES:
+            if isinstance(exc, getattr(redis, name)):
+                return f"{prefix}: {text}"
+    postgres: Any = sys.modules.get("psycopg")
+    if postgres is not None and isinstance(exc, postgres.Error):
         return _describe_postgres_error(exc, text)
     if isinstance(exc, OSError | msgspec.DecodeError | ValueError):
         return f"{type(exc).__name__}: {text}"
@@ -172,6 +144,8 @@ def describe_error(exc: Exception) -> str | None:
 
 
 def _describe_postgres_error(exc: psycopg.Error, text: str) -> str | None:
+    import psycopg
+
     if isinstance(exc, psycopg.OperationalError):
         return f"cannot reach PostgreSQL: {text}"
     if type(exc) is psycopg.ProgrammingError and _CONNINFO_ERROR_RE.search(text):
@@ -184,10 +158,6 @@ def _describe_postgres_error(exc: psycopg.Error, text: str) -> str | None:
 def _hide_quoted(match: re.Match[str]) -> str:
     # One-character quotes ('"="', '"]"') say what is missing and are kept.
     return match.group(0) if len(match.group(1)) < 2 else '"***"'
-
-
-def entrypoint() -> None:
-    raise SystemExit(main())
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import redis
 
 from forge.servers.connect import connect_redis
-from forge.servers.embedded_postgres import resolve_postgres_url
 from forge.servers.embedded_redis import resolve_redis_url
 from forge.settings import Settings
-from forge.vectorstore import VectorStore
+
+if TYPE_CHECKING:
+    from forge.vectorstore import VectorStore
 
 
 @contextmanager
@@ -44,6 +46,11 @@ def open_vector_store(
     ``on_close`` receives the cleanups (the pool, the embedded server) to run at
     shutdown; ``connect`` wraps the opening, for callers that wait out an outage.
     """
+    # Here, not at the top: the commands that need only Redis (publish, status, dlq,
+    # watch) would otherwise import psycopg, pgvector and numpy for nothing.
+    from forge.servers.embedded_postgres import resolve_postgres_url
+    from forge.vectorstore import VectorStore
+
     url, embedded = resolve_postgres_url(settings)
     if embedded is not None:
         on_close(embedded.stop)

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.metrics import accuracy_score, f1_score
 
 from forge.errors import PermanentError
 
@@ -39,6 +38,10 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int) -> tuple
 def classification_metrics(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
     """``val_accuracy`` and ``val_macro_f1`` (classes weighted equally, so a rare class
     that is always missed costs as much as a common one)."""
+    # Imported here: the split and the classifier's predictions need no scikit-learn
+    # (seconds to import), only the end of a training does.
+    from sklearn.metrics import accuracy_score, f1_score
+
     return {
         "val_accuracy": float(accuracy_score(truth, predicted)),
         "val_macro_f1": float(f1_score(truth, predicted, average="macro", zero_division=0)),

@@ -1,0 +1,246 @@
+"""The ``forge`` command line: every command's arguments, and which function runs it.
+
+Commands are named, not imported (``Lazy``): the parser is built whole for every
+command line, and what one command needs must not slow down the others. Importing every
+command module would make ``forge models list`` import redis, psycopg and the vector
+store, and ``forge --help`` numpy ("Cold commands" in docs/benchmarks.md). This module
+imports argparse and the argument types only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from forge import __version__
+from forge.cli.argtypes import port, positive_int, positive_seconds, vector, version_number
+from forge.settings import Settings
+
+EXIT_USAGE = 2
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+@dataclass(frozen=True, slots=True)
+class Lazy:
+    """``forge.cli.<module>.<function>``, imported when the command runs."""
+
+    module: str
+    function: str
+
+    def resolve(self) -> Command:
+        found: Command = getattr(importlib.import_module(f"forge.cli.{self.module}"), self.function)
+        return found
+
+    def __call__(self, args: argparse.Namespace, settings: Settings) -> int:
+        return self.resolve()(args, settings)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="forge", description="Redis Streams ML training and embedding engine.")
+    parser.add_argument("--version", action="version", version=f"forge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (
+        _worker,
+        _publish,
+        _status,
+        _dlq,
+        _search,
+        _models,
+        _predict,
+        _watch,
+        _docs,
+        _env,
+        _schemas,
+    ):
+        add(sub)
+    return parser
+
+
+def _worker(sub: Any) -> None:
+    worker = sub.add_parser("worker", help="run consumer-group workers")
+    worker.add_argument("--stream", action="append", default=[], help="input stream (repeat)")
+    worker.add_argument(
+        "--processes",
+        type=positive_int,
+        default=1,
+        help="worker processes under one supervisor that serves /health and /metrics"
+        " for all of them (default 1: the worker runs in this process)",
+    )
+    worker.add_argument(
+        "--http-port",
+        type=port,
+        default=None,
+        help="port of /health and /metrics, 0 for any free one"
+        " (default: $FORGE_HTTP_PORT, else 8080)",
+    )
+    worker.add_argument(
+        "--http-host",
+        default=None,
+        help="address /health and /metrics listen on (default: $FORGE_HTTP_HOST, else 127.0.0.1)",
+    )
+    worker.add_argument(
+        "--consumers", action="append", default=[], help="module:function registering handlers"
+    )
+    worker.set_defaults(run=Lazy("cmd_worker", "run_worker"))
+
+
+def _publish(sub: Any) -> None:
+    publish = sub.add_parser("publish", help="validate and publish events to a stream")
+    publish.add_argument("stream", help="stream name, e.g. forge:new-data or new-data")
+    publish.add_argument("source", help="JSON text, @file (object, array or JSON lines) or -")
+    publish.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for each event's completion and print it; exit 1 unless all succeeded",
+    )
+    publish.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=120.0,
+        metavar="S",
+        help="with --wait: give up after S seconds (default 120)",
+    )
+    publish.set_defaults(run=Lazy("cmd_streams", "run_publish"))
+
+
+def _status(sub: Any) -> None:
+    status = sub.add_parser(
+        "status", help="the Redis in use; length, lag, pending and consumers per stream"
+    )
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=Lazy("cmd_streams", "run_status"))
+
+
+def _dlq(sub: Any) -> None:
+    dlq = sub.add_parser("dlq", help="inspect, replay and purge dead-lettered events")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+
+    listing = dlq_sub.add_parser("list", help="list dead-letter records")
+    listing.add_argument("--filter", action="append", default=[], metavar="FIELD=GLOB")
+    listing.add_argument("--limit", type=int, default=None)
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=Lazy("cmd_streams", "run_dlq_list"))
+
+    show = dlq_sub.add_parser("show", help="show one record in full")
+    show.add_argument("id", help="dead-letter entry id, as listed by 'forge dlq list'")
+    show.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    show.set_defaults(run=Lazy("cmd_streams", "run_dlq_show"))
+
+    for name, run, verb in (
+        ("replay", "run_dlq_replay", "replay"),
+        ("purge", "run_dlq_purge", "delete"),
+    ):
+        cmd = dlq_sub.add_parser(name, help=f"{verb} records")
+        cmd.add_argument("ids", nargs="*", help="dead-letter entry ids")
+        cmd.add_argument("--all", action="store_true", help=f"{verb} every record")
+        cmd.add_argument("--filter", action="append", default=[], metavar="FIELD=GLOB")
+        cmd.set_defaults(run=Lazy("cmd_streams", run))
+
+
+def _search(sub: Any) -> None:
+    search = sub.add_parser("search", help="find the records nearest to a text")
+    search.add_argument("collection")
+    search.add_argument("text")
+    search.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(run=Lazy("cmd_search", "run_search"))
+
+
+def _models(sub: Any) -> None:
+    models = sub.add_parser("models", help="trained models in the MLflow model registry")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    listing = models_sub.add_parser("list", help="models with their latest version and champion")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=Lazy("cmd_models", "run_list"))
+    show = models_sub.add_parser("show", help="a model's versions, aliases and metrics")
+    show.add_argument("model")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=Lazy("cmd_models", "run_show"))
+    promote = models_sub.add_parser("promote", help="make a version the champion")
+    promote.add_argument("model")
+    promote.add_argument("version", type=version_number)
+    promote.set_defaults(run=Lazy("cmd_models", "run_promote"))
+
+
+def _predict(sub: Any) -> None:
+    predict = sub.add_parser("predict", help="label texts or vectors with a trained model")
+    predict.add_argument("model", help="MODEL, MODEL@ALIAS or MODEL@VERSION (default champion)")
+    given = predict.add_mutually_exclusive_group(required=True)
+    given.add_argument("--text", action="append", help="a text to embed and label (repeat)")
+    given.add_argument(
+        "--vector", action="append", type=vector, help="a vector: 0.1,0.2,... or [...] (repeat)"
+    )
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(run=Lazy("cmd_predict", "run_predict"))
+
+
+def _watch(sub: Any) -> None:
+    watch = sub.add_parser(
+        "watch", help="live view of completions, throughput, lag, dead letters and trainings"
+    )
+    watch.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    watch.add_argument("--interval-s", type=positive_seconds, default=2.0, help="refresh period")
+    watch.add_argument("--rows", type=positive_int, default=15, help="completions to show")
+    watch.add_argument(
+        "--window-s", type=positive_seconds, default=60.0, help="throughput averaging window"
+    )
+    watch.add_argument(
+        "--stale-s",
+        type=positive_seconds,
+        default=300.0,
+        help="hide trainings without progress for this long",
+    )
+    watch.set_defaults(run=Lazy("cmd_watch", "run_watch"))
+
+
+def _env(sub: Any) -> None:
+    env = sub.add_parser(
+        "env",
+        help="print REDIS_URL=... and POSTGRES_URL=... of the servers in use, for eval",
+        description="Print shell assignments (REDIS_URL, REDIS_SOCKET, POSTGRES_URL) for "
+        "the configured servers, or for the embedded ones a running 'forge worker' "
+        "serves; or print one value alone.",
+    )
+    only = env.add_mutually_exclusive_group()
+    only.add_argument("--redis-url", action="store_true", help="print the Redis URL alone")
+    only.add_argument(
+        "--redis-socket",
+        action="store_true",
+        help="print the Redis unix socket path alone (for redis-cli -s)",
+    )
+    only.add_argument("--postgres-url", action="store_true", help="print the PostgreSQL URL alone")
+    env.set_defaults(run=Lazy("cmd_env", "run_env"))
+
+
+def _docs(sub: Any) -> None:
+    help_ = "write docs/asyncapi.yaml, configuration.md"
+    _export(sub, "docs", "generated documentation", help_, "run_docs_export")
+
+
+def _schemas(sub: Any) -> None:
+    _export(
+        sub, "schemas", "event JSON Schemas", "write schemas/*.schema.json", "run_schemas_export"
+    )
+
+
+def _export(sub: Any, command: str, help_: str, export_help: str, run: str) -> None:
+    parser = sub.add_parser(command, help=help_)
+    commands = parser.add_subparsers(dest=f"{command}_command", required=True)
+    export = commands.add_parser("export", help=export_help)
+    export.add_argument("--dir", default=command)  # each writes the folder it is named after
+    export.add_argument("--check", action="store_true", help="fail if files differ from code")
+    export.set_defaults(run=Lazy("cmd_docs", run))

@@ -3,8 +3,8 @@
 Commands are named, not imported (``Lazy``): the parser is built whole for every
 command line, and what one command needs must not slow down the others. Importing every
 command module would make ``forge models list`` import redis, psycopg and the vector
-store, and ``forge --help`` numpy ("Cold commands" in docs/benchmarks.md). This module
-imports argparse and the argument types only.
+store, and ``forge --help`` numpy ("Cold commands" in docs/benchmarks.md). Keep this
+module's imports to argparse, the argument types and the settings.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -340,3 +341,33 @@ def test_schemas_export_and_check(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert schema["$schema"].endswith("2020-12/schema")
     code, _, _ = run_cli(capsys, "schemas", "export", "--dir", str(tmp_path), "--check")
     assert code == 0
+
+
+_FLOOD = """
+import argparse, sys
+from forge.cli import main
+
+def flood(args, settings):
+    for _ in range(100_000):
+        sys.stdout.write("x" * 99 + "\\n")
+    return 0
+
+main.exit_now(main._run_reporting_errors(argparse.Namespace(command="dlq", run=flood)))
+"""
+
+
+def test_a_reader_that_goes_away_is_no_error() -> None:
+    """`forge dlq list | head -1`: the command stops quietly, as a shell's SIGPIPE would."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FLOOD],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    proc.stdout.read(100)
+    proc.stdout.close()  # the reader goes away; the child is still writing
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert err == ""

@@ -10,9 +10,12 @@ from forge.embedding.service import EmbeddingService
 from forge.servers.embedded_postgres import resolve_postgres_url
 from forge.settings import Settings
 from forge.vectorstore import VectorStore
+from forge.vectorstore.naming import validate_name
 
 
 def run_search(args: argparse.Namespace, settings: Settings) -> int:
+    # Arguments first: a bad name must not start a server or migrate a database.
+    validate_name(args.collection)
     filters = parse_filters(args.filter)
     url, embedded = resolve_postgres_url(settings)
     try:

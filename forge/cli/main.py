@@ -105,12 +105,24 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
         return command(args, settings)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
     except Exception as exc:
         message = describe_error(exc)
         if message is None:
             raise
         sys.stderr.write(f"forge: error: {message}\n")
         return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_ERROR
+
+
+def _reader_went_away() -> int:
+    """The reader of stdout closed it (``forge dlq list | head -1``): not an error of
+    the command's. What is still buffered cannot be written: point stdout at /dev/null
+    so that the flush at exit does not fail again. 141 is a shell's code for SIGPIPE."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 # redis error classes a user can act on, most specific first, and how each is introduced.

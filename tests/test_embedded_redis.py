@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import redis
@@ -253,3 +255,102 @@ def test_resolve_redis_url_starts_embedded_server(tmp_path: Path) -> None:
         assert redis.Redis.from_url(url).ping()
     finally:
         server.stop()
+
+
+# Holds an embedded server on FORGE_HOME=argv[1] in the role argv[2], as `forge publish`
+# ("command") or `forge worker` ("worker") would, writes a key, prints the server's pid,
+# and keeps it until its stdin closes.
+HOLDER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import redis
+    from forge.servers.embedded_redis import resolve_redis_url
+    from forge.settings import Settings
+
+    url, server = resolve_redis_url(Settings(home_dir=Path(sys.argv[1])), role=sys.argv[2])
+    redis.Redis.from_url(url).set("written_by", sys.argv[2])
+    print("PID", server.pid, flush=True)
+    sys.stdin.read()
+    server.stop()
+    """
+)
+
+
+@pytest.fixture
+def spawn_holder() -> Iterator[Callable[[Path, str], tuple[subprocess.Popen[str], int]]]:
+    children: list[subprocess.Popen[str]] = []
+
+    def spawn(home: Path, role: str) -> tuple[subprocess.Popen[str], int]:
+        child = subprocess.Popen(
+            [sys.executable, "-c", HOLDER_SCRIPT, str(home), role],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        )
+        children.append(child)
+        assert child.stdout is not None
+        for line in child.stdout:  # structlog may print before our line
+            if line.startswith("PID "):
+                return child, int(line.split()[1])
+        pytest.fail(f"holder exited with {child.wait(60)} before starting Redis")
+
+    yield spawn
+    for child in children:
+        if child.stdin is not None:
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+        child.wait(60)
+
+
+@pytest.mark.parametrize(
+    ("owner_role", "joiner_role"),
+    [("worker", "worker"), ("worker", "command"), ("command", "command")],
+)
+def test_resolve_joins_a_server_its_role_may_share(
+    tmp_path: Path,
+    spawn_holder: Callable[[Path, str], tuple[subprocess.Popen[str], int]],
+    owner_role: str,
+    joiner_role: Literal["worker", "command"],
+) -> None:
+    _, server_pid = spawn_holder(tmp_path, owner_role)
+    url, handle = resolve_redis_url(Settings(home_dir=tmp_path), role=joiner_role)
+    assert handle is None
+    client = redis.Redis.from_url(url)
+    assert client.info("server")["process_id"] == server_pid
+    assert client.get("written_by") == owner_role.encode()
+
+
+def test_worker_waits_out_a_commands_server_then_starts_its_own(
+    tmp_path: Path,
+    spawn_holder: Callable[[Path, str], tuple[subprocess.Popen[str], int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    command, command_server_pid = spawn_holder(tmp_path, "command")
+    told_to_exit = command.stdin
+    assert told_to_exit is not None
+    settings = Settings(home_dir=tmp_path)
+    # While the command holds its server, a worker refuses to join it.
+    with pytest.raises(EmbeddedServerError, match="still served by a Forge command"):
+        resolve_redis_url(settings, role="worker", join_wait_s=0.2)
+
+    real_owner_role = EmbeddedRedis.owner_role
+
+    def command_exits_once_the_worker_waits(self: EmbeddedRedis) -> str | None:
+        role = real_owner_role(self)
+        if role == "command" and not told_to_exit.closed:
+            told_to_exit.close()
+        return role
+
+    monkeypatch.setattr(EmbeddedRedis, "owner_role", command_exits_once_the_worker_waits)
+    url, handle = resolve_redis_url(settings, role="worker", join_wait_s=60.0)
+    assert handle is not None
+    try:
+        assert told_to_exit.closed  # the worker did find the command's server and wait
+        assert _gone(command_server_pid)
+        client = redis.Redis.from_url(url)
+        assert client.info("server")["process_id"] == handle.pid != command_server_pid
+        assert client.get("written_by") == b"command"  # the AOF kept the command's write
+    finally:
+        handle.stop()

@@ -23,7 +23,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.processes > 1:
         from forge.runtime.supervisor import Supervisor
 
-        with open_redis(settings) as (_, resolved):
+        with open_redis(settings, role="worker") as (_, resolved):
             return Supervisor(resolved, args.stream, args.consumers, args.processes).run()
-    with open_redis(settings) as (client, resolved):
+    with open_redis(settings, role="worker") as (client, resolved):
         return serve_worker(resolved, client, args.stream, args.consumers)

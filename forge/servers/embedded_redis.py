@@ -7,7 +7,9 @@ local data folder. It must not outlive Forge: ``stop()`` or an ``atexit`` hook s
 on a normal exit; on Linux ``prctl(PR_SET_PDEATHSIG)`` has the kernel SIGTERM it when
 Forge is killed; whatever still slips through (other platforms) is stopped by the next
 ``start()`` on the folder. A lock file, held while the server runs and dropped by the
-kernel when Forge dies, keeps two Forge processes from sharing one data folder.
+kernel when Forge dies, keeps two Forge processes from sharing one data folder. It also
+names the owner's role: a long-lived worker must not join a server that a one-shot
+command owns, since that server stops when the command exits.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 from urllib.parse import quote
 
 import redis
@@ -47,6 +50,12 @@ _MAX_SOCKET_PATH_BYTES = 100
 _LOG_TAIL_MAX_BYTES = 64 * 1024
 _POLL_INTERVAL_S = 0.02
 _KILL_WAIT_S = 2.0
+# How long a worker waits for a command's transient server to go before starting its own.
+_JOIN_WAIT_S = 30.0
+_JOIN_POLL_S = 0.1
+
+# "worker": a process that runs until stopped; "command": one that exits when done.
+Role = Literal["worker", "command"]
 
 
 class EmbeddedRedis:
@@ -56,7 +65,9 @@ class EmbeddedRedis:
     the *thread* that started the child exits, not only when the process does.
     """
 
-    def __init__(self, data_dir: Path, *, executable: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *, executable: Path | None = None, role: Role = "worker"
+    ) -> None:
         self.data_dir = Path(data_dir).absolute()
         self.socket_path = _socket_path_for(self.data_dir)
         self.log_path = self.data_dir / "redis.log"
@@ -64,6 +75,9 @@ class EmbeddedRedis:
         self._pid_path = self.data_dir / "redis.pid"
         self._lock_path = self.data_dir / "redis.lock"
         self._executable = executable
+        # "worker" by default: a server started directly (tests, scripts) stays joinable
+        # by workers, as every server was before roles were recorded.
+        self.role: Role = role
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
         self._owner_pid = os.getpid()
@@ -100,6 +114,15 @@ class EmbeddedRedis:
         if owned_elsewhere and _pid_via_socket(self.socket_path) is not None:
             return f"unix://{quote(str(self.socket_path))}?db=0"
         return None
+
+    def owner_role(self) -> str | None:
+        """The role the lock file names (the last owner's, if nobody holds it now)."""
+        try:
+            lines = self._lock_path.read_text().splitlines()
+        except OSError:
+            return None
+        # A lock file written before roles were recorded has only the pid line.
+        return lines[1].strip() if len(lines) > 1 else None
 
     def start(self, timeout_s: float = 10.0) -> str:
         """Start the server, wait until it answers PING, and return its URL."""
@@ -152,14 +175,15 @@ class EmbeddedRedis:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            first = os.read(fd, 64).decode(errors="replace").split("\n", 1)[0]
+            holder = first.strip() or "unknown"
             os.close(fd)
             raise EmbeddedServerError(
                 f"{self.data_dir} is in use by another Forge process (pid {holder}); "
                 "stop it, use another FORGE_HOME, or set REDIS_URL"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()}\n{self.role}\n".encode())
         self._lock_fd = fd
 
     def _release_lock(self) -> None:
@@ -277,7 +301,11 @@ class EmbeddedRedis:
 
 
 def resolve_redis_url(
-    settings: Settings, *, timeout_s: float = 10.0
+    settings: Settings,
+    *,
+    timeout_s: float = 10.0,
+    role: Role = "command",
+    join_wait_s: float = _JOIN_WAIT_S,
 ) -> tuple[str, EmbeddedRedis | None]:
     """``settings.redis_url`` if set; otherwise start an embedded server and return it too.
 
@@ -285,15 +313,40 @@ def resolve_redis_url(
     When another Forge process (a running ``forge worker``) already serves this data
     folder, its server is joined instead: commands like ``forge publish`` then talk to
     the same Redis as the worker, and the handle is None because this process does not
-    own it.
+    own it. A ``role="worker"`` caller joins only a worker's server: one a command owns
+    stops when the command exits, so the worker waits up to ``join_wait_s`` for it to
+    go and then starts its own on the same AOF.
     """
     if settings.redis_url:
         return settings.redis_url, None
-    server = EmbeddedRedis(settings.data_dir / "redis")
-    shared = server.shared_url()
+    server = EmbeddedRedis(settings.data_dir / "redis", role=role)
+    shared = _joinable_url(server, join_wait_s)
     if shared is not None:
         return shared, None
     return server.start(timeout_s), server
+
+
+def _joinable_url(server: EmbeddedRedis, wait_s: float) -> str | None:
+    """The URL of a server ``server``'s role may join, or None once there is none."""
+    deadline = time.monotonic() + wait_s
+    logged = False
+    while (shared := server.shared_url()) is not None:
+        # The owner wrote its role before its server answered, so a live server's role is
+        # readable here; an unknown role (an older Forge's lock) is joined as before.
+        if server.role == "command" or server.owner_role() != "command":
+            return shared
+        if time.monotonic() >= deadline:
+            raise EmbeddedServerError(
+                f"{server.data_dir} is still served by a Forge command after {wait_s:.0f}s; "
+                "stop it (e.g. forge watch), use another FORGE_HOME, or set REDIS_URL"
+            )
+        if not logged:
+            log.info(
+                "waiting for a command's embedded redis to stop", data_dir=str(server.data_dir)
+            )
+            logged = True
+        time.sleep(_JOIN_POLL_S)
+    return None
 
 
 def _socket_path_for(data_dir: Path) -> Path:

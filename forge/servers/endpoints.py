@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from forge.servers.connect import connect_redis
-from forge.servers.embedded_redis import resolve_redis_url
+from forge.servers.embedded_redis import Role, resolve_redis_url
 from forge.settings import Settings
 
 if TYPE_CHECKING:
@@ -18,13 +18,16 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def open_redis(settings: Settings) -> Iterator[tuple[redis.Redis, Settings]]:
+def open_redis(
+    settings: Settings, *, role: Role = "command"
+) -> Iterator[tuple[redis.Redis, Settings]]:
     """A connected client and the settings with the URL actually used.
 
     With ``REDIS_URL`` unset this starts (or joins) the embedded redis-server and stops
-    it on exit if this process started it.
+    it on exit if this process started it. ``role="worker"`` is for processes that run
+    until stopped: they never join a server that a one-shot command will stop.
     """
-    url, embedded = resolve_redis_url(settings)
+    url, embedded = resolve_redis_url(settings, role=role)
     client = connect_redis(url)
     try:
         client.ping()

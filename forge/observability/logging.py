@@ -67,14 +67,17 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
             ],
         )
     )
+    # The level first, on the handler too: a thread logging while the handlers are
+    # swapped must not pass a record of the old level to the new stream.
+    handler.setLevel(level)
     root = logging.getLogger()
+    root.setLevel(level)
     for old in [h for h in root.handlers if isinstance(h, _ForgeHandler | _ForgeFileHandler)]:
         root.removeHandler(old)
         old.close()
     root.addHandler(handler)
     if settings.log_dir is not None:
         root.addHandler(_file_handler(settings.log_dir, shared))
-    root.setLevel(level)
 
 
 class _ForgeFileHandler(logging.handlers.RotatingFileHandler):

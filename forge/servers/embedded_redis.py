@@ -33,7 +33,7 @@ import structlog
 
 from forge.errors import EmbeddedServerError
 from forge.servers.connect import connect_redis_probe
-from forge.servers.proc import die_with_parent_preexec
+from forge.servers.proc import die_with_parent_preexec, terminate_child, terminate_pid
 from forge.servers.redis_binary import find_redis_server, refuse_downgrade
 from forge.settings import Settings
 
@@ -156,7 +156,7 @@ class EmbeddedRedis:
         atexit.unregister(self._stop_at_exit)
         proc, self._proc = self._proc, None
         if proc is not None:
-            if not _terminate_child(proc, timeout_s):
+            if not terminate_child(proc, timeout_s):
                 log.warning("embedded redis killed after timeout", pid=proc.pid)
             self._remove_runtime_files()
         self._release_lock()
@@ -201,7 +201,7 @@ class EmbeddedRedis:
         pid = _pid_via_socket(self.socket_path) or self._pid_from_file()
         if pid is not None:
             log.warning("stopping leftover redis-server", pid=pid, data_dir=str(self.data_dir))
-            _terminate_pid(pid, timeout_s)
+            terminate_pid(pid, timeout_s, _KILL_WAIT_S, "leftover redis-server")
         self._remove_runtime_files()
 
     def _pid_from_file(self) -> int | None:
@@ -374,34 +374,6 @@ def _conf_quote(value: str) -> str:
     return f'"{escaped}"'
 
 
-def _terminate_child(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    """SIGTERM ``proc``, SIGKILL it after ``timeout_s``; False if it had to be killed."""
-    proc.terminate()  # harmless if it has already exited
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout_s)
-        return True
-    proc.kill()
-    proc.wait()
-    return False
-
-
-def _terminate_pid(pid: int, timeout_s: float) -> None:
-    """Like ``_terminate_child`` for a process that is not our child."""
-    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, _KILL_WAIT_S)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        except PermissionError as exc:
-            raise EmbeddedServerError(f"cannot stop leftover redis-server {pid}: {exc}") from exc
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            if not _alive(pid):
-                return
-            time.sleep(_POLL_INTERVAL_S)
-    raise EmbeddedServerError(f"leftover redis-server {pid} did not exit")
-
-
 def _pid_via_socket(socket_path: Path) -> int | None:
     """The pid of the server answering on ``socket_path``, if any."""
     if not socket_path.exists():
@@ -420,16 +392,3 @@ def _client(socket_path: Path) -> redis.Redis:
     # A probe: redis-py's default backoff spends seconds on each refused connection,
     # which would overshoot our own polling deadline.
     return connect_redis_probe(f"unix://{quote(str(socket_path))}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:1]
-    except ProcessLookupError:
-        return False
-    except OSError:  # no /proc, or the pid belongs to another user
-        return True
-    # An orphan that exited stays a zombie until its new parent reaps it (some container
-    # init processes never do); it holds no files or sockets any more.
-    return state != ["Z"]

@@ -3,15 +3,21 @@ servers, the PostgreSQL watchdog, the worker supervisor and the bench harness.""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+from forge.errors import EmbeddedServerError
 
 _PR_SET_PDEATHSIG = 1
+_POLL_INTERVAL_S = 0.02
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
@@ -80,3 +86,46 @@ def _open_pidfd(pid: int) -> int | None:
         return int(pidfd_open(pid))
     except OSError:
         return None  # gone already (ESRCH), or a kernel older than 5.3 (ENOSYS)
+
+
+def terminate_child(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """SIGTERM ``proc``, SIGKILL it after ``timeout_s``; False if it had to be killed."""
+    proc.terminate()  # harmless if it has already exited
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout_s)
+        return True
+    proc.kill()
+    proc.wait()
+    return False
+
+
+def terminate_pid(pid: int, timeout_s: float, kill_wait_s: float, what: str) -> None:
+    """Like ``terminate_child`` for a process that is not our child; ``what`` names it
+    in the errors."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, kill_wait_s)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        except PermissionError as exc:
+            raise EmbeddedServerError(f"cannot stop {what} {pid}: {exc}") from exc
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not alive(pid):
+                return
+            time.sleep(_POLL_INTERVAL_S)
+    raise EmbeddedServerError(f"{what} {pid} did not exit")
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not count)."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[:1]
+    except ProcessLookupError:
+        return False
+    except OSError:  # no /proc, or the pid belongs to another user
+        return True
+    # An orphan that exited stays a zombie until its new parent reaps it (some container
+    # init processes never do); it holds no files or sockets any more.
+    return state != ["Z"]

@@ -18,12 +18,12 @@ from forge.events import EVENT_FIELD, NewData
 from forge.runtime.broker import Entry
 from forge.runtime.context import Context
 from forge.runtime.deadletter import build_record, error_info
-from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
+from forge.runtime.handlers import Message
 from forge.runtime.worker import Worker
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.events import new_data, publish
 from tests.support.redis_helpers import running, wait_for
-from tests.support.workers import completions, dead_letters
+from tests.support.workers import completions, dead_letters, make_worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,9 +174,7 @@ def flaky_worker(ctx: Context, broken_flag: str) -> Worker:
         if ctx.redis.exists(broken_flag):
             raise RuntimeError("downstream is broken")
 
-    registry = HandlerRegistry()
-    registry.register(HandlerSpec("new-data", NewData, handle))
-    return Worker(ctx, registry)
+    return make_worker(ctx, handle)
 
 
 def test_dead_letter_replay_round_trip(

@@ -43,7 +43,7 @@ from forge.vectorstore import InvalidWrite, Row, VectorStore
 from forge.vectorstore.copy_binary import MAX_METADATA_DEPTH, encode_chunks
 from forge.vectorstore.naming import index_name, table_name, validate_name
 from tests.support.redis_helpers import wait_for
-from tests.support.workers import completions, dead_letters, pending
+from tests.support.workers import completions, dead_letters, make_worker, pending
 
 pytestmark = [
     pytest.mark.postgres,
@@ -355,9 +355,7 @@ def fake_embedding(settings: Settings) -> EmbeddingService:
 
 def new_data_worker(ctx: Context, store: VectorStore) -> Worker:
     handler = NewDataHandler(ctx.settings, Once(lambda: store), fake_embedding(ctx.settings))
-    registry = HandlerRegistry()
-    registry.register(HandlerSpec("new-data", NewData, handler))
-    return Worker(ctx, registry)
+    return make_worker(ctx, handler)
 
 
 def relations(pg_url: str) -> set[str]:

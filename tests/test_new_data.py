@@ -29,7 +29,7 @@ from forge.vectorstore import VectorStore
 from tests.support.events import publish
 from tests.support.metrics import sample
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
-from tests.support.workers import completions, dead_letters, pending
+from tests.support.workers import completions, dead_letters, make_worker, pending
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = json.loads((REPO / "examples" / "new-data.json").read_text())
@@ -54,9 +54,7 @@ def service(ctx: Context, embedder: Embedder) -> EmbeddingService:
 
 def build_worker(ctx: Context, vector_store: VectorStore, service: EmbeddingService) -> Worker:
     handler = NewDataHandler(ctx.settings, lambda: vector_store, service)
-    registry = HandlerRegistry()
-    registry.register(HandlerSpec("new-data", NewData, handler))
-    return Worker(ctx, registry)
+    return make_worker(ctx, handler)
 
 
 @pytest.fixture

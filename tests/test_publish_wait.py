@@ -14,12 +14,12 @@ from forge.events import NewData
 from forge.runtime.broker import StreamBroker
 from forge.runtime.completion_wait import CompletionTimeout, wait_for_completions
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
+from forge.runtime.handlers import Message
 from forge.runtime.worker import Worker
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.events import new_data
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
-from tests.support.workers import completions
+from tests.support.workers import completions, make_worker
 
 
 def worker_that(ctx: Context, fails_with: type[Exception] | None = None) -> Worker:
@@ -27,9 +27,7 @@ def worker_that(ctx: Context, fails_with: type[Exception] | None = None) -> Work
         if fails_with is not None:
             raise fails_with("no good")
 
-    registry = HandlerRegistry()
-    registry.register(HandlerSpec("new-data", NewData, handle))
-    return Worker(ctx, registry)
+    return make_worker(ctx, handle)
 
 
 def test_wait_prints_each_completion_and_exits_0(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from forge.cli.parsers import Lazy, build_parser
+from tests.support.cli import run_forge
 
 REPO = Path(__file__).resolve().parents[1]
 # Seconds to import each on this machine's kind: torch ~2, sentence-transformers and
@@ -205,15 +206,7 @@ def test_forge_keeps_exit_codes_and_output_through_a_pipe(tmp_path: Path) -> Non
     env = {k: v for k, v in _env(tmp_path).items() if k != "PYTHONUNBUFFERED"}
 
     def forge(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "forge.cli.main", *argv],
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        return run_forge(env, *argv)
 
     written = forge("schemas", "export", "--dir", str(tmp_path / "schemas"))
     assert written.returncode == 0, written.stderr

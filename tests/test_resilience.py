@@ -20,6 +20,7 @@ from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis
 from forge.servers.embedded_redis import EmbeddedRedis
 from forge.settings import Settings
+from tests.support.cli import run_forge
 from tests.support.events import new_data, publish
 from tests.support.metrics import sample
 from tests.support.redis_helpers import running, wait_for
@@ -109,15 +110,7 @@ def test_cli_uses_the_embedded_redis_when_redis_url_is_unset(
     env = {"FORGE_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
 
     def forge(*argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "forge.cli.main", *argv],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-            check=False,
-            timeout=60,
-        )
+        return run_forge(env, *argv, timeout_s=60)
 
     published = forge("publish", "new-data", json.dumps(new_data("e1")))
     assert published.returncode == 0, published.stderr

@@ -1,6 +1,12 @@
-"""Running ``forge`` commands in-process and checking their one-line errors."""
+"""Running ``forge`` commands, in-process or as a program, and checking their one-line
+errors."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +31,21 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in err
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_forge(
+    env: Mapping[str, str], *argv: str, timeout_s: float = 120.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``forge *argv`` as a program (``python -m forge.cli.main``) in ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "forge.cli.main", *argv],
+        env=dict(env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout_s,
+    )

@@ -140,8 +140,59 @@ class TrainingRequest(Event, tag="training-request"):
     # Train on these records of the collection only (incremental retraining).
     record_ids: Annotated[list[EventId], Meta(min_length=1)] | None = None
     # When the new version becomes the champion: if it beats the current one on the
-    # model's primary metric, always, or never (left as the candidate).
-    promote: Literal["if-better", "always", "never"] = "if-better"
+    # model's primary metric, always, or never (left as the candidate); or, with
+    # "on-significance", when it wins an online comparison against the champion on
+    # live feedback (``forge models compare``).
+    promote: Literal["if-better", "always", "never", "on-significance"] = "if-better"
+
+
+class PredictInput(msgspec.Struct, kw_only=True):
+    """One row to label: a ready vector, or a text the model's embedding model embeds
+    (models trained on an embedded collection only)."""
+
+    vector: list[float] | None = None
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.vector is None) == (self.text is None):
+            raise ValueError("each input has exactly one of `vector` or `text`")
+
+
+# ``__post_init__``'s rule in the schema, as for ``RecordItem``.
+PredictInputItem = Annotated[
+    PredictInput,
+    Meta(
+        extra_json_schema={
+            "oneOf": [
+                {"required": ["vector"], "not": {"required": ["text"]}},
+                {"required": ["text"], "not": {"required": ["vector"]}},
+            ]
+        }
+    ),
+]
+# A version to pin: an alias ("champion", "candidate"), or a number (as a number or
+# a string). Pinning bypasses the model's traffic split.
+VersionRef = Annotated[int, Meta(ge=1)] | Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class PredictRequest(Event, tag="predict-request"):
+    """Label ``inputs`` with ``model``; answered by one ``prediction`` event."""
+
+    model: Name
+    inputs: Annotated[list[PredictInputItem], Meta(min_length=1, max_length=10_000)]
+    # Routing key: one key always gets the same variant while a split stands.
+    key: Annotated[str, Meta(max_length=256)] | None = None
+    # ``version`` is every event's schema version, hence the longer name (as in
+    # ``model-version`` events).
+    model_version: VersionRef | None = None
+
+
+class Feedback(Event, tag="feedback"):
+    """The true label of one row of an earlier prediction."""
+
+    prediction_id: EventId
+    label: Annotated[str, Meta(min_length=1, max_length=256)]
+    index: Annotated[int, Meta(ge=0)] = 0
 
 
 # --------------------------------------------------------------------------- outputs
@@ -200,6 +251,22 @@ class TrainingProgress(Event, tag="training-progress"):
     eta_s: float | None = None
 
 
+class Label(msgspec.Struct, kw_only=True):
+    label: str
+    score: float
+
+
+class Prediction(Event, tag="prediction"):
+    """The answer to a ``predict-request`` (``source_id``): one label per input, from
+    the version and variant the request was routed to."""
+
+    source_id: str
+    model: str
+    model_version: int
+    variant: str
+    predictions: list[Label]
+
+
 class DeadLetter(Event, tag="dead-letter"):
     """An input entry that will not be processed again unless replayed.
 
@@ -219,13 +286,21 @@ class DeadLetter(Event, tag="dead-letter"):
     replays: int = 0
 
 
-INPUT_EVENTS: tuple[type[Event], ...] = (NewData, TrainingRequest)
-OUTPUT_EVENTS: tuple[type[Event], ...] = (Completion, ModelVersion, TrainingProgress, DeadLetter)
+INPUT_EVENTS: tuple[type[Event], ...] = (NewData, TrainingRequest, PredictRequest, Feedback)
+OUTPUT_EVENTS: tuple[type[Event], ...] = (
+    Completion,
+    ModelVersion,
+    TrainingProgress,
+    Prediction,
+    DeadLetter,
+)
 ALL_EVENTS: tuple[type[Event], ...] = INPUT_EVENTS + OUTPUT_EVENTS
 # Input streams (short names, see forge.keys) and the event type each one carries.
 INPUT_STREAM_EVENTS: dict[str, type[Event]] = {
     "new-data": NewData,
     "training-requests": TrainingRequest,
+    "predict-requests": PredictRequest,
+    "feedback": Feedback,
 }
 
 _encoder = msgspec.json.Encoder()

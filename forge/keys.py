@@ -31,6 +31,14 @@ class Keys:
     def new_data(self) -> str:
         return f"{self.prefix}new-data"
 
+    @property
+    def predict_requests(self) -> str:
+        return f"{self.prefix}predict-requests"
+
+    @property
+    def feedback(self) -> str:
+        return f"{self.prefix}feedback"
+
     # Output streams (trimmed with approximate MAXLEN).
     @property
     def completions(self) -> str:
@@ -39,6 +47,10 @@ class Keys:
     @property
     def model_versions(self) -> str:
         return f"{self.prefix}model-versions"
+
+    @property
+    def predictions(self) -> str:
+        return f"{self.prefix}predictions"
 
     @property
     def dead_letter(self) -> str:
@@ -69,6 +81,26 @@ class Keys:
     def embedding_cache(self, model: str, content_hash: str) -> str:
         return f"{self.prefix}emb:{model}:{content_hash}"
 
+    # Serving: routes, the predictions kept for the feedback join, online statistics.
+    def route(self, model: str) -> str:
+        """String: the model's traffic split, shadow and promotion policy, as JSON."""
+        return f"{self.prefix}serving:route:{model}"
+
+    @property
+    def routes_epoch(self) -> str:
+        """Counter, bumped on every route or alias change: servers poll it to reload."""
+        return f"{self.prefix}serving:epoch"
+
+    def prediction(self, prediction_id: str) -> str:
+        """Hash: what a prediction answered (per variant, shadow included), kept for
+        ``FORGE_FEEDBACK_WINDOW_S`` so feedback can be joined to it."""
+        return f"{self.prefix}serving:prediction:{prediction_id}"
+
+    def variant_stats(self, model: str, version: int) -> str:
+        """Hash: online counters of one version (predictions, feedback, correct,
+        latency buckets)."""
+        return f"{self.prefix}serving:stats:{model}:{version}"
+
     def short(self, stream: str) -> str:
         """A stream's name without the prefix, for metric labels and messages."""
         return stream.removeprefix(self.prefix)
@@ -79,8 +111,14 @@ class Keys:
 
     @property
     def input_streams(self) -> tuple[str, ...]:
-        return (self.training_requests, self.new_data)
+        return (self.training_requests, self.new_data, self.predict_requests, self.feedback)
 
     @property
     def output_streams(self) -> tuple[str, ...]:
-        return (self.completions, self.model_versions, self.dead_letter, self.training_progress)
+        return (
+            self.completions,
+            self.model_versions,
+            self.predictions,
+            self.dead_letter,
+            self.training_progress,
+        )

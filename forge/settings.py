@@ -144,6 +144,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cache_dir: Path | None = None
     log_dir: Path | None = None
 
+    # Serving (``forge serve``). ``api_token``: bearer token the HTTP API requires;
+    # required when ``serve_host`` is beyond loopback.
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    serve_workers: int = 1
+    serve_max_wait_ms: float = 2.0
+    serve_max_body_bytes: int = 1_048_576
+    api_token: str | None = None
+    # How often servers look for route, alias and version changes.
+    serve_reload_interval_s: float = 0.5
+    # How long a prediction is kept for joining its feedback.
+    feedback_window_s: int = 24 * 3600
+    # Feedback each variant needs before a comparison may give a verdict.
+    compare_min_feedback: int = 100
+
     # Observability.
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -158,12 +173,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "max_deliveries": self.max_deliveries,
             "claim_min_idle_s": self.claim_min_idle_s,
             "stream_maxlen": self.stream_maxlen,
+            "serve_workers": self.serve_workers,
+            "serve_max_body_bytes": self.serve_max_body_bytes,
+            "serve_reload_interval_s": self.serve_reload_interval_s,
+            "feedback_window_s": self.feedback_window_s,
+            "compare_min_feedback": self.compare_min_feedback,
         }
         for name, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
-        if not 0 <= self.http_port <= 65535:
-            raise ConfigError(f"http_port must be 0-65535, got {self.http_port}")
+        for name, port in (("http_port", self.http_port), ("serve_port", self.serve_port)):
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name} must be 0-65535, got {port}")
+        if self.serve_max_wait_ms < 0:
+            raise ConfigError(f"serve_max_wait_ms must be 0 or more, got {self.serve_max_wait_ms}")
         check_hnsw(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search)
 
     @property
@@ -201,6 +224,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         data: dict[str, Any] = msgspec.to_builtins(self, enc_hook=str)
         for key in ("redis_url", "postgres_url", "mlflow_tracking_uri"):
             data[key] = redact_url(data[key])
+        if data["api_token"]:
+            data["api_token"] = "***"
         return data
 
     @classmethod
@@ -262,6 +287,15 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_MODEL_DIR": ("model_dir", Path),
     "FORGE_CACHE_DIR": ("cache_dir", Path),
     "FORGE_LOG_DIR": ("log_dir", Path),
+    "FORGE_SERVE_HOST": ("serve_host", _stripped),
+    "FORGE_SERVE_PORT": ("serve_port", int),
+    "FORGE_SERVE_WORKERS": ("serve_workers", int),
+    "FORGE_SERVE_MAX_WAIT_MS": ("serve_max_wait_ms", float),
+    "FORGE_SERVE_MAX_BODY_BYTES": ("serve_max_body_bytes", parse_size),
+    "FORGE_API_TOKEN": ("api_token", _stripped),
+    "FORGE_SERVE_RELOAD_INTERVAL_S": ("serve_reload_interval_s", float),
+    "FORGE_FEEDBACK_WINDOW_S": ("feedback_window_s", int),
+    "FORGE_COMPARE_MIN_FEEDBACK": ("compare_min_feedback", int),
     "FORGE_HTTP_HOST": ("http_host", str),
     "FORGE_HTTP_PORT": ("http_port", int),
     "FORGE_LOG_LEVEL": ("log_level", str),

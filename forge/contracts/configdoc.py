@@ -72,6 +72,20 @@ DESCRIPTIONS: dict[str, str] = {
     "model_dir": "Downloaded and trained models.",
     "cache_dir": "On-disk caches.",
     "log_dir": "Where `forge.log` (JSON lines, rotated) is written; unset: stderr only.",
+    "serve_host": "Interface `forge serve` listens on. Beyond loopback it refuses to start "
+    "without `FORGE_API_TOKEN`.",
+    "serve_port": "Port of `forge serve`'s HTTP API (0 picks a free one).",
+    "serve_workers": "Server processes `forge serve` runs, sharing the port.",
+    "serve_max_wait_ms": "Longest a prediction waits for others to share its model call "
+    "(micro-batching); a batch also closes at `MAX_BATCH_SIZE` inputs. 0: no waiting.",
+    "serve_max_body_bytes": "Largest HTTP request body the API reads; larger ones get 413.",
+    "api_token": "Bearer token the HTTP API requires (`Authorization: Bearer ...`); unset: "
+    "no auth, allowed on loopback only. `/health` stays open.",
+    "serve_reload_interval_s": "How often servers and workers look for split, shadow, alias "
+    "and version changes.",
+    "feedback_window_s": "How long a prediction is kept so that feedback can be joined to it.",
+    "compare_min_feedback": "Feedback each variant needs before `forge models compare` (and "
+    "`promote: on-significance`) gives a verdict.",
     "http_host": "Interface `/health` and `/metrics` listen on.",
     "http_port": "Port of `/health` and `/metrics` (0 picks a free one).",
     "log_level": "`DEBUG`, `INFO`, `WARNING` or `ERROR`. One-shot commands default to `WARNING`.",
@@ -87,6 +101,7 @@ _DEFAULT_TEXT: dict[str, str] = {
     "model_dir": "`FORGE_HOME/models`",
     "cache_dir": "`FORGE_HOME/cache`",
     "log_dir": "unset",
+    "api_token": "unset",
 }
 
 _HEADER = """\

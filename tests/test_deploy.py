@@ -520,7 +520,7 @@ def exported(redis_client: redis.Redis, prefix: str) -> dict[str, set[str]]:
 
     metrics = Metrics(gpu=False)
     metrics.init_streams(short)
-    for instrument in vars(metrics).values():
+    for instrument in [*vars(metrics).values(), *vars(metrics.serving).values()]:
         if not isinstance(instrument, Counter | Gauge | Histogram | Summary):
             continue
         labelnames = instrument._labelnames

@@ -63,6 +63,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from forge.keys import Keys
+from forge.observability.serving_metrics import ServingMetrics
 from forge.observability.status import Snapshot, snapshot
 
 log = structlog.get_logger(__name__)
@@ -104,6 +105,7 @@ class Metrics:
         self._scrape_collectors: list[Collector] = []
         self._define_event_metrics()
         self._define_support_metrics()
+        self.serving = ServingMetrics(self.registry)
         if gpu:
             self.add_collector(GpuCollector())
 

@@ -204,6 +204,9 @@ class NewDataHandler:
                 if record.deleted:
                     item.writes.append(Delete(record.id, item.event.id))
                     continue
+                # A row names the model that made its vector; a ready vector has none,
+                # so a model trained on it is not offered texts (see training).
+                made_by: str | None = None
                 if record.vector is not None:
                     embedding = np.asarray(record.vector, dtype=np.float32)
                 else:
@@ -211,8 +214,9 @@ class NewDataHandler:
                     position += 1
                     item.from_cache += hit
                     item.embedded += not hit
+                    made_by = model
                 item.writes.append(
-                    Row(record.id, embedding, item.event.id, record.text, record.metadata, model)
+                    Row(record.id, embedding, item.event.id, record.text, record.metadata, made_by)
                 )
         return version
 

@@ -79,7 +79,10 @@ class TrainingHandler:
 
     def _dataset(self, request: TrainingRequest) -> tuple[Dataset, str | None]:
         """The request's rows (all of the collection, or ``record_ids``) and the
-        embedding model that made their vectors."""
+        embedding model that made their vectors: ``None`` unless it made every one.
+
+        A collection records a model even when its vectors came ready (texts sent to it
+        later are embedded with that model), so its rows say which vectors it made."""
         store = self.store()
         collection = store.collection(request.collection)
         if collection is None:
@@ -89,7 +92,8 @@ class TrainingHandler:
             which = "none of the requested records are" if request.record_ids else "it is empty"
             raise PermanentError(f"nothing to train on in {request.collection!r}: {which}")
         data = Dataset(ids=snapshot.ids, vectors=snapshot.vectors, metadata=snapshot.metadata)
-        return data, collection.model
+        embedded = snapshot.embedded_by(collection.model)
+        return data, collection.model if embedded else None
 
     def _write_assignments(self, request: TrainingRequest, model: TrainedModel) -> None:
         """Write a clustering model's cluster per row back into the rows' metadata,

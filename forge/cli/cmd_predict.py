@@ -58,6 +58,11 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
 
 def _embed(settings: Settings, version: VersionInfo, texts: list[str]) -> np.ndarray[Any, Any]:
     """Embed with the model that made the training vectors (recorded on the version)."""
+    if version.embedding_model is None:
+        raise ConfigError(
+            f"{version.model} version {version.version} was trained on raw vectors"
+            f" ({version.collection!r} has no embedding model): give --vector, not --text"
+        )
     # Here, not at the top: --vector needs no embedding model, nor the vector store
     # and Redis client the embedding service brings.
     from forge.embedding.service import EmbeddingService

@@ -31,26 +31,28 @@ def load_rows(
 ) -> Snapshot:
     """The collection's rows ordered by id (all of them, or those in ``ids``)."""
     where = sql.SQL("WHERE id = ANY(%s)") if ids is not None else sql.SQL("")
-    query = sql.SQL("SELECT id, metadata, embedding FROM {table} {where} ORDER BY id").format(
-        table=sql.Identifier(collection.table), where=where
-    )
+    query = sql.SQL(
+        "SELECT id, metadata, embedding, model FROM {table} {where} ORDER BY id"
+    ).format(table=sql.Identifier(collection.table), where=where)
     row_ids: list[str] = []
     metadata: list[JsonObject] = []
     vectors: list[np.ndarray[Any, Any]] = []
+    models: list[str | None] = []
     # Binary results: pgvector's binary loader skips parsing each vector's text form.
     with conn.cursor(binary=True) as cursor:
         cursor.execute(query, [list(ids)] if ids is not None else None)
         while batch := cursor.fetchmany(_FETCH_ROWS):
-            for record_id, meta, embedding in batch:
+            for record_id, meta, embedding, model in batch:
                 row_ids.append(record_id)
                 metadata.append(meta)
                 vectors.append(embedding.to_numpy())
+                models.append(model)
     matrix = (
         np.stack(vectors).astype(np.float32, copy=False)
         if vectors
         else np.zeros((0, collection.dimension), dtype=np.float32)
     )
-    return Snapshot(ids=row_ids, vectors=matrix, metadata=metadata)
+    return Snapshot(ids=row_ids, vectors=matrix, metadata=metadata, models=models)
 
 
 def merge_metadata(

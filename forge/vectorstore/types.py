@@ -134,11 +134,22 @@ class StoredRecord:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Rows of a collection read in one go: row ``i`` is ``ids[i]``, ``vectors[i]``
-    (float32, ``(rows, dimension)``) and ``metadata[i]``."""
+    (float32, ``(rows, dimension)``), ``metadata[i]`` and ``models[i]``, the embedding
+    model that made the row's vector (``None``: the vector was given as it is)."""
 
     ids: list[str]
     vectors: Vector
     metadata: list[JsonObject]
+    models: list[str | None] = field(default_factory=list)
+
+    def embedded_by(self, model: str | None) -> bool:
+        """Whether ``model`` made every row's vector: only then can a text embedded
+        with it stand in for a row."""
+        return (
+            model is not None
+            and len(self.models) == len(self.ids)
+            and all(m == model for m in self.models)
+        )
 
 
 class CollectionNotFound(PermanentError):

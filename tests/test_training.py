@@ -203,7 +203,8 @@ def test_a_classifier_request_registers_one_version_and_announces_it_once(
     history = versions.client.get_metric_history(version.run_id, "epoch_loss")
     assert [m.step for m in history][:2] == [1, 2]
     assert version.request_id == "r1"
-    assert version.source.endswith("/model")
+    (logged,) = run.outputs.model_outputs  # the run's LoggedModel is the version
+    assert version.source == versions.client.get_logged_model(logged.model_id).artifact_location
 
     again = train(ctx, request("r1", model, collection))
     assert again.duplicate

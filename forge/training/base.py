@@ -107,6 +107,11 @@ class TrainedModel(Protocol):
     def predict(self, vectors: Vectors) -> list[Prediction]: ...
 
     @property
+    def input_dim(self) -> int:
+        """The dimension of the vectors ``predict`` takes."""
+        ...
+
+    @property
     def size_bytes(self) -> int: ...
 
 

@@ -70,6 +70,10 @@ class ClassifierModel:
         return self.config.labels
 
     @property
+    def input_dim(self) -> int:
+        return self.config.input_dim
+
+    @property
     def size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.net.state_dict().values())
 

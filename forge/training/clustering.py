@@ -69,6 +69,10 @@ class ClusteringModel:
         self.assignments: dict[str, int] = assignments or {}
 
     @property
+    def input_dim(self) -> int:
+        return int(self.centers.shape[1])
+
+    @property
     def size_bytes(self) -> int:
         return int(self.centers.nbytes)
 

@@ -85,6 +85,10 @@ class IncrementalModel:
         return [str(c) for c in self.estimator.classes_]
 
     @property
+    def input_dim(self) -> int:
+        return self.config.input_dim
+
+    @property
     def size_bytes(self) -> int:
         return int(self.estimator.coef_.nbytes + self.estimator.intercept_.nbytes)
 

@@ -2,9 +2,11 @@
 registered MLflow model version out; for ``forge predict``, a version loaded back.
 
 ``fit`` runs the trainer under the request's deadline inside an MLflow run (params,
-a metric point per epoch, the model's files), ``register`` makes it a new version of
-the model in MLflow's model registry, tagged with the request's id, and ``registered``
-finds that version again, so a redelivered request is answered without training twice.
+a metric point per epoch, the model as an MLflow model the run logged), ``register``
+makes that LoggedModel a new version of the model in MLflow's model registry, tagged
+with the request's id, and ``registered`` finds that version again, so a redelivered
+request is answered without training twice. ``load`` reads a version's Forge files
+straight out of its MLflow model, as it read versions registered before.
 
 The trainers (torch, scikit-learn: seconds to import) load on first use, not when a
 worker starts.
@@ -144,15 +146,21 @@ class TrainingService:
         try:
             model = self.train_model(request, data, trainer, params, warm_start, run.log_epoch)
             tags[TAG_PRIMARY_METRIC] = model.primary_metric
-            run.finish(model, {TAG_PRIMARY_METRIC: model.primary_metric})
+            run.finish(
+                model,
+                {TAG_PRIMARY_METRIC: model.primary_metric},
+                model_tags=tags,
+                embedding_model=embedding_model or None,
+            )
         except BaseException as exc:
             run.fail(exc)
             raise
         return Fitted(request, model, run, tags)
 
     def register(self, fitted: Fitted) -> Registered:
-        """Register the fitted model's files as a new version and apply the promotion
-        policy. Idempotent per request: a version the request already has is reused."""
+        """Register the fitted model's LoggedModel as a new version and apply the
+        promotion policy. Idempotent per request: a version the request already has is
+        reused."""
         request = fitted.request
         existing = self.versions.find_by_request(request.model, request.id)
         if existing is not None:  # a racing delivery got here first
@@ -162,7 +170,7 @@ class TrainingService:
         if len(params) <= _MAX_TAG_CHARS:
             tags[TAG_PARAMS] = params
         version = self.versions.register(
-            request.model, fitted.run.model_uri, fitted.run.run_id, tags
+            request.model, fitted.run.model_uri, fitted.run.run_id, tags, fitted.run.model_id
         )
         version = apply_policy(self.versions, version, request.promote)
         return self._registered(version)
@@ -220,7 +228,9 @@ class TrainingService:
         trainer = get_trainer(version.task)
         key = f"trained:{self.client.tracking_uri}:{model}:{version.version}"
         loaded = self.models.get_or_load(
-            key, lambda: trainer.load(self._download(version)), lambda m: m.size_bytes
+            key,
+            lambda: trainer.load(artifacts.model_files(self._download(version))),
+            lambda m: m.size_bytes,
         )
         return loaded, version
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -38,8 +37,6 @@ log = structlog.get_logger(__name__)
 MLFLOW_DIR = "mlflow"
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
-# The artifact folder of a run holding ``TrainedModel.save``'s files.
-MODEL_ARTIFACT_PATH = "model"
 EPOCH_FLUSH_INTERVAL_S = 5.0
 # MLflow caps a param value at 6000 characters; longer ones are cut, not rejected.
 _MAX_PARAM_CHARS = 6000
@@ -143,12 +140,25 @@ def kill_stale_runs(client: MlflowClient, model: str, request_id: str) -> int:
 
 class TrainingRun:
     """One MLflow run: parameters and tags up front, a metric point per epoch, then the
-    final metrics and the model's files, or a failure."""
+    final metrics and the model as an MLflow model (a LoggedModel of the run), or a
+    failure."""
 
-    def __init__(self, client: MlflowClient, run_id: str, artifact_uri: str) -> None:
+    def __init__(
+        self,
+        client: MlflowClient,
+        run_id: str,
+        artifact_uri: str,
+        experiment_id: str = "",
+        params: dict[str, str] | None = None,
+    ) -> None:
         self.client = client
         self.run_id = run_id
         self.artifact_uri = artifact_uri
+        self.experiment_id = experiment_id
+        self.params = params or {}
+        # Set by ``finish``: the LoggedModel holding the model, and where its files are.
+        self.model_id: str | None = None
+        self.model_uri = ""
         self._pending: list[Metric] = []
         self._flushed_s = time.monotonic()
 
@@ -158,16 +168,13 @@ class TrainingRun:
     ) -> TrainingRun:
         from mlflow.entities import Param
 
-        run = client.create_run(experiment_id(client, model), tags=tags)
+        experiment = experiment_id(client, model)
+        run = client.create_run(experiment, tags=tags)
         flat = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
         if flat:
             client.log_batch(run.info.run_id, params=flat)
-        return cls(client, run.info.run_id, str(run.info.artifact_uri))
-
-    @property
-    def model_uri(self) -> str:
-        """The artifact URI of the saved model, the source of its registered version."""
-        return f"{self.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT_PATH}"
+        logged = {p.key: p.value for p in flat}
+        return cls(client, run.info.run_id, str(run.info.artifact_uri), experiment, logged)
 
     def log_epoch(self, report: EpochReport) -> None:
         """Buffer the epoch's points and write them at most every few seconds: one
@@ -182,21 +189,42 @@ class TrainingRun:
         if time.monotonic() - self._flushed_s >= EPOCH_FLUSH_INTERVAL_S:
             self._flush()
 
-    def finish(self, model: TrainedModel, tags: dict[str, str]) -> None:
-        """Log the final metrics, ``tags`` and the model's files (its own format: no
-        pickles), once every epoch point is written."""
+    def finish(
+        self,
+        model: TrainedModel,
+        tags: dict[str, str],
+        *,
+        model_tags: dict[str, str] | None = None,
+        embedding_model: str | None = None,
+    ) -> None:
+        """Log the final metrics (on the run and its LoggedModel), ``tags`` and the
+        model as an MLflow model (``forge.training.mlflow_model``), once every epoch
+        point is written. ``embedding_model``: what made the training vectors, if a
+        model did; the MLflow model then embeds texts with it."""
         from mlflow.entities import Metric, RunTag
 
+        from forge.training import mlflow_model
+
         self._flush()
+        if not self.experiment_id:
+            self.experiment_id = str(self.client.get_run(self.run_id).info.experiment_id)
+        logged = mlflow_model.create_logged_model(
+            self.client,
+            self.experiment_id,
+            self.run_id,
+            model.task,
+            tags={**(model_tags or {}), **tags},
+            params=self.params,
+        )
         now_ms = int(time.time() * 1000)
-        finals = [Metric(k, float(v), now_ms, 0) for k, v in sorted(model.metrics.items())]
+        finals = [
+            Metric(k, float(v), now_ms, 0, model_id=logged.model_id)
+            for k, v in sorted(model.metrics.items())
+        ]
         run_tags = [RunTag(k, v) for k, v in sorted(tags.items())]
         self.client.log_batch(self.run_id, metrics=finals, tags=run_tags)
-        with tempfile.TemporaryDirectory(prefix="forge-model-") as tmp:
-            directory = Path(tmp) / MODEL_ARTIFACT_PATH
-            directory.mkdir()
-            model.save(directory)
-            self.client.log_artifacts(self.run_id, str(directory), MODEL_ARTIFACT_PATH)
+        mlflow_model.log_pyfunc(self.client, logged, self.run_id, model, embedding_model)
+        self.model_id, self.model_uri = logged.model_id, str(logged.artifact_location)
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, error: BaseException) -> None:

@@ -170,10 +170,27 @@ class ModelVersions:
 
     # ------------------------------------------------------------------ changes
 
-    def register(self, model: str, source: str, run_id: str, tags: dict[str, str]) -> VersionInfo:
-        """A new version of ``model`` (created on first use) from a run's artifacts."""
+    def register(
+        self,
+        model: str,
+        source: str,
+        run_id: str,
+        tags: dict[str, str],
+        model_id: str | None = None,
+    ) -> VersionInfo:
+        """A new version of ``model`` (created on first use) from ``source``, the
+        artifact location of LoggedModel ``model_id`` of run ``run_id``.
+
+        The source is that location, not ``models:/<model_id>``: a local SQL registry
+        resolves such a URI with a client of the process-wide tracking URI, which may
+        not be this client's. The LoggedModel lists the version, as
+        ``mlflow.register_model`` would have it."""
         self._ensure_model(model)
-        created = self.client.create_model_version(model, source, run_id=run_id, tags=tags)
+        created = self.client.create_model_version(
+            model, source, run_id=run_id, tags=tags, model_id=model_id
+        )
+        if model_id is not None:
+            self._link(model_id, model, created.version)
         return self._with_aliases(created)
 
     def set_alias(self, model: str, alias: str, version: int) -> None:
@@ -183,6 +200,17 @@ class ModelVersions:
         self.client.delete_registered_model_alias(model, alias)
 
     # ------------------------------------------------------------------ helpers
+
+    def _link(self, model_id: str, model: str, version: Any) -> None:
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+        listed = self.client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+        entries: list[Any] = list(msgspec.json.decode(listed)) if listed else []
+        entry = {"name": model, "version": version}
+        if entry not in entries:
+            entries.append(entry)
+        value = msgspec.json.encode(entries).decode()
+        self.client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: value})
 
     def _ensure_model(self, model: str) -> None:
         from mlflow.exceptions import MlflowException

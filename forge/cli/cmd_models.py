@@ -1,5 +1,5 @@
-"""``forge models`` (list, show, promote): the MLflow model registry from the command
-line (``forge predict`` is in ``cmd_predict``).
+"""``forge models`` (list, show, promote, upgrade): the MLflow model registry from the
+command line (``forge predict`` is in ``cmd_predict``).
 
 MLflow is reached at the worker's tracking URI (``MLFLOW_TRACKING_URI`` or the
 embedded SQLite store under ``FORGE_HOME``), so these commands see what workers trained.
@@ -60,6 +60,24 @@ def run_promote(args: argparse.Namespace, settings: Settings) -> int:
     with _model_versions(settings) as versions:
         version = promote(versions, args.model, args.version)
     print(f"{version.model} version {version.version} is now the {CHAMPION}")
+    return 0
+
+
+def run_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    """Make versions registered before Forge logged MLflow models loadable by MLflow."""
+    from forge.training.upgrade import upgrade
+
+    with _model_versions(settings) as versions:
+        done = upgrade(versions, settings, args.model, dry_run=args.dry_run)
+    rows = [
+        {"model": u.model, "version": u.version, "action": u.action, "detail": u.detail}
+        for u in done
+    ]
+    if args.json:
+        print_json(rows)
+        return 0
+    headers = ["model", "version", "action", "detail"]
+    print_table(headers, [[row[h] for h in headers] for row in rows])
     return 0
 
 

@@ -174,6 +174,13 @@ def _models(sub: Any) -> None:
     promote.add_argument("model")
     promote.add_argument("version", type=version_number)
     promote.set_defaults(run=Lazy("cmd_models", "run_promote"))
+    upgrade = models_sub.add_parser(
+        "upgrade", help="make versions registered before MLflow models loadable by MLflow"
+    )
+    upgrade.add_argument("model", nargs="?", help="one model (default: every Forge model)")
+    upgrade.add_argument("--dry-run", action="store_true", help="say what would change")
+    upgrade.add_argument("--json", action="store_true")
+    upgrade.set_defaults(run=Lazy("cmd_models", "run_upgrade"))
 
 
 def _predict(sub: Any) -> None:

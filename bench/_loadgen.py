@@ -62,7 +62,9 @@ def _wrk(
     Path(script.name).unlink()
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out
+    )
     failed = int(errors.group(1)) if errors else 0
     if socket_errors:
         failed += sum(int(g) for g in socket_errors.groups())

@@ -28,7 +28,7 @@ VECTOR_MODEL = "digits"
 TEXT_MODEL = "tickets"
 _TOPICS = {
     "billing": ["refund for order {}", "I was charged twice for invoice {}", "billing error on {}"],
-    "shipping": ["parcel {} has not arrived", "tracking for shipment {} is stuck", "late delivery {}"],
+    "shipping": ["parcel {} has not arrived", "shipment {} is stuck", "late delivery {}"],
     "login": ["cannot sign in to account {}", "password reset for user {} fails", "locked out {}"],
 }  # fmt: skip
 
@@ -126,7 +126,9 @@ def process(args: list[str], env: dict[str, str], ready_url: str, log_path: Path
                 proc.wait()
 
 
-def forge_serve(settings: Settings, port: int, folder: Path, workers: int = 1) -> AbstractContextManager[None]:
+def forge_serve(
+    settings: Settings, port: int, folder: Path, workers: int = 1
+) -> AbstractContextManager[None]:
     args = [sys.executable, "-m", "forge", "serve", "--port", str(port), "--workers", str(workers)]
     return process(args, forge_env(settings), f"http://127.0.0.1:{port}/health",
                    folder / f"serve-{port}.log")  # fmt: skip

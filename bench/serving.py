@@ -40,9 +40,9 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import MODEL, log  # noqa: E402
-from bench._loadgen import Load, run_load  # noqa: E402
-from bench._serving_setup import (  # noqa: E402
+from bench._common import MODEL, log
+from bench._loadgen import Load, run_load
+from bench._serving_setup import (
     TEXT_MODEL,
     VECTOR_MODEL,
     digits_rows,
@@ -53,8 +53,8 @@ from bench._serving_setup import (  # noqa: E402
     ticket_texts,
     train_models,
 )
-from forge.keys import Keys  # noqa: E402
-from forge.settings import Settings  # noqa: E402
+from forge.keys import Keys
+from forge.settings import Settings
 
 
 def main() -> int:
@@ -85,8 +85,9 @@ def http_comparison(settings: Settings, folder: Path, args: argparse.Namespace) 
     vectors, _ = digits_rows()
     forge_port, mlflow_port = free_port(), free_port()
     rows: list[list[str]] = []
-    with forge_serve(settings, forge_port, folder), mlflow_serve(
-        settings, VECTOR_MODEL, mlflow_port, folder
+    with (
+        forge_serve(settings, forge_port, folder),
+        mlflow_serve(settings, VECTOR_MODEL, mlflow_port, folder),
     ):
         for n in (1, 32):
             batch = vectors[:n].tolist()
@@ -98,7 +99,8 @@ def http_comparison(settings: Settings, folder: Path, args: argparse.Namespace) 
                 run_load(url, body, connections=args.connections, duration_s=2, headers=_json())
             forge = _load(forge_url, forge_body, args)
             mlflow = _load(mlflow_url, mlflow_body, args)
-            rows += [_http_row("forge serve", n, forge), _http_row("mlflow models serve", n, mlflow)]
+            rows.append(_http_row("forge serve", n, forge))
+            rows.append(_http_row("mlflow models serve", n, mlflow))
             rows.append([f"ratio ({n}-row)", f"{forge.rps / mlflow.rps:.2f}x req/s", "", "", ""])
     return rows
 
@@ -208,8 +210,8 @@ def _raw_loop_rows_s(settings: Settings, client: redis.Redis, vectors: np.ndarra
             answers = model.predict(x)
             pipe = client.pipeline(transaction=True)
             for event, answer in zip(events, answers, strict=True):
-                pipe.xadd(out, {"event": msgspec.json.encode(
-                    {"id": event["id"], "label": answer.label, "score": answer.score})})  # fmt: skip
+                answer_event = {"id": event["id"], "label": answer.label, "score": answer.score}
+                pipe.xadd(out, {"event": msgspec.json.encode(answer_event)})
             pipe.xack(stream, "raw", *[entry_id for entry_id, _ in batch])
             pipe.execute()
             done += len(batch)

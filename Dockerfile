@@ -93,14 +93,20 @@ ENV PATH=/opt/venv/bin:$PATH \
     FORGE_LOG_DIR=/var/log/datapunk/forge \
     FORGE_HTTP_HOST=0.0.0.0 \
     FORGE_HTTP_PORT=8080 \
+    FORGE_SERVE_HOST=0.0.0.0 \
+    FORGE_SERVE_PORT=8000 \
     FORGE_LOG_FORMAT=json
 VOLUME ["/models", "/cache", "/var/log/datapunk/forge"]
 USER ${FORGE_UID}:${FORGE_UID}
 WORKDIR /home/forge
-EXPOSE 8080
-# Reads FORGE_HTTP_PORT at probe time, so a changed port is still probed. Models load
+# 8080: a worker's /health and /metrics. 8000: the HTTP API of `forge serve`, which
+# listens beyond loopback here and so refuses to start without FORGE_API_TOKEN.
+EXPOSE 8080 8000
+# A worker answers /health on FORGE_HTTP_PORT, `forge serve` on FORGE_SERVE_PORT, and
+# nothing listens on the other one (refused at once), so one check fits both commands.
+# The ports are read at probe time, so a changed port is still probed. Models load
 # before the endpoint is up, hence the long start period.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["sh", "-c", "curl -fsS --max-time 4 \"http://127.0.0.1:${FORGE_HTTP_PORT}/health\" >/dev/null || exit 1"]
+  CMD ["sh", "-c", "curl -fsS --max-time 4 \"http://127.0.0.1:${FORGE_HTTP_PORT}/health\" >/dev/null || curl -fsS --max-time 4 \"http://127.0.0.1:${FORGE_SERVE_PORT}/health\" >/dev/null || exit 1"]
 ENTRYPOINT ["forge"]
 CMD ["worker"]

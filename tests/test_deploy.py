@@ -9,6 +9,7 @@ fails here rather than in a deployment.
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import re
@@ -75,12 +76,54 @@ def _assert_forge_env(env: dict[str, Any], where: str) -> None:
     assert not unknown, f"{where} sets variables Forge does not read: {sorted(unknown)}"
 
 
-def _worker_stream(argv: list[str]) -> str:
-    """The single input stream a ``forge worker`` command line consumes (full name)."""
+def _worker_streams(argv: list[str]) -> list[str]:
+    """The input streams a ``forge worker`` command line consumes, as given."""
     args = build_parser().parse_args(argv)
     assert args.command == "worker", argv
-    assert len(args.stream) == 1, f"one stream per worker kind: {argv}"
-    return args.stream[0]
+    streams: list[str] = args.stream
+    # Without --stream a worker reads every input stream: a deployment says which.
+    assert streams, f"a worker kind names its streams: {argv}"
+    assert len(set(streams)) == len(streams), f"a stream given twice: {argv}"
+    return streams
+
+
+def _serve_options(argv: list[str]) -> argparse.Namespace:
+    """The parsed options of a ``forge serve`` command line."""
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if "serve" not in commands.choices:
+        # Until the CLI has `forge serve`: its documented options. The real parser takes
+        # over as soon as it is registered.
+        parser = argparse.ArgumentParser(prog="forge")
+        serve = parser.add_subparsers(dest="command", required=True).add_parser("serve")
+        serve.add_argument("--host")
+        serve.add_argument("--port", type=int)
+        serve.add_argument("--workers", type=int)
+    args = parser.parse_args(argv)
+    assert args.command == "serve", argv
+    return args
+
+
+def _serve_address(argv: list[str], settings: Settings) -> tuple[str, int]:
+    """Where ``forge serve`` listens: its --host and --port, else FORGE_SERVE_HOST/PORT.
+
+    A --port must agree with FORGE_SERVE_PORT (or its default): the image's HEALTHCHECK
+    probes FORGE_SERVE_PORT.
+    """
+    args = _serve_options(argv)
+    host = getattr(args, "host", None) or settings.serve_host
+    port = getattr(args, "port", None)
+    assert port in (None, settings.serve_port), (
+        f"{argv}: --port {port} but FORGE_SERVE_PORT is {settings.serve_port}"
+    )
+    return host, settings.serve_port
+
+
+def _command(argv: list[str]) -> str:
+    """The forge command (``worker``, ``serve``) of a container's command line."""
+    command = argv[0]
+    assert command in ("worker", "serve"), f"not a long-running Forge command: {argv}"
+    return command
 
 
 def _seconds(duration: str | int) -> float:
@@ -216,10 +259,14 @@ def test_runtime_image_contract() -> None:
 
     env = dict(shlex.split(part)[0].split("=", 1) for part in _env_pairs(by_kind["ENV"]))
     _assert_forge_env(env, "the runtime image")
+    assert "FORGE_API_TOKEN" not in env, "a token baked into the image is everyone's"
     settings = _settings_from({k: v for k, v in env.items() if k in ENV_VARS})
     assert settings.http_host == "0.0.0.0"
+    # Beyond loopback, so `forge serve` in a container refuses to start without a token.
+    assert settings.serve_host == "0.0.0.0"
 
-    assert by_kind["EXPOSE"] == [str(settings.http_port)]
+    exposed = [int(p) for line in by_kind["EXPOSE"] for p in line.split()]
+    assert sorted(exposed) == sorted({settings.http_port, settings.serve_port})
     assert json.loads(by_kind["VOLUME"][0]) == [
         str(settings.models_path),
         str(settings.cache_path),
@@ -232,9 +279,10 @@ def test_runtime_image_contract() -> None:
     user = by_kind["USER"][-1].replace("${FORGE_UID}", str(FORGE_UID)).split(":")[0]
     assert user.isdigit(), "numeric user, so Kubernetes can check runAsNonRoot"
     assert int(user) != 0
-    healthcheck = by_kind["HEALTHCHECK"][0]
-    assert "/health" in healthcheck
-    assert "FORGE_HTTP_PORT" in healthcheck
+    # One check for either command: a worker's port, else the API's.
+    (healthcheck,) = by_kind["HEALTHCHECK"]
+    for port_var in ("FORGE_HTTP_PORT", "FORGE_SERVE_PORT"):
+        assert f"http://127.0.0.1:${{{port_var}}}/health" in healthcheck, port_var
 
 
 def _env_pairs(env_lines: list[str]) -> Iterator[str]:
@@ -306,6 +354,29 @@ def _forge_services() -> dict[str, dict[str, Any]]:
     }
 
 
+def _services_running(command: str) -> dict[str, dict[str, Any]]:
+    """Forge services whose command is ``forge <command>``."""
+    return {n: s for n, s in _forge_services().items() if _command(s["command"]) == command}
+
+
+def _interpolate(value: str, environ: dict[str, str]) -> str:
+    """Compose's variable interpolation: ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``,
+    ``${VAR:?error}``, ``${VAR?error}`` and ``$$``, as ``docker compose`` does it."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group("name"), match.group("op") or "", match.group("arg") or ""
+        present = name in environ and (environ[name] != "" or ":" not in op)
+        if present:
+            return environ[name]
+        if op.endswith("?"):
+            raise AssertionError(f"${{{name}}} is required: {arg}")
+        return arg
+
+    return re.sub(r"\$\$|\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}", substitute, value)
+
+
 def _compose_schema() -> dict[str, Any]:
     ref = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
     schema: dict[str, Any] = json.loads(ref.read_text())
@@ -340,29 +411,99 @@ def test_compose_bind_mounts_exist() -> None:
             assert (ROOT / context / "Dockerfile").exists(), f"{name}: no Dockerfile"
 
 
+def _container_ports(svc: dict[str, Any]) -> set[int]:
+    return {int(str(p).rsplit(":", 1)[-1]) for p in svc["ports"]}
+
+
 def test_forge_services_agree_with_the_code() -> None:
     services = _forge_services()
+    workers = _services_running("worker")
+    assert set(workers) | set(_services_running("serve")) == set(services)
     keys = Keys()
-    streams = {}
-    for name, svc in services.items():
+    streams: dict[str, list[str]] = {}
+    for name, svc in workers.items():
         env = svc["environment"]
         _assert_forge_env(env, f"compose service {name}")
         settings = _settings_from(env)
         assert settings.http_host == "0.0.0.0", f"{name} must listen beyond loopback"
-        streams[name] = keys.resolve(_worker_stream(svc["command"]))
-        container_ports = {int(str(p).rsplit(":", 1)[-1]) for p in svc["ports"]}
-        assert container_ports == {settings.http_port}, name
+        streams[name] = [keys.resolve(s) for s in _worker_streams(svc["command"])]
+        assert _container_ports(svc) == {settings.http_port}, name
         assert _seconds(svc["stop_grace_period"]) > settings.drain_timeout_s, (
             f"{name}: stop_grace_period must exceed the drain timeout"
         )
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert sorted(streams.values()) == sorted(keys.input_streams)
+    # Every input stream has exactly one pool of workers.
+    assert sorted(s for each in streams.values() for s in each) == sorted(keys.input_streams)
 
-    trainer = services[next(n for n, s in streams.items() if s == keys.training_requests)]
+    def reading(stream: str) -> dict[str, Any]:
+        return workers[next(n for n, s in streams.items() if stream in s)]
+
+    trainer = reading(keys.training_requests)
     resources_ = trainer["deploy"]["resources"]
     assert resources_["limits"] == {"cpus": "4", "memory": "16G"}
     assert resources_["reservations"] == {"cpus": "2", "memory": "8G"}
     assert trainer["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    # Predictions load their models from the registry.
+    predictor = reading(keys.predict_requests)
+    assert predictor["depends_on"]["mlflow"]["condition"] == "service_healthy"
+
+
+def test_serve_service_agrees_with_the_code() -> None:
+    (name, svc), *others = _services_running("serve").items()
+    assert not others, "one API service: Prometheus and the host port name it"
+    env = svc["environment"]
+    _assert_forge_env(env, f"compose service {name}")
+    settings = _settings_from(env)
+    host, port = _serve_address(svc["command"], settings)
+    # Prometheus scrapes it from another container, so it binds beyond loopback, where
+    # forge serve refuses to start without a token.
+    assert host == "0.0.0.0", f"{name} must listen beyond loopback"
+    assert settings.api_token, f"{name} binds {host}: it needs FORGE_API_TOKEN"
+    assert _container_ports(svc) == {port}, name
+    assert _seconds(svc["stop_grace_period"]) > settings.drain_timeout_s, name
+    for needed in ("redis", "mlflow"):
+        assert svc["depends_on"][needed]["condition"] == "service_healthy", needed
+
+    # The image's HEALTHCHECK would probe FORGE_SERVE_PORT too; the service states the
+    # API's own port, which must be the one it listens on.
+    test = svc["healthcheck"]["test"]
+    assert test[0] == "CMD", "exec form: no shell to interpolate in"
+    (url,) = [urlsplit(a) for a in test if a.startswith("http")]
+    assert (url.hostname, url.port, url.path) == ("127.0.0.1", port, "/health")
+    assert _seconds(svc["healthcheck"]["timeout"]) > float(test[test.index("--max-time") + 1])
+
+
+def test_api_token_comes_from_the_environment() -> None:
+    # Never a literal in the file: ${FORGE_API_TOKEN}, with a development default at most.
+    (svc,) = _services_running("serve").values()
+    token = svc["environment"]["FORGE_API_TOKEN"]
+    assert re.fullmatch(r"\$\{FORGE_API_TOKEN(:-[^}]+|:\?[^}]*)?\}", token), token
+    assert _interpolate(token, {"FORGE_API_TOKEN": "s3cret"}) == "s3cret"
+    if ":-" in token:
+        default = _interpolate(token, {})
+        assert default, "an empty default token would not start"
+        header = (ROOT / "compose.yaml").read_text().split("\nname:")[0]
+        assert f'"{default}"' in header, "the header names the development default"
+    # No other service gets it: only the API checks it.
+    for name, other in _forge_services().items():
+        if other is not svc:
+            assert "FORGE_API_TOKEN" not in other["environment"], name
+
+    # Prometheus sends the same token: a compose config interpolated from the same
+    # expression, mounted where the forge-serve job reads it.
+    prometheus = _compose()["services"]["prometheus"]
+    credentials = _serve_job()["authorization"]["credentials_file"]
+    (mount,) = [c for c in prometheus["configs"] if c["target"] == credentials]
+    content = _compose()["configs"][mount["source"]]["content"]
+    for environ in ({}, {"FORGE_API_TOKEN": "s3cret"}):
+        assert _interpolate(content, environ) == _interpolate(token, environ), environ
+
+
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    # The header promises it: the credentials in compose.yaml are development defaults.
+    for name, svc in _compose()["services"].items():
+        for mapping in svc.get("ports", []):
+            assert str(mapping).startswith("127.0.0.1:"), f"{name}: {mapping}"
 
 
 def test_forge_urls_point_at_the_compose_services() -> None:
@@ -441,33 +582,75 @@ def _prometheus() -> dict[str, Any]:
     return data
 
 
+def _job(name: str) -> dict[str, Any]:
+    job: dict[str, Any]
+    (job,) = [j for j in _prometheus()["scrape_configs"] if j["job_name"] == name]
+    return job
+
+
 def _forge_job() -> dict[str, Any]:
-    jobs = [j for j in _prometheus()["scrape_configs"] if j["job_name"] == "forge"]
-    assert len(jobs) == 1
-    return jobs[0]
+    """The workers' job."""
+    return _job("forge")
+
+
+def _serve_job() -> dict[str, Any]:
+    """forge serve's job: its own, because only it sends the API token."""
+    return _job("forge-serve")
 
 
 def _target_labels() -> set[str]:
     labels = {"job", "instance"}
-    for static in _forge_job()["static_configs"]:
-        labels |= set(static.get("labels", {}))
+    for job in (_forge_job(), _serve_job()):
+        for static in job["static_configs"]:
+            labels |= set(static.get("labels", {}))
     return labels
+
+
+def _targets(job: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """{host:port: static labels} of a job."""
+    return {t: s.get("labels", {}) for s in job["static_configs"] for t in s["targets"]}
 
 
 def test_prometheus_scrapes_every_worker_on_its_port() -> None:
     job = _forge_job()
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    targets = {t for static in job["static_configs"] for t in static["targets"]}
+    assert "authorization" not in job, "the API token goes to the API alone"
+    targets = _targets(job)
     expected = {
-        f"{name}:{_settings_from(svc['environment']).http_port}"
-        for name, svc in _forge_services().items()
+        f"{name}:{_settings_from(svc['environment']).http_port}": name
+        for name, svc in _services_running("worker").items()
     }
-    assert targets == expected
+    assert set(targets) == set(expected)
+    # The dashboard's `role`, named after the compose service (and the Kubernetes
+    # component, which service.yaml says to relabel to it).
+    assert {t: labels["role"] for t, labels in targets.items()} == expected
+
+    serve_job = _serve_job()
+    assert serve_job.get("metrics_path", "/metrics") == "/metrics"
+    expected = {
+        f"{name}:{_serve_address(svc['command'], _settings_from(svc['environment']))[1]}": name
+        for name, svc in _services_running("serve").items()
+    }
+    assert {t: labels["role"] for t, labels in _targets(serve_job).items()} == expected
+    authorization = serve_job["authorization"]
+    assert authorization.get("type", "Bearer") == "Bearer"
+    assert set(authorization) <= {"type", "credentials_file"}, "no token in this file"
+    assert serve_job.get("scrape_timeout", "10s") == job.get("scrape_timeout", "10s")
+
+    roles = {labels["role"] for j in (job, serve_job) for labels in _targets(j).values()}
+    components = {
+        d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        for d in _of_kind("Deployment")
+    }
+    assert roles == components, "compose roles and Kubernetes components differ"
+
     prometheus = _compose()["services"]["prometheus"]
     config = next(
         a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file=")
     )
     assert f"./deploy/prometheus/prometheus.yml:{config}:ro" in prometheus["volumes"]
+    # Started with the stack: a target that never came up must show as down.
+    assert set(_forge_services()) <= set(prometheus["depends_on"])
 
 
 def test_prometheus_target_labels_do_not_clash_with_forge_labels(
@@ -619,11 +802,11 @@ def _queries() -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
 
 
 def test_dashboard_queries_use_only_what_forge_exports(exported: dict[str, set[str]]) -> None:
-    synthetic = {"up": set()}  # made by Prometheus for every target
+    synthetic: dict[str, set[str]] = {"up": set()}  # made by Prometheus for every target
     known = exported | synthetic
     target_labels = _target_labels()
     keys = Keys()
-    allowed_values = {
+    allowed_values: dict[str, set[str]] = {
         "stream": {keys.short(s) for s in keys.input_streams},
         "group": {keys.group},
         "outcome": set(OUTCOMES),
@@ -719,6 +902,7 @@ def _secret_data(name: str) -> dict[str, str]:
 
 
 def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return container
 
@@ -761,6 +945,60 @@ def test_kubernetes_schema_check_is_strict() -> None:
         kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
 
 
+def _deployments(command: str) -> list[dict[str, Any]]:
+    """Deployments whose container runs ``forge <command>``."""
+    return [d for d in _of_kind("Deployment") if _command(_container(d)["args"]) == command]
+
+
+def _pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def _assert_pod_basics(deployment: dict[str, Any], settings: Settings, port_name: str) -> None:
+    """What every Forge pod needs: probes on /health, a grace period that covers the
+    drain, a non-root user, and writable folders under a read-only root."""
+    name = deployment["metadata"]["name"]
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container(deployment)
+    assert _pod_labels(deployment).get("forge/command") == _command(container["args"]), name
+    (port,) = container["ports"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/health", f"{name} {probe}"
+        assert get["port"] in (port_name, port["containerPort"]), f"{name} {probe}"
+    # A preStop hook runs before SIGTERM, inside the grace period.
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    pause = 0
+    if pre_stop:
+        command, seconds = pre_stop["exec"]["command"]
+        assert command == "sleep", f"{name}: preStop {pre_stop}"
+        pause = int(seconds)
+    assert pod["terminationGracePeriodSeconds"] > pause + settings.drain_timeout_s, name
+
+    security = pod["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == FORGE_UID
+    assert pod.get("automountServiceAccountToken") is False, f"{name}: no Kubernetes API use"
+    if container["securityContext"].get("readOnlyRootFilesystem"):
+        mounts = [Path(m["mountPath"]) for m in container["volumeMounts"]]
+        for needed in (
+            settings.home_dir,
+            settings.models_path,
+            settings.cache_path,
+            settings.logs_path,
+            Path("/tmp"),
+        ):
+            assert any(needed == m or m in needed.parents for m in mounts), (
+                f"{name}: {needed} is not writable"
+            )
+
+
+def test_every_deployment_runs_a_forge_command() -> None:
+    deployments = _of_kind("Deployment")
+    assert len(_deployments("worker")) + len(_deployments("serve")) == len(deployments)
+
+
 def test_worker_deployments_agree_with_the_code() -> None:
     config = _named("ConfigMap", "forge-config")["data"]
     assert "FORGE_DRAIN_TIMEOUT_S" in config, "state the drain timeout the grace period covers"
@@ -769,50 +1007,74 @@ def test_worker_deployments_agree_with_the_code() -> None:
     assert not {"REDIS_URL", "POSTGRES_URL", "MLFLOW_TRACKING_URI"} & set(config)
 
     streams = []
-    for deployment in _of_kind("Deployment"):
+    for deployment in _deployments("worker"):
         name = deployment["metadata"]["name"]
-        pod = deployment["spec"]["template"]["spec"]
         container = _container(deployment)
         env = _pod_env(deployment)
         _assert_forge_env(env, name)
+        assert "FORGE_API_TOKEN" not in env, f"{name}: only forge serve needs the API token"
         settings = _settings_from(env)
         keys = Keys.from_settings(settings)
-        streams.append(keys.resolve(_worker_stream(container["args"])))
+        streams += [keys.resolve(s) for s in _worker_streams(container["args"])]
 
         assert "replicas" not in deployment["spec"], f"{name}: KEDA owns the replica count"
         assert settings.http_host == "0.0.0.0"
         (port,) = container["ports"]
         assert port == {"name": "http", "containerPort": settings.http_port}
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            get = container[probe]["httpGet"]
-            assert get["path"] == "/health"
-            assert get["port"] in ("http", settings.http_port)
-        assert pod["terminationGracePeriodSeconds"] > settings.drain_timeout_s, name
-
-        security = pod["securityContext"]
-        assert security["runAsNonRoot"] is True
-        assert security["runAsUser"] == FORGE_UID
-        if container["securityContext"].get("readOnlyRootFilesystem"):
-            mounts = [Path(m["mountPath"]) for m in container["volumeMounts"]]
-            for needed in (
-                settings.home_dir,
-                settings.models_path,
-                settings.cache_path,
-                settings.logs_path,
-                Path("/tmp"),
-            ):
-                assert any(needed == m or m in needed.parents for m in mounts), (
-                    f"{name}: {needed} is not writable"
-                )
+        _assert_pod_basics(deployment, settings, "http")
+    # Every input stream has exactly one kind of worker.
     assert sorted(streams) == sorted(Keys().input_streams)
+
+
+def test_serve_deployment_agrees_with_the_code() -> None:
+    (deployment,) = _deployments("serve")
+    name = deployment["metadata"]["name"]
+    spec = deployment["spec"]
+    container = _container(deployment)
+    env = _pod_env(deployment)
+    _assert_forge_env(env, name)
+    settings = _settings_from(env)
+    host, port = _serve_address(container["args"], settings)
+
+    # Probes and the Service reach it on the pod IP, so it binds beyond loopback, where
+    # forge serve refuses to start without a token: the token comes from a Secret.
+    assert host == "0.0.0.0"
+    assert settings.api_token, f"{name} binds {host}: it needs FORGE_API_TOKEN"
+    config = _named("ConfigMap", "forge-config")["data"]
+    assert "FORGE_API_TOKEN" not in config, "a token belongs in a Secret"
+    secret_refs = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+    assert any("FORGE_API_TOKEN" in _secret_data(ref) for ref in secret_refs)
+
+    assert container["ports"] == [{"name": "api", "containerPort": port}]
+    _assert_pod_basics(deployment, settings, "api")
+
+    # No autoscaler owns it (keda.yaml scales stream workers): at least two replicas,
+    # and a rollout never takes one away before its successor is ready.
+    assert spec["replicas"] >= 2, f"{name}: one replica is an outage on every restart"
+    rolling = spec["strategy"]["rollingUpdate"]
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert rolling["maxUnavailable"] == 0
+    readiness = container["readinessProbe"]
+    assert readiness["periodSeconds"] * readiness["failureThreshold"] <= 30, (
+        "a failing replica leaves the Service quickly"
+    )
+
+
+def test_api_token_is_a_secret_of_its_own() -> None:
+    # The workers take all of forge-secrets: the token must not be among it.
+    assert "FORGE_API_TOKEN" not in _secret_data("forge-secrets")
+    (deployment,) = _deployments("serve")
+    for source in _container(deployment)["envFrom"]:
+        if "secretRef" in source:
+            _assert_forge_env(_secret_data(source["secretRef"]["name"]), "an env Secret")
 
 
 def _deployment_for(stream: str) -> dict[str, Any]:
     keys = Keys()
     (deployment,) = [
         d
-        for d in _of_kind("Deployment")
-        if keys.resolve(_worker_stream(_container(d)["args"])) == keys.resolve(stream)
+        for d in _deployments("worker")
+        if keys.resolve(stream) in [keys.resolve(s) for s in _worker_streams(_container(d)["args"])]
     ]
     return deployment
 
@@ -827,8 +1089,12 @@ def test_trainer_runs_on_a_gpu_node() -> None:
     assert (limits["cpu"], limits["memory"]) == ("4", "16Gi")
     requests = _container(trainer)["resources"]["requests"]
     assert (requests["cpu"], requests["memory"]) == ("2", "8Gi")
-    embedder = _deployment_for("new-data")
-    assert "nvidia.com/gpu" not in _container(embedder)["resources"].get("limits", {})
+    for deployment in [_deployment_for("new-data"), _deployment_for("predict-requests")]:
+        name = deployment["metadata"]["name"]
+        limits = _container(deployment)["resources"].get("limits", {})
+        assert "nvidia.com/gpu" not in limits, f"{name}: CPU only"
+    (serve,) = _deployments("serve")
+    assert "nvidia.com/gpu" not in _container(serve)["resources"].get("limits", {})
 
 
 def _selects(selector: dict[str, str], deployment: dict[str, Any]) -> bool:
@@ -836,15 +1102,57 @@ def _selects(selector: dict[str, str], deployment: dict[str, Any]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
 
+def _targets_port(port: dict[str, Any], deployment: dict[str, Any]) -> bool:
+    (container_port,) = _container(deployment)["ports"]
+    return port["targetPort"] in (container_port["name"], container_port["containerPort"])
+
+
 def test_metrics_service_and_disruption_budgets_cover_every_worker() -> None:
-    (service,) = _of_kind("Service")
+    service = _named("Service", "forge-metrics")
+    assert service["spec"]["clusterIP"] == "None", "each worker is scraped on its own"
     (port,) = service["spec"]["ports"]
+    for deployment in _deployments("worker"):
+        assert _selects(service["spec"]["selector"], deployment)
+        assert _targets_port(port, deployment)
+        assert service["metadata"]["annotations"]["prometheus.io/port"] == str(
+            _container(deployment)["ports"][0]["containerPort"]
+        )
+    # forge serve's /metrics is on its API port, behind the token.
+    for deployment in _deployments("serve"):
+        assert not _selects(service["spec"]["selector"], deployment)
+    assert service["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+
+    # Exactly one budget per Deployment, taking at most one pod at a time.
     budgets = _of_kind("PodDisruptionBudget")
     for deployment in _of_kind("Deployment"):
-        assert _selects(service["spec"]["selector"], deployment)
-        assert port["targetPort"] in ("http", _container(deployment)["ports"][0]["containerPort"])
-        assert any(_selects(b["spec"]["selector"]["matchLabels"], deployment) for b in budgets)
-    assert service["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+        covering = [
+            b for b in budgets if _selects(b["spec"]["selector"]["matchLabels"], deployment)
+        ]
+        assert len(covering) == 1, deployment["metadata"]["name"]
+        assert covering[0]["spec"] == {
+            "maxUnavailable": 1,
+            "selector": covering[0]["spec"]["selector"],
+        }
+
+
+def test_serve_service_reaches_the_api() -> None:
+    (deployment,) = _deployments("serve")
+    container = _container(deployment)
+    _, api_port = _serve_address(container["args"], _settings_from(_pod_env(deployment)))
+    services = [
+        s for s in _of_kind("Service") if _selects(s["spec"].get("selector", {}), deployment)
+    ]
+    (service,) = services
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert service["spec"].get("clusterIP") != "None", "load-balanced over the replicas"
+    (port,) = service["spec"]["ports"]
+    assert _targets_port(port, deployment)
+    assert port["port"] == api_port, "clients use the port forge serve documents"
+    # Only serve pods behind it: a worker answers no API.
+    for worker in _deployments("worker"):
+        assert not _selects(service["spec"]["selector"], worker)
+    # Annotation-driven scrape jobs send no bearer token.
+    assert "prometheus.io/scrape" not in service["metadata"].get("annotations", {})
 
 
 # Trigger metadata the KEDA redis-streams scaler understands (keda.sh/docs, scalers).
@@ -890,35 +1198,45 @@ def test_keda_scales_each_worker_on_its_stream() -> None:
     scaled = _of_kind("ScaledObject")
     assert all(s["apiVersion"] == "keda.sh/v1alpha1" for s in scaled)
 
-    for deployment in _of_kind("Deployment"):
+    workers = {d["metadata"]["name"] for d in _deployments("worker")}
+    assert {s["spec"]["scaleTargetRef"]["name"] for s in scaled} == workers, (
+        "one ScaledObject per worker Deployment, none for forge serve (fixed replicas)"
+    )
+    for deployment in _deployments("worker"):
         name = deployment["metadata"]["name"]
-        stream = keys.resolve(_worker_stream(_container(deployment)["args"]))
+        streams = [keys.resolve(s) for s in _worker_streams(_container(deployment)["args"])]
         (obj,) = [s for s in scaled if s["spec"]["scaleTargetRef"]["name"] == name]
         spec = obj["spec"]
         assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
         assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-        modes = set()
+        modes: dict[str, set[str]] = {stream: set() for stream in streams}
+        names = [trigger["name"] for trigger in spec["triggers"]]
+        assert len(set(names)) == len(names), f"{name}: trigger names repeat"
         for trigger in spec["triggers"]:
             meta = trigger["metadata"]
             assert trigger["type"] == "redis-streams"
             assert set(meta) <= _KEDA_REDIS_STREAMS_FIELDS, set(meta) - _KEDA_REDIS_STREAMS_FIELDS
             assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata is strings"
-            assert meta["stream"] == stream
+            assert meta["stream"] in streams, f"{name} does not read {meta['stream']}"
             assert meta["consumerGroup"] == keys.group
             counts = {"lagCount", "pendingEntriesCount", "streamLength"} & set(meta)
             assert len(counts) == 1, "one measure per trigger; KEDA would use only one"
             assert int(meta[next(iter(counts))]) > 0
             if "lagCount" in meta:
                 int(meta["activationLagCount"])  # required alongside lagCount
-            modes |= counts
+            modes[meta["stream"]] |= counts
             auth = auths[trigger["authenticationRef"]["name"]]
             for ref in auth["spec"]["secretTargetRef"]:
                 assert ref["parameter"] in _KEDA_AUTH_PARAMETERS
                 assert ref["key"] in _secret_data(ref["name"])
         # Only lag can wake a kind at zero; pending keeps one alive to reclaim leftovers.
-        assert {"lagCount", "pendingEntriesCount"} <= modes, name
-        if stream == keys.training_requests:
+        # Per stream: a stream without a lag trigger would wait for another one's lag.
+        for stream, found in modes.items():
+            assert {"lagCount", "pendingEntriesCount"} <= found, f"{name}: {stream}"
+        if keys.training_requests in streams:
             assert spec["minReplicaCount"] >= 1, "keep a warm trainer (see keda.yaml)"
+        if keys.predict_requests in streams:
+            assert spec["minReplicaCount"] >= 1, "a waiting caller must not meet a cold start"
 
 
 def test_keda_reaches_the_redis_forge_uses() -> None:

@@ -19,6 +19,7 @@ from forge.events import (
     DeadLetter,
     Event,
     ModelVersion,
+    Prediction,
     TrainingProgress,
     event_type_name,
 )
@@ -31,6 +32,7 @@ OUTPUT_STREAM_EVENTS: dict[str, type[Event]] = {
     "model-versions": ModelVersion,
     "dead-letter": DeadLetter,
     "training-progress": TrainingProgress,
+    "predictions": Prediction,
 }
 
 _DESCRIPTION = """\
@@ -52,6 +54,12 @@ _CHANNEL_DESCRIPTIONS = {
     "model-versions": "Each newly registered model version.",
     "dead-letter": "Input entries Forge gave up on; replay them with `forge dlq replay`.",
     "training-progress": "Live training curve points (one per epoch) for dashboards.",
+    "predict-requests": "Inputs to label with a registered model; each request is answered "
+    "by one prediction.",
+    "feedback": "The true label of a row of an earlier prediction, joined to what every "
+    "variant answered.",
+    "predictions": "One prediction for every predict-request, from the version and variant "
+    "it was routed to.",
 }
 
 

@@ -7,12 +7,13 @@ it with the worker's ``HandlerRegistry`` and context.
 
 from __future__ import annotations
 
+from consumers.feedback import FeedbackHandler
 from consumers.new_data import NewDataHandler
 from consumers.once import Once
 from consumers.retrain import RetrainOnNewData
 from consumers.training import TrainingHandler, progress_publisher
 from forge.embedding.service import EmbeddingService
-from forge.events import NewData, TrainingRequest
+from forge.events import Feedback, NewData, TrainingRequest
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.retry import Retrier
@@ -32,7 +33,8 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
         )
     )
     new_data = NewDataHandler(ctx.settings, store, embedding)
-    retraining = RetrainOnNewData(new_data, ctx.keys, Once(lambda: training().versions))
+    versions = Once(lambda: training().versions)
+    retraining = RetrainOnNewData(new_data, ctx.keys, versions)
     # Several model batches per read, so writing one overlaps embedding the next.
     reads = ctx.settings.embed_read_size
     handlers.register(
@@ -44,6 +46,9 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
         "training-requests", TrainingRequest, trainer, name="train", max_batch_size=1
     )
     handlers.register(spec)
+    # MLflow only once a model under `promote: on-significance` gets feedback.
+    feedback = FeedbackHandler(ctx, versions)
+    handlers.register(HandlerSpec("feedback", Feedback, feedback, name="feedback"))
 
 
 def open_store(ctx: Context) -> VectorStore:

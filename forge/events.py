@@ -228,7 +228,7 @@ class Completion(Event, tag="completion"):
 
 
 class ModelVersion(Event, tag="model-version"):
-    """A newly registered model version."""
+    """A newly registered model version, or one promoted later (``reason`` says why)."""
 
     model: str
     model_version: int
@@ -237,6 +237,11 @@ class ModelVersion(Event, tag="model-version"):
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
     aliases: list[str] = msgspec.field(default_factory=list)
     artifact_uri: str = ""
+    # Empty for a registration; "won online comparison" when ``promote: on-significance``
+    # made the version champion, with ``evidence``: the test, its bound, z, and each
+    # side's feedback, correct answers and accuracy.
+    reason: str = ""
+    evidence: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class TrainingProgress(Event, tag="training-progress"):

@@ -15,7 +15,7 @@ from forge.runtime.context import Context
 from forge.settings import Settings
 from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, new_prefix
 
-pytest_plugins = ["tests.pg_fixtures", "tests.model_fixtures"]
+pytest_plugins = ["tests.pg_fixtures", "tests.model_fixtures", "tests.registry_fixtures"]
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ trained model: versions registered from empty runs, in milliseconds instead of a
 training each.
 
 Creating the store's schema takes seconds, so the session shares one; tests keep
-apart by model name (``model_name``).
+apart by model name (``registry_model``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture
-def model_name() -> str:
+def registry_model() -> str:
     return f"m_{uuid.uuid4().hex[:10]}"
 
 

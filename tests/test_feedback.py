@@ -175,12 +175,12 @@ def test_feedback_past_the_window_fails_with_the_reason(
 
 
 @pytest.fixture
-def experiment(ctx: Context, versions: ModelVersions, model_name: str) -> str:
+def experiment(ctx: Context, versions: ModelVersions, registry_model: str) -> str:
     """A model whose candidate (2) shadows its champion (1) under on-significance."""
-    register_versions(versions, model_name, 2, {CHAMPION: 1, CANDIDATE: 2})
-    route = enroll(RouteStore(ctx.redis, ctx.keys), model_name, shadow_candidate=True)
+    register_versions(versions, registry_model, 2, {CHAMPION: 1, CANDIDATE: 2})
+    route = enroll(RouteStore(ctx.redis, ctx.keys), registry_model, shadow_candidate=True)
     assert route == Route(shadow=CANDIDATE, policy="on-significance")
-    return model_name
+    return registry_model
 
 
 def candidate_right(ctx: Context, model: str, n: int) -> list[dict[str, Any]]:
@@ -282,10 +282,10 @@ def test_too_little_feedback_or_a_manual_policy_never_promotes(
 
 
 def test_on_significance_registers_a_candidate_and_puts_the_route_under_the_policy(
-    ctx: Context, versions: ModelVersions, model_name: str
+    ctx: Context, versions: ModelVersions, registry_model: str
 ) -> None:
-    register_versions(versions, model_name, 2, {})
-    first, second = versions.get(model_name, 1), versions.get(model_name, 2)
+    register_versions(versions, registry_model, 2, {})
+    first, second = versions.get(registry_model, 1), versions.get(registry_model, 2)
     # Nothing would serve a model without a champion: its first version is one.
     assert apply_policy(versions, first, "on-significance").aliases == [CHAMPION]
     assert apply_policy(versions, second, "on-significance").aliases == [CANDIDATE]
@@ -295,4 +295,4 @@ def test_on_significance_registers_a_candidate_and_puts_the_route_under_the_poli
     assert enroll(routes, "split-model", shadow_candidate=True) == Route(
         split=split.split, policy="on-significance"
     )
-    assert enroll(routes, model_name, shadow_candidate=False) == Route(policy="on-significance")
+    assert enroll(routes, registry_model, shadow_candidate=False) == Route(policy="on-significance")

@@ -19,13 +19,13 @@ from tests.support.cli import assert_one_line_error, run_cli
 
 @pytest.fixture
 def model(
-    cli_env: Context, registry_uri: str, model_name: str, monkeypatch: pytest.MonkeyPatch
+    cli_env: Context, registry_uri: str, registry_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> str:
     """A model with versions 1 (champion), 2 (candidate) and 3."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry_uri)
     versions = ModelVersions(connect(cli_env.settings.replace(mlflow_tracking_uri=registry_uri)))
-    register_versions(versions, model_name, 3, {CHAMPION: 1, CANDIDATE: 2})
-    return model_name
+    register_versions(versions, registry_model, 3, {CHAMPION: 1, CANDIDATE: 2})
+    return registry_model
 
 
 @pytest.fixture

@@ -134,9 +134,9 @@ def test_feedback_counts_each_version_that_answered_once_per_row(
     assert dead_letters(ctx) == []
     serving = {"model": model}
     assert sample(ctx.metrics, "forge_feedback_total", **serving, variant="champion") == 2
-    assert sample(ctx.metrics, "forge_feedback_total", **serving, variant="candidate") == 2
+    assert sample(ctx.metrics, "forge_feedback_total", **serving, variant="shadow:candidate") == 2
     assert sample(ctx.metrics, "forge_online_accuracy", **serving, variant="champion") == 0.5
-    assert sample(ctx.metrics, "forge_online_accuracy", **serving, variant="candidate") == 1.0
+    assert sample(ctx.metrics, "forge_online_accuracy", **serving, variant="shadow:candidate") == 1.0
 
 
 def test_a_retried_feedback_event_is_not_counted_twice(

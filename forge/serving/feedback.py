@@ -28,6 +28,7 @@ from forge.serving.records import CORRECT, FEEDBACK, MODEL_FIELD
 from forge.serving.routing import Route
 
 MARKER_PREFIX = "feedback:"
+SHADOW_PREFIX = "shadow:"
 Status = Literal["counted", "again", "duplicate"]
 _STATUS: dict[int, Status] = {1: "counted", 2: "again", 0: "duplicate"}
 _EXPIRED = -1
@@ -215,9 +216,10 @@ class FeedbackJoin:
     def _observe(self, model: str, answer: Answer, feedback: int, correct: int) -> None:
         if self.metrics is None:
             return
-        self.metrics.feedback_total.labels(model=model, variant=answer.variant).inc()
-        accuracy = self.metrics.online_accuracy.labels(model=model, variant=answer.variant)
-        accuracy.set(correct / feedback)
+        # Labelled as the engine labels predictions, so the two series line up.
+        variant = f"{SHADOW_PREFIX}{answer.variant}" if answer.shadow else answer.variant
+        self.metrics.feedback_total.labels(model=model, variant=variant).inc()
+        self.metrics.online_accuracy.labels(model=model, variant=variant).set(correct / feedback)
 
     def _unknown(self, item: FeedbackItem) -> str:
         window = f" (kept {self.window_s} s)" if self.window_s else ""

@@ -15,7 +15,8 @@ import pytest
 
 from consumers.feedback import FeedbackHandler
 from consumers.once import Once
-from forge.events import EVENT_FIELD, Feedback, ModelVersion, decode_as
+from consumers.training import TrainingHandler
+from forge.events import EVENT_FIELD, Feedback, ModelVersion, TrainingRequest, decode_as
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message, Succeeded
 from forge.runtime.worker import Worker
@@ -27,6 +28,7 @@ from forge.serving.records import PredictionLog, Served
 from forge.serving.routing import Route, RouteStore, parse_split
 from forge.settings import Settings
 from forge.training.promotion import apply_policy
+from forge.training.service import TrainingService
 from forge.training.tracking import connect
 from forge.training.versions import CANDIDATE, CHAMPION, ModelVersions
 from tests.registry_fixtures import register_versions
@@ -136,7 +138,9 @@ def test_feedback_counts_each_version_that_answered_once_per_row(
     assert sample(ctx.metrics, "forge_feedback_total", **serving, variant="champion") == 2
     assert sample(ctx.metrics, "forge_feedback_total", **serving, variant="shadow:candidate") == 2
     assert sample(ctx.metrics, "forge_online_accuracy", **serving, variant="champion") == 0.5
-    assert sample(ctx.metrics, "forge_online_accuracy", **serving, variant="shadow:candidate") == 1.0
+    assert (
+        sample(ctx.metrics, "forge_online_accuracy", **serving, variant="shadow:candidate") == 1.0
+    )
 
 
 def test_a_retried_feedback_event_is_not_counted_twice(
@@ -296,3 +300,26 @@ def test_on_significance_registers_a_candidate_and_puts_the_route_under_the_poli
         split=split.split, policy="on-significance"
     )
     assert enroll(routes, registry_model, shadow_candidate=False) == Route(policy="on-significance")
+
+
+def test_a_training_request_under_on_significance_enrolls_the_models_route(
+    ctx: Context, settings: Settings, versions: ModelVersions, registry_model: str
+) -> None:
+    """The training handler's part, on a request whose version is registered already
+    (its answer comes from the registry: no data, no training)."""
+    model = registry_model
+    register_versions(versions, model, 2, {CHAMPION: 1})
+    service = TrainingService.from_settings(settings)
+    trainer = TrainingHandler(
+        ctx, Once(lambda: pytest.fail("no data needed")), Once(lambda: service)
+    )
+    event = TrainingRequest(
+        id="train-2", model=model, task="classifier", collection="c", promote="on-significance"
+    )
+    (outcome,) = trainer([Message(event, ctx.keys.training_requests, "1-0", 1)])
+    assert isinstance(outcome, Succeeded)
+    assert outcome.result["aliases"] == [CANDIDATE]
+    assert versions.aliases(model) == {CHAMPION: 1, CANDIDATE: 2}
+    assert RouteStore(ctx.redis, ctx.keys).get(model) == Route(
+        shadow=CANDIDATE, policy="on-significance"
+    )

@@ -282,6 +282,16 @@ def test_too_little_feedback_or_a_manual_policy_never_promotes(
     assert not [e for o in outcomes if isinstance(o, Succeeded) for e in o.publish]
 
 
+def test_feedback_for_a_model_deleted_under_its_route_is_still_counted(
+    ctx: Context, handler: FeedbackHandler, versions: ModelVersions, experiment: str
+) -> None:
+    model = experiment
+    versions.client.delete_registered_model(model)
+    outcomes = handler(messages(ctx, candidate_right(ctx, model, MIN_FEEDBACK)))
+    assert {type(o) for o in outcomes} == {Succeeded}
+    assert stats(ctx, model, 2)["feedback"] == MIN_FEEDBACK
+
+
 # ---------------------------------------------------------------------- registration
 
 

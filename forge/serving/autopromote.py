@@ -27,6 +27,7 @@ import msgspec
 import redis
 import structlog
 
+from forge.errors import PermanentError
 from forge.events import ModelVersion, utcnow
 from forge.keys import Keys
 from forge.serving.compare import PROMOTION_Z, TEST, VariantStats, promotes, two_proportion_z
@@ -59,7 +60,17 @@ class OnlinePromotion:
         self.versions = versions
 
     def evaluate(self, model: str, feedback_id: str) -> ModelVersion | None:
-        """Promote ``model``'s candidate if it won; the event to publish, if it did."""
+        """Promote ``model``'s candidate if it won; the event to publish, if it did.
+        Transient failures (MLflow, Redis) raise, for the runtime to retry the batch."""
+        try:
+            return self._evaluate(model, feedback_id)
+        except PermanentError as exc:
+            # A model or version deleted under its route: nothing to promote, and the
+            # feedback that led here is counted all the same.
+            log.warning("online promotion skipped", model=model, error=str(exc))
+            return None
+
+    def _evaluate(self, model: str, feedback_id: str) -> ModelVersion | None:
         versions = self.versions()
         aliases = versions.aliases(model)
         champion, candidate = aliases.get(CHAMPION), aliases.get(CANDIDATE)
@@ -93,7 +104,13 @@ class OnlinePromotion:
         if not found:
             return {}
         versions = self.versions()
-        return {i: self._finish(versions, event) for i, event in found.items()}
+        finished: dict[str, ModelVersion] = {}
+        for feedback_id, event in found.items():
+            try:
+                finished[feedback_id] = self._finish(versions, event)
+            except PermanentError as exc:
+                log.warning("online promotion skipped", model=event.model, error=str(exc))
+        return finished
 
     # ------------------------------------------------------------------ helpers
 

@@ -158,15 +158,15 @@ class PredictInput(msgspec.Struct, kw_only=True):
             raise ValueError("each input has exactly one of `vector` or `text`")
 
 
-# ``__post_init__``'s rule in the schema, as for ``RecordItem``.
+# ``__post_init__``'s rule in the schema, as for ``RecordItem``. A field "has" a value
+# when it is present and not null: ``{"vector": [1], "text": null}`` is a vector input.
+_HAS_VECTOR = {"required": ["vector"], "properties": {"vector": {"type": "array"}}}
+_HAS_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
 PredictInputItem = Annotated[
     PredictInput,
     Meta(
         extra_json_schema={
-            "oneOf": [
-                {"required": ["vector"], "not": {"required": ["text"]}},
-                {"required": ["text"], "not": {"required": ["vector"]}},
-            ]
+            "oneOf": [{**_HAS_VECTOR, "not": _HAS_TEXT}, {**_HAS_TEXT, "not": _HAS_VECTOR}]
         }
     ),
 ]

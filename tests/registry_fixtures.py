@@ -12,17 +12,13 @@ import uuid
 
 import pytest
 
-from forge.settings import Settings
-from forge.training.tracking import connect
 from forge.training.versions import ModelVersions
 
 
 @pytest.fixture(scope="session")
-def registry_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    home = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    connect(Settings(mlflow_tracking_uri=uri)).search_experiments()
-    return uri
+def registry_uri(serving_mlflow_uri: str) -> str:
+    """The serving tests' store (tests/serving_fixtures.py): one schema to create."""
+    return serving_mlflow_uri
 
 
 @pytest.fixture

@@ -7,18 +7,25 @@ it with the worker's ``HandlerRegistry`` and context.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from consumers.feedback import FeedbackHandler
 from consumers.new_data import NewDataHandler
 from consumers.once import Once
+from consumers.predict import PredictHandler
 from consumers.retrain import RetrainOnNewData
 from consumers.training import TrainingHandler, progress_publisher
 from forge.embedding.service import EmbeddingService
-from forge.events import NewData, TrainingRequest
+from forge.events import Feedback, NewData, PredictRequest, TrainingRequest
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.retry import Retrier
 from forge.servers.endpoints import open_vector_store
 from forge.training.service import TrainingService
 from forge.vectorstore import VectorStore
+
+if TYPE_CHECKING:
+    from forge.serving.engine import PredictionEngine
 
 
 def register(handlers: HandlerRegistry, ctx: Context) -> None:
@@ -32,7 +39,8 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
         )
     )
     new_data = NewDataHandler(ctx.settings, store, embedding)
-    retraining = RetrainOnNewData(new_data, ctx.keys, Once(lambda: training().versions))
+    versions = Once(lambda: training().versions)
+    retraining = RetrainOnNewData(new_data, ctx.keys, versions)
     # Several model batches per read, so writing one overlaps embedding the next.
     reads = ctx.settings.embed_read_size
     handlers.register(
@@ -44,6 +52,26 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
         "training-requests", TrainingRequest, trainer, name="train", max_batch_size=1
     )
     handlers.register(spec)
+    # MLflow only once a model under `promote: on-significance` gets feedback.
+    feedback = FeedbackHandler(ctx, versions)
+    handlers.register(HandlerSpec("feedback", Feedback, feedback, name="feedback"))
+    # The engine, and with it MLflow and torch, on the first predict request.
+    engine = Once(lambda: open_engine(ctx, training(), embedding))
+    door = PredictHandler(ctx, engine)
+    predict = HandlerSpec("predict-requests", PredictRequest, door, name="predict")
+    handlers.register(predict)
+
+
+def open_engine(
+    ctx: Context, training: TrainingService, embedding: EmbeddingService
+) -> PredictionEngine:
+    """The prediction engine ``forge serve`` runs, on the worker's Redis, models and
+    metrics: trained and embedding models share one byte budget."""
+    from forge.serving.engine import PredictionEngine
+
+    return PredictionEngine.from_settings(
+        ctx.settings, ctx.redis, ctx.metrics.serving, training=training, embedding=embedding
+    )
 
 
 def open_store(ctx: Context) -> VectorStore:

@@ -7,6 +7,10 @@ runtime settled it) is answered from the registry, never trained again. The
 in the transaction that acks the request: exactly one per version, whichever
 delivery gets there.
 
+A request with ``promote: on-significance`` also puts the model's route under that
+policy (``forge.serving.experiment.enroll``: the candidate shadows the champion when
+the route has neither split nor shadow), on every delivery: putting it is idempotent.
+
 Requests that cannot be done (unknown task or parameter, missing collection, too few
 labelled rows, timeout) raise ``PermanentError``: a ``failed`` completion, no retries.
 """
@@ -23,13 +27,17 @@ from forge.errors import PermanentError
 from forge.events import TrainingProgress, TrainingRequest
 from forge.runtime.context import Context
 from forge.runtime.handlers import Message, Outcome, Succeeded
+from forge.serving.experiment import enroll
+from forge.serving.routing import RouteStore
 from forge.training.base import Dataset, TrainedModel
 from forge.training.service import TrainingService
+from forge.training.versions import CANDIDATE
 from forge.vectorstore import VectorStore
 
 log = structlog.get_logger(__name__)
 
 CLUSTERING = "clustering"
+ON_SIGNIFICANCE = "on-significance"
 
 
 def cluster_field(model: str) -> str:
@@ -46,6 +54,7 @@ class TrainingHandler:
         # PostgreSQL or MLflow for it.
         self.store = store
         self.service = service
+        self.routes = RouteStore(ctx.redis, ctx.keys)
 
     def __call__(self, messages: Sequence[Message[TrainingRequest]]) -> list[Outcome]:
         # A PermanentError raised here fails only its own request: with batches of one
@@ -71,6 +80,8 @@ class TrainingHandler:
             )
             self._write_assignments(request, fitted.model)
             done = service.register(fitted)
+        if request.promote == ON_SIGNIFICANCE:
+            enroll(self.routes, request.model, shadow_candidate=CANDIDATE in done.version.aliases)
         result = dict(done.result)
         if done.version.task == CLUSTERING:
             result["cluster_field"] = cluster_field(request.model)

@@ -158,15 +158,15 @@ class PredictInput(msgspec.Struct, kw_only=True):
             raise ValueError("each input has exactly one of `vector` or `text`")
 
 
-# ``__post_init__``'s rule in the schema, as for ``RecordItem``.
+# ``__post_init__``'s rule in the schema, as for ``RecordItem``. A field "has" a value
+# when it is present and not null: ``{"vector": [1], "text": null}`` is a vector input.
+_HAS_VECTOR = {"required": ["vector"], "properties": {"vector": {"type": "array"}}}
+_HAS_TEXT = {"required": ["text"], "properties": {"text": {"type": "string"}}}
 PredictInputItem = Annotated[
     PredictInput,
     Meta(
         extra_json_schema={
-            "oneOf": [
-                {"required": ["vector"], "not": {"required": ["text"]}},
-                {"required": ["text"], "not": {"required": ["vector"]}},
-            ]
+            "oneOf": [{**_HAS_VECTOR, "not": _HAS_TEXT}, {**_HAS_TEXT, "not": _HAS_VECTOR}]
         }
     ),
 ]
@@ -228,7 +228,7 @@ class Completion(Event, tag="completion"):
 
 
 class ModelVersion(Event, tag="model-version"):
-    """A newly registered model version."""
+    """A newly registered model version, or one promoted later (``reason`` says why)."""
 
     model: str
     model_version: int
@@ -237,6 +237,11 @@ class ModelVersion(Event, tag="model-version"):
     metrics: dict[str, float] = msgspec.field(default_factory=dict)
     aliases: list[str] = msgspec.field(default_factory=list)
     artifact_uri: str = ""
+    # Empty for a registration; "won online comparison" when ``promote: on-significance``
+    # made the version champion, with ``evidence``: the test, its bound, z, and each
+    # side's feedback, correct answers and accuracy.
+    reason: str = ""
+    evidence: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class TrainingProgress(Event, tag="training-progress"):

@@ -101,6 +101,16 @@ class Keys:
         latency buckets)."""
         return f"{self.prefix}serving:stats:{model}:{version}"
 
+    def promotion(self, model: str, version: int) -> str:
+        """String, set NX: the feedback event whose batch promotes this candidate
+        (``promote: on-significance``), so concurrent workers promote it once."""
+        return f"{self.prefix}serving:promotion:{model}:{version}"
+
+    def promotion_event(self, feedback_id: str) -> str:
+        """String: the ``model-version`` event a feedback event's batch promoted with,
+        kept (for ``FORGE_IDEMPOTENCY_TTL_S``) so a retry of that event publishes it."""
+        return f"{self.prefix}serving:promotion-event:{feedback_id}"
+
     def short(self, stream: str) -> str:
         """A stream's name without the prefix, for metric labels and messages."""
         return stream.removeprefix(self.prefix)

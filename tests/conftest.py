@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,29 @@ from forge.runtime.context import Context
 from forge.settings import Settings
 from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, new_prefix
 
-pytest_plugins = ["tests.pg_fixtures", "tests.model_fixtures"]
+pytest_plugins = [
+    "tests.pg_fixtures",
+    "tests.model_fixtures",
+    "tests.serving_fixtures",
+    "tests.registry_fixtures",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_server_at_the_default_address() -> Iterator[None]:
+    """``forge predict`` and ``forge search`` ask a server at FORGE_SERVE_HOST:PORT when
+    one answers: point them at a port that refuses (bound, never listening), so that no
+    test reaches a ``forge serve`` someone runs on this machine. Tests of the server set
+    their own port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        before = os.environ.get("FORGE_SERVE_PORT")
+        os.environ["FORGE_SERVE_PORT"] = str(sock.getsockname()[1])
+        yield
+        if before is None:
+            os.environ.pop("FORGE_SERVE_PORT", None)
+        else:
+            os.environ["FORGE_SERVE_PORT"] = before
 
 
 @pytest.fixture(autouse=True)

@@ -79,6 +79,7 @@ def test_models_list_imports_mlflow_but_no_torch_nor_clients(tmp_path: Path) -> 
     ("module", "allowed"),
     [
         ("cmd_models", set()),
+        ("cmd_serving", set()),
         ("cmd_predict", set()),
         ("cmd_search", CLIENTS),
         ("cmd_streams", {"redis"}),
@@ -118,7 +119,7 @@ def test_every_command_names_a_function_that_exists() -> None:
         for action in current._actions:
             if action.choices and isinstance(action.choices, dict):
                 stack.extend(action.choices.values())
-    assert len(found) == 17
+    assert len(found) == 20
     for lazy in found:
         assert callable(lazy.resolve()), lazy
 

@@ -8,6 +8,7 @@ embedded SQLite store under ``FORGE_HOME``), so these commands see what workers 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -60,6 +61,7 @@ def run_promote(args: argparse.Namespace, settings: Settings) -> int:
     with _model_versions(settings) as versions:
         version = promote(versions, args.model, args.version)
     print(f"{version.model} version {version.version} is now the {CHAMPION}")
+    _tell_servers(settings)
     return 0
 
 
@@ -82,6 +84,29 @@ def run_upgrade(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _tell_servers(settings: Settings) -> None:
+    """Bump the route epoch, so servers and stream doors follow the new champion at
+    their next poll. An embedded Redis nobody runs has no server reading it: nothing
+    to tell, and no reason to start it. Redis out of reach does not undo the
+    promotion: the command warns that servers were not told."""
+    import redis
+
+    from forge.cli.runtime import worker_may_be_running
+    from forge.keys import Keys
+    from forge.observability.logging import redact_text
+    from forge.servers.endpoints import open_redis
+    from forge.serving.routing import RouteStore
+
+    if not worker_may_be_running(settings):
+        return
+    try:
+        with open_redis(settings) as (client, used):
+            RouteStore(client, Keys.from_settings(used)).bump()
+    except redis.RedisError as exc:
+        first = redact_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        sys.stderr.write(f"forge: warning: servers not told of the new champion: {first}\n")
 
 
 @contextmanager

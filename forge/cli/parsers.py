@@ -181,6 +181,35 @@ def _models(sub: Any) -> None:
     upgrade.add_argument("--dry-run", action="store_true", help="say what would change")
     upgrade.add_argument("--json", action="store_true")
     upgrade.set_defaults(run=Lazy("cmd_models", "run_upgrade"))
+    _experiments(models_sub)
+
+
+def _experiments(models_sub: Any) -> None:
+    split = models_sub.add_parser(
+        "split", help="split a model's traffic between versions, e.g. champion=90 candidate=10"
+    )
+    split.add_argument("model")
+    split.add_argument(
+        "variants",
+        nargs="*",
+        metavar="REF=WEIGHT",
+        help="an alias or version number and its weight",
+    )
+    split.add_argument("--clear", action="store_true", help="remove the split: all to the champion")
+    split.set_defaults(run=Lazy("cmd_serving", "run_split"))
+    shadow = models_sub.add_parser(
+        "shadow", help="let a version answer every request beside the champion, unseen"
+    )
+    shadow.add_argument("model")
+    shadow.add_argument("ref", nargs="?", help="an alias or version number, e.g. candidate")
+    shadow.add_argument("--off", action="store_true", help="stop shadowing")
+    shadow.set_defaults(run=Lazy("cmd_serving", "run_shadow"))
+    compare = models_sub.add_parser(
+        "compare", help="online accuracy, latency and a verdict per variant, on live feedback"
+    )
+    compare.add_argument("model")
+    compare.add_argument("--json", action="store_true")
+    compare.set_defaults(run=Lazy("cmd_serving", "run_compare"))
 
 
 def _predict(sub: Any) -> None:

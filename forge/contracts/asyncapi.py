@@ -51,7 +51,7 @@ _CHANNEL_DESCRIPTIONS = {
     "training-requests": "Requests to train (or retrain) a model over a collection.",
     "completions": "One completion for every input event that reached a final state "
     "(succeeded, failed or dead-lettered).",
-    "model-versions": "Each newly registered model version.",
+    "model-versions": "Each newly registered model version, and each promotion won online.",
     "dead-letter": "Input entries Forge gave up on; replay them with `forge dlq replay`.",
     "training-progress": "Live training curve points (one per epoch) for dashboards.",
     "predict-requests": "Inputs to label with a registered model; each request is answered "

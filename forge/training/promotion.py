@@ -5,6 +5,10 @@ never, or (the default) when it beats the current champion on the model's primar
 metric, higher being better for every task. Otherwise it is the ``candidate``, which
 ``forge models promote`` can make champion later. A champion whose run lacks the
 metric (it was trained for another task) cannot be compared, so it gives way.
+
+With ``on-significance`` a new version is the candidate whatever its metrics, unless
+the model has no champion at all (then nothing would serve): it becomes champion
+when it wins the online comparison on live feedback (``forge.serving.autopromote``).
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ from forge.training.versions import CANDIDATE, CHAMPION, ModelVersions, VersionI
 
 log = structlog.get_logger(__name__)
 
-Policy = Literal["if-better", "always", "never"]
+Policy = Literal["if-better", "always", "never", "on-significance"]
 
 
 def beats(policy: Policy, new_value: float | None, champion_value: float | None) -> bool:
     """Whether a new version with ``new_value`` replaces a champion with
     ``champion_value`` (``None``: there is no champion, or it has no such metric)."""
-    if policy == "never":
+    if policy in ("never", "on-significance"):
         return False
     if policy == "always" or champion_value is None or math.isnan(champion_value):
         return True
@@ -42,7 +46,12 @@ def apply_policy(versions: ModelVersions, version: VersionInfo, policy: Policy) 
     champion_value = None
     if champion is not None:
         champion_value = versions.metrics(versions.get(version.model, champion)).get(metric)
-    if beats(policy, new_value, champion_value):
+    if policy == "on-significance":
+        # The online comparison decides; a model without a champion has nothing to serve.
+        wins = champion is None
+    else:
+        wins = beats(policy, new_value, champion_value)
+    if wins:
         promote(versions, version.model, version.version)
     else:
         versions.set_alias(version.model, CANDIDATE, version.version)

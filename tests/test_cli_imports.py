@@ -53,6 +53,7 @@ def _run(home: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[
         ["models", "list", "--help"],
         ["search", "--help"],
         ["predict", "--help"],
+        ["serve", "--help"],
         ["worker", "--help"],
         ["publish", "--help"],
         ["env", "--help"],
@@ -82,6 +83,7 @@ def test_models_list_imports_mlflow_but_no_torch_nor_clients(tmp_path: Path) -> 
         ("cmd_serving", set()),
         ("cmd_predict", set()),
         ("cmd_search", CLIENTS),
+        ("cmd_serve", CLIENTS),
         ("cmd_streams", {"redis"}),
         ("cmd_watch", {"redis"}),
         ("cmd_env", CLIENTS),
@@ -119,7 +121,7 @@ def test_every_command_names_a_function_that_exists() -> None:
         for action in current._actions:
             if action.choices and isinstance(action.choices, dict):
                 stack.extend(action.choices.values())
-    assert len(found) == 20
+    assert len(found) == 21
     for lazy in found:
         assert callable(lazy.resolve()), lazy
 

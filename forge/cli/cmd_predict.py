@@ -1,12 +1,15 @@
 """``forge predict``: label texts or vectors with a registered model version.
 
 A module of its own, apart from ``forge models``: it needs a trainer and, for texts,
-the embedding model, which the registry commands do not.
+the embedding model, which the registry commands do not. When a ``forge serve``
+answers at the configured address, it asks that server instead, whose models are
+loaded already; the output is the same either way.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -15,45 +18,75 @@ import numpy as np
 from forge.cli.cmd_models import mlflow_errors
 from forge.cli.output import print_json, print_table, shorten
 from forge.errors import ConfigError
+from forge.serving.client import ServerClient
 from forge.settings import Settings
-from forge.training.service import TrainingService
-from forge.training.versions import VersionInfo
+from forge.training.versions import CHAMPION, VersionInfo
+
+
+@dataclass(frozen=True, slots=True)
+class _Labelled:
+    version: int
+    task: str
+    predictions: list[tuple[str, float]]
 
 
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     name, _, ref = args.model.partition("@")
-    with mlflow_errors():
-        service = TrainingService.from_settings(settings)
-        model, version = service.load(name, ref or None)
-    inputs: list[str] = args.text or [_vector_text(v) for v in args.vector]
-    if args.text:
-        vectors = _embed(settings, version, args.text)
-    elif len({len(v) for v in args.vector}) > 1:
+    if args.vector and len({len(v) for v in args.vector}) > 1:
         raise ConfigError("every --vector must have the same number of values")
+    server = ServerClient.find(settings)
+    if server is not None:
+        labelled = _remote(server, name, ref or CHAMPION, args)
     else:
-        vectors = np.asarray(args.vector, dtype=np.float32)
-    predictions = model.predict(vectors)
+        labelled = _local(settings, name, ref or None, args)
+    inputs: list[str] = args.text or [_vector_text(v) for v in args.vector]
+    pairs = list(zip(inputs, labelled.predictions, strict=True))
     if args.json:
         print_json(
             [
                 {
                     "input": i,
-                    "label": p.label,
-                    "score": p.score,
+                    "label": label,
+                    "score": score,
                     "model": name,
-                    "version": version.version,
+                    "version": labelled.version,
                 }
-                for i, p in zip(inputs, predictions, strict=True)
+                for i, (label, score) in pairs
             ]
         )
         return 0
-    rows = [
-        [p.label, f"{p.score:.4f}", shorten(i, 60)]
-        for i, p in zip(inputs, predictions, strict=True)
-    ]
-    print(f"{name} version {version.version} ({version.task})")
+    rows = [[label, f"{score:.4f}", shorten(i, 60)] for i, (label, score) in pairs]
+    print(f"{name} version {labelled.version} ({labelled.task})")
     print_table(["label", "score", "input"], rows)
     return 0
+
+
+def _remote(server: ServerClient, name: str, ref: str, args: argparse.Namespace) -> _Labelled:
+    """Pinned to ``ref`` (the champion by default), as the local path resolves it: a
+    server's traffic split is for live traffic, not for this command."""
+    rows = [{"text": t} for t in args.text] if args.text else [{"vector": v} for v in args.vector]
+    answer = server.predict(name, rows, ref)
+    predictions = [(p["label"], p["score"]) for p in answer["predictions"]]
+    task = "" if args.json else _task(server.model(name), answer["version"])
+    return _Labelled(int(answer["version"]), task, predictions)
+
+
+def _task(model: dict[str, Any], version: int) -> str:
+    return next((str(v["task"]) for v in model["versions"] if v["version"] == version), "")
+
+
+def _local(settings: Settings, name: str, ref: str | None, args: argparse.Namespace) -> _Labelled:
+    from forge.training.service import TrainingService
+
+    with mlflow_errors():
+        service = TrainingService.from_settings(settings)
+        model, version = service.load(name, ref)
+    if args.text:
+        vectors = _embed(settings, version, args.text)
+    else:
+        vectors = np.asarray(args.vector, dtype=np.float32)
+    predictions = [(p.label, p.score) for p in model.predict(vectors)]
+    return _Labelled(version.version, version.task, predictions)
 
 
 def _embed(settings: Settings, version: VersionInfo, texts: list[str]) -> np.ndarray[Any, Any]:

@@ -32,6 +32,8 @@ EXIT_FLUSH_FAILED = 120
 # libpq's connection-string parse errors (psycopg raises them as ProgrammingError).
 _CONNINFO_ERROR_RE = re.compile(r"connection info string|connection option|URI|percent-encoded")
 _QUOTED_RE = re.compile(r'"([^"]*)"')
+# Commands that run until stopped: they log at the configured level and exit fully.
+_LONG_RUNNING = frozenset({"worker", "serve"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -44,9 +46,9 @@ def entrypoint() -> NoReturn:
     """The ``forge`` program: ``main`` and a quick exit (see ``exit_now``)."""
     args = build_parser().parse_args()
     code = _run_reporting_errors(args)
-    if args.command == "worker":
-        # The interpreter's full exit: a worker's stop is not waited on at a prompt,
-        # and it is the one command that runs other processes and servers for long.
+    if args.command in _LONG_RUNNING:
+        # The interpreter's full exit: a worker's or server's stop is not waited on at a
+        # prompt, and they are the commands that run other processes and servers for long.
         raise SystemExit(code)
     exit_now(code)
 
@@ -96,7 +98,7 @@ def _run_reporting_errors(args: argparse.Namespace) -> int:
 
     try:
         settings = Settings.from_env()
-        if args.command != "worker" and "FORGE_LOG_LEVEL" not in os.environ:
+        if args.command not in _LONG_RUNNING and "FORGE_LOG_LEVEL" not in os.environ:
             # One-shot commands print results; their progress chatter is noise.
             settings = settings.replace(log_level="WARNING")
         # Logs go to stderr so that stdout carries only the command's output.

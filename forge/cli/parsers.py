@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         _search,
         _models,
         _predict,
+        _serve,
         _watch,
         _docs,
         _env,
@@ -222,6 +223,29 @@ def _predict(sub: Any) -> None:
     )
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(run=Lazy("cmd_predict", "run_predict"))
+
+
+def _serve(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="the HTTP API: predictions, models and collection search")
+    serve.add_argument(
+        "--host",
+        default=None,
+        help="interface to listen on (default: $FORGE_SERVE_HOST, else"
+        " 127.0.0.1; beyond loopback FORGE_API_TOKEN is required)",
+    )
+    serve.add_argument(
+        "--port",
+        type=port,
+        default=None,
+        help="port, 0 for any free one (default: $FORGE_SERVE_PORT, else 8000)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="server processes sharing the port (default: $FORGE_SERVE_WORKERS, else 1)",
+    )
+    serve.set_defaults(run=Lazy("cmd_serve", "run_serve"))
 
 
 def _watch(sub: Any) -> None:

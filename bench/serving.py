@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import msgspec
@@ -96,13 +97,22 @@ def http_comparison(settings: Settings, folder: Path, args: argparse.Namespace) 
             forge_url = f"http://127.0.0.1:{forge_port}/v1/models/{VECTOR_MODEL}/predict"
             mlflow_url = f"http://127.0.0.1:{mlflow_port}/invocations"
             for url, body in ((forge_url, forge_body), (mlflow_url, mlflow_body)):
-                run_load(url, body, connections=args.connections, duration_s=2, headers=_json())
+                _warm(url, body, args)
             forge = _load(forge_url, forge_body, args)
             mlflow = _load(mlflow_url, mlflow_body, args)
             rows.append(_http_row("forge serve", n, forge))
             rows.append(_http_row("mlflow models serve", n, mlflow))
             rows.append([f"ratio ({n}-row)", f"{forge.rps / mlflow.rps:.2f}x req/s", "", "", ""])
     return rows
+
+
+def _warm(url: str, body: bytes, args: argparse.Namespace) -> None:
+    """One blocking request (the first loads the model, and for texts the embedding
+    model: seconds), then a short load, before anything is timed."""
+    request = urllib.request.Request(url, body, _json())
+    with urllib.request.urlopen(request, timeout=300) as response:
+        response.read()
+    run_load(url, body, connections=args.connections, duration_s=2, headers=_json())
 
 
 def _load(url: str, body: bytes, args: argparse.Namespace) -> Load:
@@ -138,7 +148,7 @@ def text_comparison(settings: Settings, folder: Path, args: argparse.Namespace) 
     with forge_serve(settings, port, folder):
         url = f"http://127.0.0.1:{port}/v1/models/{TEXT_MODEL}/predict"
         body = msgspec.json.encode({"inputs": [{"text": t} for t in batches[0]]})
-        run_load(url, body, connections=args.connections, duration_s=2, headers=_json())
+        _warm(url, body, args)
         load = _load(url, body, args)
     served = load.rps * 32
     return [

@@ -11,7 +11,10 @@ published in the transaction that acks its request, exactly once.
 
 A request the engine refuses (an unknown model or version, inputs the version cannot
 take) fails with the engine's one-line reason: a ``failed`` completion, never a
-retry. Invalid events (both ``vector`` and ``text`` in an input, say) never reach the
+retry. A model that cannot be loaded or run now (MLflow unreachable, say) is not the
+request's fault: the batch raises ``TransientError``, so the runtime retries it and, if
+it keeps failing, isolates and dead-letters it like any other infrastructure failure.
+Invalid events (both ``vector`` and ``text`` in an input, say) never reach the
 handler: the runtime dead-letters them with the reason.
 
 The engine (MLflow, torch, the embedding model) is made on the first request
@@ -26,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from consumers.once import Once
+from forge.errors import TransientError
 from forge.events import ErrorInfo, Prediction, PredictRequest, utcnow
 from forge.runtime.context import Context
 from forge.runtime.handlers import Failed, Message, Outcome, Succeeded
@@ -65,6 +69,9 @@ class PredictHandler:
             for m in messages
         ]
         answers = engine.predict(calls)
+        unavailable = [a for a in answers if isinstance(a, PredictError) and a.retryable]
+        if unavailable:
+            raise TransientError(str(unavailable[0]))
         now = utcnow()
         return [
             _failed(answer) if isinstance(answer, PredictError) else self._answered(answer, now)

@@ -117,5 +117,5 @@ def test_an_engine_failure_fails_its_batch_and_the_next_batch_runs() -> None:
 
     failed, answered = asyncio.run(scenario())
     assert isinstance(failed, PredictError)
-    assert failed.status == 500
+    assert failed.status == 503
     assert isinstance(answered, PredictAnswer)

@@ -11,10 +11,12 @@ from forge.events import Label, PredictInput, new_id
 
 NOT_FOUND = 404
 INVALID = 422
-FAILED = 500
+# The model (or its embedding model) could not be loaded or run: not the caller's
+# fault, and worth retrying, so 503 (the API never answers 500).
+FAILED = 503
 
 # Reasons of ``forge_prediction_errors_total``, by status.
-ERROR_REASONS = {NOT_FOUND: "not-found", INVALID: "invalid-input", FAILED: "internal"}
+ERROR_REASONS = {NOT_FOUND: "not-found", INVALID: "invalid-input", FAILED: "unavailable"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +43,12 @@ class PredictAnswer:
 
 class PredictError(ForgeError):
     """Why one call got no answer, in one line. ``status`` as HTTP has it: 404 (no such
-    model, version or alias), 422 (inputs the version cannot take), 500 (the model or
+    model, version or alias), 422 (inputs the version cannot take), 503 (the model or
     its embedding model failed: not the caller's fault, worth retrying)."""
+
+    @property
+    def retryable(self) -> bool:
+        return self.status == FAILED
 
     def __init__(self, message: str, status: int = INVALID) -> None:
         super().__init__(" ".join(message.split()))
@@ -50,4 +56,4 @@ class PredictError(ForgeError):
 
     @property
     def reason(self) -> str:
-        return ERROR_REASONS.get(self.status, "internal")
+        return ERROR_REASONS.get(self.status, "unavailable")

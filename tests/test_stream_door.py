@@ -17,11 +17,13 @@ import pytest
 from consumers import register
 from consumers.once import Once
 from consumers.predict import PredictHandler
+from forge.errors import TransientError
 from forge.events import EVENT_FIELD, Label, ModelVersion, Prediction, PredictRequest, decode_as
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry, Message, Succeeded
 from forge.runtime.worker import Worker
 from forge.serving.autopromote import REASON
+from forge.serving.calls import FAILED, PredictError
 from forge.serving.engine import PredictAnswer, PredictCall
 from forge.serving.experiment import enroll
 from forge.serving.routing import RouteStore
@@ -245,3 +247,15 @@ print(" ".join(sorted({{"torch", "mlflow", "forge.serving.engine"}} & set(sys.mo
     streams, loaded = proc.stdout.splitlines()
     assert set(streams.split()) == {"new-data", "training-requests", "feedback", "predict-requests"}
     assert loaded == "-"
+
+
+class _UnavailableEngine(_Engine):
+    def predict(self, calls: list[PredictCall]) -> list[PredictAnswer | PredictError]:  # type: ignore[override]
+        return [PredictError("cannot load model 'm' now", FAILED) for _ in calls]
+
+
+def test_a_model_that_cannot_be_loaded_is_retried_not_failed(ctx: Context) -> None:
+    handler = PredictHandler(ctx, Once(_UnavailableEngine))
+    event = PredictRequest(id="r1", model="m", inputs=[])
+    with pytest.raises(TransientError, match="cannot load model"):
+        handler([Message(event, ctx.keys.predict_requests, "1-0", 1)])

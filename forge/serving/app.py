@@ -13,7 +13,7 @@ import functools
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ class Services:
     search: LazySearch
     models: ModelsView
     batcher: MicroBatcher | None = None
-    reloader: Reloader | None = field(default=None)
+    reloader: Reloader | None = None
 
 
 def services(
@@ -84,7 +84,8 @@ def services(
 
 
 def create_app(found: Services) -> Any:
-    """The ASGI app: the FastAPI app, behind bearer auth when a token is set."""
+    """The ASGI app: the FastAPI app behind the predict fast path, both behind bearer
+    auth when a token is set."""
     app = FastAPI(
         title="Forge",
         version=__version__,

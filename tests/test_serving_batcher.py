@@ -63,25 +63,46 @@ def test_calls_arriving_while_a_batch_runs_share_the_next_one() -> None:
     assert [r.model for r in results if isinstance(r, PredictAnswer)] == list("abcde")
 
 
-def test_a_waiting_batch_closes_as_soon_as_it_is_full() -> None:
+def test_a_batch_waits_for_expected_calls_and_closes_as_soon_as_it_is_full() -> None:
     engine = GatedEngine()
     engine.gate.set()
 
     async def scenario() -> list[Result]:
         batcher = MicroBatcher(engine.predict, max_rows=3, max_wait_s=60.0)
         batcher.start()
+        batcher.expect()  # b's request is being read
+        batcher.expect()  # and c's
         first = asyncio.create_task(batcher.submit(call("a")))
-        await settle()  # a's batch is open, waiting for more
-        later = [asyncio.create_task(batcher.submit(call(n))) for n in "bc"]
+        await settle()  # a's batch is open, waiting for b and c
+        assert engine.batches == []
+        later = [asyncio.create_task(batcher.submit(call(n), expected=True)) for n in "bc"]
         results = await asyncio.gather(first, *later)
         await batcher.close()
         return list(results)
 
     results = asyncio.run(scenario())
     assert engine.batches == [["a", "b", "c"]]
-    assert [r.prediction_id for r in results] == [
-        r.prediction_id for r in results if isinstance(r, PredictAnswer)
-    ]
+    assert [r.model for r in results if isinstance(r, PredictAnswer)] == list("abc")
+
+
+def test_a_batch_waits_for_nobody_when_no_call_is_on_its_way() -> None:
+    engine = GatedEngine()
+    engine.gate.set()
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(engine.predict, max_rows=32, max_wait_s=60.0)
+        batcher.start()
+        await batcher.submit(call("a"))  # would take 60 s if the batch waited
+        batcher.expect()
+        waiting = asyncio.create_task(batcher.submit(call("b")))
+        await settle()
+        assert engine.batches == [["a"]]  # b's batch waits for the expected call
+        batcher.abandon()  # which will not come: b goes now
+        await waiting
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert engine.batches == [["a"], ["b"]]
 
 
 def test_without_a_wait_a_lone_call_runs_at_once() -> None:

@@ -352,3 +352,27 @@ def test_the_documented_predict_body_accepts_exactly_what_the_server_decodes(
     else:
         decoded = True
     assert documented == decoded
+
+
+def test_the_documented_route_answers_as_the_fast_path_does(
+    serving_settings: Settings,
+    redis_client: redis.Redis,
+    serving_metrics: Metrics,
+    engine: PredictionEngine,
+    trained: str,
+) -> None:
+    """Predictions are answered in front of FastAPI; the route FastAPI documents
+    answers the same when reached (an app without the fast path in front)."""
+    outer = create_app(services(serving_settings, redis_client, serving_metrics, engine))
+    url = f"/v1/models/{trained}/predict"
+    payloads = [msgspec.json.encode(body(2, version=2)), b"{", b'{"inputs": []}', b"x" * 2**21]
+    answers = {}
+    for app in (outer, outer.app):
+        with TestClient(app) as api:
+            answers[app] = [api.post(url, content=p) for p in payloads]
+    fast, documented = answers[outer], answers[outer.app]
+    assert (
+        [r.status_code for r in fast] == [r.status_code for r in documented] == [200, 400, 422, 413]
+    )
+    assert [r.json()["version"] for r in (fast[0], documented[0])] == [2, 2]
+    assert [r.content for r in fast[1:]] == [r.content for r in documented[1:]]

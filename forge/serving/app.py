@@ -1,20 +1,19 @@
 """The HTTP door of ``forge serve``: FastAPI routes over the prediction engine.
 
-The predict route is the hot path and skips FastAPI's body handling: it reads the
-bytes itself (bounded), decodes them with msgspec into the same types the OpenAPI
-document is generated from (``api_types``), and returns encoded bytes. Requests are
-coalesced into engine batches by ``MicroBatcher``; the engine refreshes its routes on
-a thread of its own (``Reloader``).
+Bodies are read here, bounded, and decoded with msgspec into the same types the OpenAPI
+document is generated from (``api_types``); responses are encoded bytes. Predictions,
+the hot path, are answered in front of FastAPI (``predict_route``) and coalesced into
+engine batches by ``MicroBatcher``; the engine refreshes its routes on a thread of its
+own (``Reloader``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,26 +30,24 @@ from forge.observability.metrics import MULTIPROC_DIR_ENV, Metrics, render_multi
 from forge.serving import api_types as api
 from forge.serving.auth import BearerAuth
 from forge.serving.batcher import MicroBatcher
-from forge.serving.calls import PredictAnswer, PredictCall, PredictError
 from forge.serving.engine import PredictionEngine
 from forge.serving.http_errors import (
     JSON,
     UNAVAILABLE,
     HttpError,
     decode,
-    error_response,
     install,
     read_body,
 )
 from forge.serving.models_view import ModelsView
 from forge.serving.openapi import documented, openapi_factory
+from forge.serving.predict_route import FastPredict, PredictHandler, add_route
 from forge.serving.reloader import Reloader
 from forge.serving.routing import RouteStore
 from forge.serving.search import LazySearch
 from forge.settings import Settings
 from forge.training.versions import ModelNotFound
 
-_predict_body = msgspec.json.Decoder(api.PredictBody)
 _search_body = msgspec.json.Decoder(api.SearchBody)
 _encoder = msgspec.json.Encoder()
 
@@ -66,7 +63,7 @@ class Services:
     search: LazySearch
     models: ModelsView
     batcher: MicroBatcher | None = None
-    reloader: Reloader | None = field(default=None)
+    reloader: Reloader | None = None
 
 
 def services(
@@ -87,7 +84,8 @@ def services(
 
 
 def create_app(found: Services) -> Any:
-    """The ASGI app: the FastAPI app, behind bearer auth when a token is set."""
+    """The ASGI app: the FastAPI app behind the predict fast path, both behind bearer
+    auth when a token is set."""
     app = FastAPI(
         title="Forge",
         version=__version__,
@@ -97,11 +95,14 @@ def create_app(found: Services) -> Any:
         redoc_url=None,
     )
     install(app)
-    _predict_routes(app, found)
+    predict = PredictHandler(lambda: found.batcher, found.settings.serve_max_body_bytes)
+    add_route(app, predict)
+    _search_route(app, found)
     _read_routes(app, found)
     app.openapi = openapi_factory(app, secured=bool(found.settings.api_token))  # type: ignore[method-assign]
+    fast = FastPredict(app, predict)
     token = found.settings.api_token
-    return BearerAuth(app, token) if token else app
+    return BearerAuth(fast, token) if token else fast
 
 
 def _lifespan(found: Services) -> Callable[[FastAPI], Any]:
@@ -128,25 +129,8 @@ def _lifespan(found: Services) -> Callable[[FastAPI], Any]:
     return lifespan
 
 
-def _predict_routes(app: FastAPI, found: Services) -> None:
+def _search_route(app: FastAPI, found: Services) -> None:
     limit = found.settings.serve_max_body_bytes
-
-    @app.post(
-        "/v1/models/{model}/predict",
-        summary="Label inputs with a model's routed (or pinned) version",
-        **documented(api.PredictBody, api.PredictResponse, 400, 404, 413, 422, 500, 503),
-    )
-    async def predict(model: str, request: Request) -> Response:
-        arrived_s = time.perf_counter()
-        body = decode(_predict_body, await read_body(request, limit))
-        batcher = found.batcher
-        if batcher is None:
-            raise HttpError(UNAVAILABLE, "the server is not serving predictions now")
-        call = PredictCall(model, body.inputs, body.key, body.version, arrived_s=arrived_s)
-        result = await batcher.submit(call)
-        if isinstance(result, PredictError):
-            return error_response(result.status, str(result))
-        return Response(_encoder.encode(_answer(result)), media_type=JSON)
 
     @app.post(
         "/v1/collections/{collection}/search",
@@ -213,16 +197,6 @@ def _read_routes(app: FastAPI, found: Services) -> None:
         return Response(body, media_type=content_type)
 
 
-def _answer(result: PredictAnswer) -> api.PredictResponse:
-    return api.PredictResponse(
-        id=result.prediction_id,
-        model=result.model,
-        version=result.version,
-        variant=result.variant,
-        predictions=result.predictions,
-    )
-
-
 def _renderer(metrics: Metrics) -> Callable[[], tuple[bytes, str]]:
     """This process's metrics, or under ``--workers`` every worker's (see
     ``forge.observability.metrics``, multi-process mode)."""
@@ -237,11 +211,12 @@ def app_from_env() -> Any:
     parent prepared (``forge.serving.server``)."""
     from forge.observability.logging import configure_logging
     from forge.servers.connect import connect_redis
-    from forge.serving.server import quiet_uvicorn
+    from forge.serving.server import leave_a_core_to_the_event_loop, quiet_uvicorn
 
     settings = Settings.from_env()
     configure_logging(settings)
     quiet_uvicorn()
+    leave_a_core_to_the_event_loop()
     if not settings.redis_url:
         raise ConfigError("a serving worker needs REDIS_URL (forge serve sets it)")
     return create_app(services(settings, connect_redis(settings.redis_url)))

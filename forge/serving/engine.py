@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import redis
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from forge.embedding.cache import EmbeddingCache
 from forge.embedding.model_cache import ModelCache
@@ -82,6 +82,7 @@ class PredictionEngine:
         # models do not all say it, and a wrong one is then refused without a model call.
         self._dims: dict[tuple[str, int], int] = {}
         self._log_warned_s = -_WARN_EVERY_S
+        self._series: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
 
     @property
     def training(self) -> TrainingService:
@@ -248,8 +249,8 @@ class PredictionEngine:
     def _record(self, served: list[Served]) -> None:
         for answer in served:
             variant = _SHADOW_PREFIX + answer.variant if answer.shadow else answer.variant
-            self.metrics.predictions_total.labels(answer.model, variant).inc(len(answer.labels))
-            histogram = self.metrics.prediction_latency_seconds.labels(answer.model, variant)
+            counter, histogram = self._instruments(answer.model, variant)
+            counter.inc(len(answer.labels))
             histogram.observe(answer.latency_s)
         try:
             self.log.record(served)
@@ -259,6 +260,17 @@ class PredictionEngine:
             if now - self._log_warned_s >= _WARN_EVERY_S:
                 self._log_warned_s = now
                 log.warning("predictions not recorded", error=f"{type(exc).__name__}: {exc}")
+
+    def _instruments(self, model: str, variant: str) -> tuple[Counter, Histogram]:
+        """A variant's series, looked up once: ``labels()`` costs more than the update."""
+        key = (model, variant)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = (
+                self.metrics.predictions_total.labels(model, variant),
+                self.metrics.prediction_latency_seconds.labels(model, variant),
+            )
+        return found
 
     def _count_errors(self, calls: Sequence[PredictCall], results: list[Result]) -> None:
         for call, result in zip(calls, results, strict=True):

@@ -35,9 +35,12 @@ class HttpError(Exception):
         self.message = message
 
 
+def error_body(message: str) -> bytes:
+    return _encoder.encode({"error": " ".join(message.split())}) + b"\n"
+
+
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = _encoder.encode({"error": " ".join(message.split())}) + b"\n"
-    return Response(body, status, headers, media_type=JSON)
+    return Response(error_body(message), status, headers, media_type=JSON)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -9,6 +9,7 @@ champion its record goes with it, and a new candidate starts from zero.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,17 +54,27 @@ class PredictionLog:
         self.window_s = window_s
 
     def record(self, served: Sequence[Served]) -> None:
+        """One HSET and EXPIRE per prediction (its answers together: the variant's and
+        any shadow's), one HINCRBY per counter the batch moved: a batch's answers mostly
+        share their version and latency bucket, and each command costs the client more
+        than the server."""
         if not served:
             return
-        pipe = self.client.pipeline(transaction=False)
+        predictions: dict[str, dict[str, str | bytes]] = {}
+        counts: Counter[tuple[str, str]] = Counter()
         for answer in served:
-            key = self.keys.prediction(answer.prediction_id)
-            value = msgspec.json.encode(
+            fields = predictions.setdefault(answer.prediction_id, {MODEL_FIELD: answer.model})
+            fields[str(answer.version)] = msgspec.json.encode(
                 {"variant": answer.variant, "labels": answer.labels, "shadow": answer.shadow}
             )
-            pipe.hset(key, mapping={MODEL_FIELD: answer.model, str(answer.version): value})
-            pipe.expire(key, self.window_s)
             stats = self.keys.variant_stats(answer.model, answer.version)
-            pipe.hincrby(stats, PREDICTIONS, len(answer.labels))
-            pipe.hincrby(stats, latency_field(answer.latency_s), 1)
+            counts[stats, PREDICTIONS] += len(answer.labels)
+            counts[stats, latency_field(answer.latency_s)] += 1
+        pipe = self.client.pipeline(transaction=False)
+        for prediction_id, mapping in predictions.items():
+            key = self.keys.prediction(prediction_id)
+            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            pipe.expire(key, self.window_s)
+        for (stats, field), count in counts.items():
+            pipe.hincrby(stats, field, count)
         pipe.execute()

@@ -114,3 +114,39 @@ def _threads(
     flat = sorted(x for per in latencies for x in per)
     p99 = flat[min(len(flat) - 1, int(len(flat) * 0.99))]
     return Load("python threads", len(flat), sum(errors), elapsed, statistics.median(flat), p99)
+
+
+def run_bodies(
+    url: str, bodies: list[bytes], *, connections: int, headers: dict[str, str]
+) -> float:
+    """Seconds to send every body once (each exactly once, shared out among
+    ``connections`` keep-alive connections); raises on any failed request."""
+    parts = urlsplit(url)
+    queue = list(reversed(bodies))
+    lock = threading.Lock()
+    failures: list[int] = []
+    all_headers = {"Content-Type": "application/json", **headers}
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+        while True:
+            with lock:
+                if not queue:
+                    break
+                body = queue.pop()
+            conn.request("POST", parts.path, body, all_headers)
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                failures.append(response.status)
+        conn.close()
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=client) for _ in range(connections)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed: statuses {sorted(set(failures))}")
+    return time.perf_counter() - started

@@ -29,6 +29,7 @@ def run_serve(args: argparse.Namespace, settings: Settings) -> int:
     check_exposure(settings)
     from forge.serving import server
 
+    server.quiet_torch_threads()  # before anything imports torch
     # A server runs until stopped: it must not join a one-shot command's Redis.
     with open_redis(settings, role="worker") as (client, resolved):
         if resolved.serve_workers > 1:

@@ -211,12 +211,12 @@ def app_from_env() -> Any:
     parent prepared (``forge.serving.server``)."""
     from forge.observability.logging import configure_logging
     from forge.servers.connect import connect_redis
-    from forge.serving.server import leave_a_core_to_the_event_loop, quiet_uvicorn
+    from forge.serving.server import quiet_torch_threads, quiet_uvicorn
 
     settings = Settings.from_env()
     configure_logging(settings)
     quiet_uvicorn()
-    leave_a_core_to_the_event_loop()
+    quiet_torch_threads()
     if not settings.redis_url:
         raise ConfigError("a serving worker needs REDIS_URL (forge serve sets it)")
     return create_app(services(settings, connect_redis(settings.redis_url)))

@@ -60,15 +60,17 @@ class Answer:
 
 @dataclass
 class Timeline:
-    """(time, versions allowed from then on), in order."""
+    """Changes in order: (command started, command finished, versions allowed from
+    then on). While a command runs, the versions before it and after it are both
+    allowed: the alias moves at some moment inside it."""
 
-    changes: list[tuple[float, frozenset[int]]] = field(default_factory=list)
+    changes: list[tuple[float, float, frozenset[int]]] = field(default_factory=list)
 
     def allowed(self, start_s: float, end_s: float) -> frozenset[int]:
         allowed: set[int] = set()
-        for i, (at, versions) in enumerate(self.changes):
-            until = self.changes[i + 1][0] if i + 1 < len(self.changes) else float("inf")
-            if at <= end_s and until >= start_s:
+        for i, (began, _, versions) in enumerate(self.changes):
+            until = self.changes[i + 1][1] if i + 1 < len(self.changes) else float("inf")
+            if began <= end_s and until >= start_s:
                 allowed |= versions
         return frozenset(allowed)
 
@@ -116,7 +118,7 @@ def _start(settings: Settings, port: int, folder: Path) -> subprocess.Popen[byte
 def _run(settings: Settings, folder: Path, args: argparse.Namespace) -> int:
     ports = [free_port(), free_port()]
     procs = [_start(settings, port, folder) for port in ports]
-    timeline = Timeline([(0.0, frozenset({1}))])
+    timeline = Timeline([(0.0, 0.0, frozenset({1}))])
     answers: list[Answer] = []
     stop = threading.Event()
     t0 = time.perf_counter()
@@ -156,9 +158,7 @@ def _script(
             before = time.perf_counter() - t0
             subprocess.run([sys.executable, "-m", "forge", *command], env=forge_env(settings),
                            check=True, capture_output=True)  # fmt: skip
-            # Allowed from the moment the command started (servers may switch as soon
-            # as the registry changes); the old set stays allowed until then.
-            timeline.changes.append((before, frozenset(versions)))
+            timeline.changes.append((before, time.perf_counter() - t0, frozenset(versions)))
             log(f"{now:6.1f}s forge {' '.join(command)}")
         if not killed and now >= 0.85 * duration:
             rss["restart_ready_s"] = _kill_and_restart(settings, procs, ports, folder)

@@ -20,6 +20,7 @@ from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, new_prefi
 pytest_plugins = [
     "tests.pg_fixtures",
     "tests.model_fixtures",
+    "tests.mlflow_model_fixtures",
     "tests.serving_fixtures",
     "tests.registry_fixtures",
 ]

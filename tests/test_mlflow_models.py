@@ -26,7 +26,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from sklearn.datasets import load_digits
 
 from forge.cli.main import main
 from forge.embedding.model import Embedder
@@ -34,33 +33,11 @@ from forge.events import TrainingRequest
 from forge.settings import Settings
 from forge.training.base import Dataset
 from forge.training.service import TrainingService
-from forge.training.tracking import connect
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSIFIER = {"label_field": "digit", "hidden_dim": 32, "epochs": 3, "batch_size": 64}
 TOPICS = {"billing": "I want a refund for order {}", "login": "I cannot log in to account {}"}
 SERVE_TIMEOUT_S = 120.0
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    home = tmp_path_factory.mktemp("forge-home")
-    settings = Settings(home_dir=home, mlflow_tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    connect(settings).search_experiments()  # creates the schema once, for every test here
-    return settings
-
-
-@pytest.fixture(scope="module")
-def service(store: Settings) -> TrainingService:
-    return TrainingService.from_settings(store)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    data = load_digits()
-    vectors = (data.data / 16.0).astype(np.float32)
-    labels = [{"digit": int(d)} for d in data.target]
-    return Dataset(ids=[f"d{i}" for i in range(len(vectors))], vectors=vectors, metadata=labels)
 
 
 def train(

@@ -17,7 +17,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.datasets import load_digits
 
 from consumers.new_data import NewDataHandler
 from consumers.once import Once
@@ -33,7 +32,7 @@ from forge.settings import Settings
 from forge.training.base import Dataset
 from forge.training.service import TrainingService
 from forge.training.tasks import get_trainer, parse_params
-from forge.training.tracking import TrainingRun, connect
+from forge.training.tracking import TrainingRun
 from forge.training.versions import (
     CHAMPION,
     TAG_COLLECTION,
@@ -47,27 +46,6 @@ from tests.support.workers import drain, make_worker
 
 Cli = Callable[..., tuple[int, str, str]]
 INCREMENTAL = {"label_field": "digit", "epochs": 2}
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    home = tmp_path_factory.mktemp("forge-home")
-    settings = Settings(home_dir=home, mlflow_tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
-    connect(settings).search_experiments()
-    return settings
-
-
-@pytest.fixture(scope="module")
-def service(store: Settings) -> TrainingService:
-    return TrainingService.from_settings(store)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    data = load_digits()
-    vectors = (data.data / 16.0).astype(np.float32)
-    labels = [{"digit": int(d)} for d in data.target]
-    return Dataset(ids=[f"d{i}" for i in range(len(vectors))], vectors=vectors, metadata=labels)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from forge.training.promotion import promote
 from forge.training.service import TrainingService
 from forge.training.versions import CANDIDATE, CHAMPION
 from tests.support.metrics import sample
-from tests.support.serving import DIM, call, train, vectors
+from tests.support.serving import DIM, call, record_loads, train, vectors
 
 
 def answers(results: list[PredictAnswer | PredictError]) -> list[PredictAnswer]:
@@ -251,14 +251,7 @@ def test_a_new_champion_is_loaded_by_refresh_before_routing_switches_to_it(
     train(training, model_name)
     assert answers(engine.predict([call(model_name)]))[0].version == 1
     train(training, model_name, promote="never")
-    loads: list[tuple[str, str | None]] = []
-    real_load = training.load
-
-    def load(model: str, ref: str | None = None) -> Any:
-        loads.append((threading.current_thread().name, ref))
-        return real_load(model, ref)
-
-    monkeypatch.setattr(training, "load", load)
+    loads = record_loads(training, monkeypatch)
     promote(training.versions, model_name, 2)
     routes(serving_settings, redis_client).bump()
     refresher = threading.Thread(target=engine.refresh, name="refresher")

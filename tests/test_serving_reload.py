@@ -23,7 +23,7 @@ from forge.training.promotion import promote
 from forge.training.service import TrainingService
 from forge.training.versions import CANDIDATE, CHAMPION
 from tests.support.redis_helpers import wait_for
-from tests.support.serving import train, vectors
+from tests.support.serving import record_loads, train, vectors
 
 THREADS = 4
 
@@ -83,14 +83,7 @@ def test_routes_and_champions_change_under_load_without_a_failed_request(
 ) -> None:
     train(training, model_name)
     train(training, model_name, promote="never")
-    loads: list[tuple[str, str | None]] = []
-    real_load = training.load
-
-    def load(model: str, ref: str | None = None) -> Any:
-        loads.append((threading.current_thread().name, ref))
-        return real_load(model, ref)
-
-    monkeypatch.setattr(training, "load", load)
+    loads = record_loads(training, monkeypatch)
     routes = RouteStore(redis_client, Keys.from_settings(serving_settings))
     app = create_app(services(serving_settings, redis_client, serving_metrics, engine))
     with TestClient(app) as api, Load(api, model_name) as load_:

@@ -12,8 +12,10 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+import pytest
 
 from forge.events import PredictInput, TrainingRequest
 from forge.serving.calls import PredictCall
@@ -63,6 +65,22 @@ def call(model: str, n: int = 1, **fields: object) -> PredictCall:
     """A call with ``n`` vector inputs."""
     inputs = [PredictInput(vector=v) for v in vectors(n)]
     return PredictCall(model, inputs, **fields)  # type: ignore[arg-type]
+
+
+def record_loads(
+    service: TrainingService, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[str, str | None]]:
+    """Every ``service.load`` from now on, as (thread name, version ref), in order: which
+    thread paid for a cold load."""
+    loads: list[tuple[str, str | None]] = []
+    real_load = service.load
+
+    def load(model: str, ref: str | None = None) -> Any:
+        loads.append((threading.current_thread().name, ref))
+        return real_load(model, ref)
+
+    monkeypatch.setattr(service, "load", load)
+    return loads
 
 
 class ServerProcess:

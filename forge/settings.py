@@ -152,8 +152,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     serve_max_wait_ms: float = 2.0
     serve_max_body_bytes: int = 1_048_576
     api_token: str | None = None
-    # How often servers look for route, alias and version changes.
+    # How often servers and predict workers look in Redis for route, alias and version
+    # changes (Forge's own commands announce every one there).
     serve_reload_interval_s: float = 0.5
+    # How often they also ask the model registry for aliases moved behind Forge's back
+    # (MLflow's UI or client): a registry round trip per served model, so rarely.
+    serve_registry_poll_s: float = 30.0
     # How long a prediction is kept for joining its feedback.
     feedback_window_s: int = 24 * 3600
     # Feedback each variant needs before a comparison may give a verdict.
@@ -176,6 +180,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "serve_workers": self.serve_workers,
             "serve_max_body_bytes": self.serve_max_body_bytes,
             "serve_reload_interval_s": self.serve_reload_interval_s,
+            "serve_registry_poll_s": self.serve_registry_poll_s,
             "feedback_window_s": self.feedback_window_s,
             "compare_min_feedback": self.compare_min_feedback,
         }
@@ -294,6 +299,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_SERVE_MAX_BODY_BYTES": ("serve_max_body_bytes", parse_size),
     "FORGE_API_TOKEN": ("api_token", _stripped),
     "FORGE_SERVE_RELOAD_INTERVAL_S": ("serve_reload_interval_s", float),
+    "FORGE_SERVE_REGISTRY_POLL_S": ("serve_registry_poll_s", float),
     "FORGE_FEEDBACK_WINDOW_S": ("feedback_window_s", int),
     "FORGE_COMPARE_MIN_FEEDBACK": ("compare_min_feedback", int),
     "FORGE_HTTP_HOST": ("http_host", str),

@@ -81,8 +81,10 @@ DESCRIPTIONS: dict[str, str] = {
     "serve_max_body_bytes": "Largest HTTP request body the API reads; larger ones get 413.",
     "api_token": "Bearer token the HTTP API requires (`Authorization: Bearer ...`); unset: "
     "no auth, allowed on loopback only. `/health` stays open.",
-    "serve_reload_interval_s": "How often servers and workers look for split, shadow, alias "
-    "and version changes.",
+    "serve_reload_interval_s": "How often servers and predict workers look in Redis for split, "
+    "shadow, alias and version changes that Forge announced (one round trip).",
+    "serve_registry_poll_s": "How often they also read every served model's aliases from the "
+    "registry, for aliases moved outside Forge (MLflow's UI or client).",
     "feedback_window_s": "How long a prediction is kept so that feedback can be joined to it.",
     "compare_min_feedback": "Feedback each variant needs before `forge models compare` (and "
     "`promote: on-significance`) gives a verdict.",

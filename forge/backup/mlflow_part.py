@@ -30,7 +30,13 @@ from forge.backup import pgtools
 from forge.backup.manifest import BackupError, Part, describe_file
 from forge.settings import Settings, redact_url
 from forge.training import sqlite_store
-from forge.training.tracking import ARTIFACTS_DIR, artifact_root, sqlite_database, tracking_uri
+from forge.training.tracking import (
+    ARTIFACTS_DIR,
+    artifact_root,
+    quiet_mlflow,
+    sqlite_database,
+    tracking_uri,
+)
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_FILE = "mlflow-artifacts.tar.gz"
@@ -94,6 +100,7 @@ def dump(settings: Settings, store: Store, folder: Path) -> Part:
         )
     database, artifacts = _sqlite_paths(store)
     # A store never opened yet is created, so that every backup has the same parts.
+    quiet_mlflow()
     sqlite_store.prepare(store.uri, database, artifacts)
     _copy_database(database, folder / DB_FILE)
     with tarfile.open(folder / ARTIFACTS_FILE, "w:gz") as archive:

@@ -1,0 +1,345 @@
+"""``forge backup``: state made by a real worker (vectors, a trained model, a dead letter,
+a pending and an unread event, a traffic split) survives create, wipe and restore, and
+a worker then resumes with nothing lost and nothing applied twice.
+
+Real Redis (this test's prefix), real PostgreSQL (a database of this test's own) and
+the embedded MLflow store under this test's FORGE_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+import redis
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from sklearn.datasets import load_digits
+
+from consumers import register
+from forge.backup.manifest import MANIFEST_FILE
+from forge.events import EVENT_FIELD, Completion, decode_as
+from forge.observability.metrics import Metrics
+from forge.runtime.context import Context
+from forge.runtime.deadletter import DeadLetterQueue
+from forge.runtime.handlers import HandlerRegistry
+from forge.runtime.worker import Worker
+from forge.serving.routing import Route, RouteStore, Variant
+from forge.settings import Settings
+from forge.training.tracking import connect
+from forge.training.versions import ModelVersions
+from forge.vectorstore import VectorStore
+from tests.support.cli import assert_one_line_error, run_cli
+from tests.support.events import publish
+from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, running, wait_for
+
+CLASSIFIER = {"label_field": "digit", "hidden_dim": 32, "epochs": 4, "batch_size": 64}
+GONE = "gone-worker"
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def database(pg_url: str) -> Iterator[str]:
+    """A database of this test's own, so that wiping it touches nothing else."""
+    name = f"forge_backup_{uuid.uuid4().hex[:10]}"
+    _create_database(pg_url, name)
+    try:
+        yield make_conninfo(pg_url, dbname=name)
+    finally:
+        _drop_database(pg_url, name)
+
+
+@pytest.fixture
+def settings(settings: Settings, database: str) -> Settings:
+    # MLflow: the embedded SQLite store under this test's FORGE_HOME.
+    return settings.replace(postgres_url=database, mlflow_tracking_uri=None)
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> Settings:
+    """What ``forge backup`` reads: this test's servers, prefix and FORGE_HOME."""
+    monkeypatch.setenv("REDIS_URL", TEST_REDIS_URL)
+    monkeypatch.setenv("POSTGRES_URL", str(settings.postgres_url))
+    monkeypatch.setenv("FORGE_STREAM_PREFIX", settings.stream_prefix)
+    monkeypatch.setenv("FORGE_HOME", str(settings.home_dir))
+    for name in ("MLFLOW_TRACKING_URI", "MLRUN_DBPATH"):
+        monkeypatch.delenv(name, raising=False)
+    return settings
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _create_database(pg_url: str, name: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def _drop_database(pg_url: str, name: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def new_data(event_id: str, vectors: np.ndarray[Any, Any], labels: np.ndarray[Any, Any]) -> Any:
+    records = [
+        {"id": f"{event_id}-{i}", "vector": v.tolist(), "metadata": {"digit": int(label)}}
+        for i, (v, label) in enumerate(zip(vectors, labels, strict=True))
+    ]
+    return {"type": "new-data", "id": event_id, "collection": "digits", "records": records}
+
+
+def training(event_id: str, model: str) -> dict[str, Any]:
+    return {
+        "type": "training-request",
+        "id": event_id,
+        "model": model,
+        "task": "classifier",
+        "collection": "digits",
+        "params": CLASSIFIER,
+    }
+
+
+def completions(client: redis.Redis, ctx: Context) -> list[Completion]:
+    entries: Any = client.xrange(ctx.keys.completions)
+    return [decode_as(Completion, fields[EVENT_FIELD]) for _, fields in entries]
+
+
+def run_worker(ctx: Context, until_completions: int) -> None:
+    handlers = HandlerRegistry()
+    register(handlers, ctx)
+    worker = Worker(ctx, handlers)
+    worker.ctx.broker.ensure_groups(worker.streams)
+    with running(worker):
+        wait_for(lambda: len(completions(ctx.redis, ctx)) >= until_completions, 120)
+
+
+def snapshot(ctx: Context, model: str, query: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """Everything the restore must give back, as plain values."""
+    client, keys = ctx.redis, ctx.keys
+    assert ctx.settings.postgres_url is not None
+    with VectorStore(ctx.settings.postgres_url, max_connections=2) as store:
+        hits = [(h.id, round(h.score, 6), h.metadata) for h in store.search("digits", query, 10)]
+        rows = store.count("digits")
+    with psycopg.connect(ctx.settings.postgres_url) as conn:
+        ledger = conn.execute(
+            "SELECT scope, event_id, result FROM forge_processed_events ORDER BY 1, 2"
+        ).fetchall()
+    versions = ModelVersions(connect(ctx.settings))
+    streams: dict[str, Any] = {}
+    for stream in (*keys.input_streams, *keys.output_streams):
+        if client.exists(stream):
+            groups: Any = client.xinfo_groups(stream)
+            streams[stream] = {
+                "entries": client.xrange(stream),
+                "groups": [{k: v for k, v in g.items() if k != "consumers"} for g in groups],
+                "pending": [
+                    (p["message_id"], p["consumer"], p["times_delivered"])
+                    for g in groups
+                    for p in client.xpending_range(stream, g["name"], "-", "+", 100)
+                ],
+            }
+    done = sorted(client.scan_iter(match=keys.done_pattern(keys.new_data)))
+    return {
+        "hits": hits,
+        "rows": rows,
+        "ledger": ledger,
+        "versions": [(v.version, v.run_id, v.request_id, v.source) for v in versions.all(model)],
+        "aliases": versions.aliases(model),
+        "dead_letters": [(d.entry_id, d.record) for d in DeadLetterQueue(ctx.broker).select()],
+        "streams": streams,
+        "done": {key: client.get(key) for key in done},
+        "route": RouteStore(client, keys).get(model),
+        "epoch": RouteStore(client, keys).epoch(),
+    }
+
+
+def forget_mlflow_connections() -> None:
+    """MLflow keeps one SQLAlchemy engine per store URI for the life of the process, and
+    its pooled SQLite connections would go on reading the deleted file: a restore in
+    another process (what users run) starts without them."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore as Registry
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as Tracking
+
+    for store in (Tracking, Registry):
+        for engine in store._engine_map.values():
+            engine.dispose()
+        store._engine_map.clear()
+
+
+# ---------------------------------------------------------------------- tests
+
+
+@pytest.mark.slow
+def test_a_restored_deployment_resumes_with_nothing_lost_and_nothing_applied_twice(
+    env: Settings,
+    redis_client: redis.Redis,
+    pg_url: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = env
+    model = f"m_{uuid.uuid4().hex[:8]}"
+    data = load_digits()
+    vectors, labels = (data.data[:400] / 16.0).astype(np.float32), data.target[:400]
+    first = Context(settings=settings, redis=redis_client, metrics=Metrics(gpu=False))
+    keys = first.keys
+
+    # State made through the runtime: rows, a dead letter, a trained and promoted model.
+    publish(redis_client, keys.new_data, new_data("n1", vectors[:200], labels[:200]))
+    publish(redis_client, keys.new_data, b"not json: a poison message")
+    publish(redis_client, keys.new_data, new_data("n2", vectors[200:300], labels[200:300]))
+    run_worker(first, 3)
+    publish(redis_client, keys.training_requests, training("t1", model))
+    run_worker(first, 4)
+    first.close()
+    RouteStore(redis_client, keys).put(
+        model,
+        Route(split=[Variant(ref="champion", weight=90), Variant(ref="candidate", weight=10)]),
+    )
+    # Work in flight: n3 read by a worker that died, n4 not read yet.
+    publish(redis_client, keys.new_data, new_data("n3", vectors[300:350], labels[300:350]))
+    redis_client.xreadgroup(keys.group, GONE, {keys.new_data: ">"}, count=1)
+    publish(redis_client, keys.new_data, new_data("n4", vectors[350:], labels[350:]))
+    before = snapshot(first, model, vectors[0])
+    assert before["rows"] == 300
+    assert before["aliases"] == {"champion": 1}
+    assert len(before["dead_letters"]) == 1
+    assert len(before["done"]) == 2
+    assert before["streams"][keys.new_data]["pending"][0][1:] == (GONE.encode(), 1)
+
+    backup = tmp_path / "backup"
+    code, out, err = run_cli(capsys, "backup", "create", str(backup))
+    assert code == 0, err
+    assert out.startswith(f"backup written to {backup}")
+    manifest = json.loads((backup / MANIFEST_FILE).read_text())
+    assert [p["name"] for p in manifest["parts"]] == ["redis", "postgres", "mlflow"]
+    assert run_cli(capsys, "backup", "verify", str(backup))[0] == 0
+
+    # Lose everything: this test's keys, its database and FORGE_HOME.
+    delete_prefix(redis_client, settings.stream_prefix)
+    database = psycopg.conninfo.conninfo_to_dict(str(settings.postgres_url))["dbname"]
+    _drop_database(pg_url, str(database))
+    _create_database(pg_url, str(database))
+    forget_mlflow_connections()
+    shutil.rmtree(settings.home_dir)
+
+    code, out, err = run_cli(capsys, "backup", "restore", str(backup))
+    assert code == 0, err
+    assert out.startswith(f"restored {backup}")
+    second = Context(
+        settings=settings.replace(claim_min_idle_s=0.2),
+        redis=redis_client,
+        metrics=Metrics(gpu=False),
+    )
+    assert snapshot(second, model, vectors[0]) == before
+
+    # A second restore finds data and refuses, changing nothing.
+    code, _, err = run_cli(capsys, "backup", "restore", str(backup))
+    assert_one_line_error(code, err, "refusing to restore", "--force")
+
+    # The worker resumes: n3 reclaimed from the dead worker, n4 read; republished n1 and
+    # t1 are answered from their done markers.
+    publish(redis_client, keys.new_data, new_data("n1", vectors[:200], labels[:200]))
+    publish(redis_client, keys.training_requests, training("t1", model))
+    done_before = len(completions(redis_client, second))
+    run_worker(second, done_before + 4)
+    after = snapshot(second, model, vectors[0])
+    second.close()
+    new = completions(redis_client, second)[done_before:]
+    assert sorted((c.source_id, c.status, c.duplicate) for c in new) == [
+        ("n1", "succeeded", True),
+        ("n3", "succeeded", False),
+        ("n4", "succeeded", False),
+        ("t1", "succeeded", True),
+    ]
+    assert after["rows"] == 400
+    assert after["versions"] == before["versions"]
+    assert after["aliases"] == before["aliases"]
+    assert {e for _, e, _ in after["ledger"]} == {"n1", "n2", "n3", "n4"}
+
+
+def test_verify_names_a_damaged_file(
+    env: Settings, redis_client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    publish(redis_client, env.stream_prefix + "new-data", b"x")
+    backup = tmp_path / "b"
+    code, _, err = run_cli(
+        capsys, "backup", "create", str(backup), "--exclude", "postgres", "--exclude", "mlflow"
+    )
+    assert code == 0, err
+    with (backup / "redis.jsonl").open("ab") as f:
+        f.write(b"\n")
+    code, _, err = run_cli(capsys, "backup", "verify", str(backup))
+    assert_one_line_error(code, err, "redis.jsonl")
+
+
+def test_create_refuses_a_folder_that_holds_files(
+    env: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "backup", "create", str(tmp_path), "--exclude", "mlflow")
+    assert_one_line_error(code, err, "is not empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_restore_refuses_another_prefix_and_a_folder_without_manifest(
+    env: Settings,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    backup = tmp_path / "b"
+    only_redis = ("--exclude", "postgres", "--exclude", "mlflow")
+    assert run_cli(capsys, "backup", "create", str(backup), *only_redis)[0] == 0
+    monkeypatch.setenv("FORGE_STREAM_PREFIX", "elsewhere:")
+    code, _, err = run_cli(capsys, "backup", "restore", str(backup))
+    assert_one_line_error(code, err, "FORGE_STREAM_PREFIX")
+    code, _, err = run_cli(capsys, "backup", "restore", str(tmp_path))
+    assert_one_line_error(code, err, "no manifest.json")
+
+
+def test_pending_entries_keep_their_consumer_and_delivery_count(
+    env: Settings,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stream = env.stream_prefix + "new-data"
+    ids = [publish(redis_client, stream, b"e%d" % i) for i in range(3)]
+    redis_client.xgroup_create(stream, env.group, "0")
+    redis_client.xreadgroup(env.group, GONE, {stream: ">"}, count=2)
+    redis_client.xclaim(stream, env.group, GONE, 0, [ids[0]], retrycount=2, justid=True)
+    redis_client.xack(stream, env.group, ids[1])
+    backup = tmp_path / "b"
+    only_redis = ("--exclude", "postgres", "--exclude", "mlflow")
+    assert run_cli(capsys, "backup", "create", str(backup), *only_redis)[0] == 0
+    before = redis_client.xpending_range(stream, env.group, "-", "+", 10)
+    groups = redis_client.xinfo_groups(stream)
+
+    code, _, err = run_cli(capsys, "backup", "restore", str(backup), "--force")
+    assert code == 0, err
+    after = redis_client.xpending_range(stream, env.group, "-", "+", 10)
+    assert [(p["message_id"], p["consumer"], p["times_delivered"]) for p in after] == [
+        (p["message_id"], p["consumer"], p["times_delivered"]) for p in before
+    ]
+    assert redis_client.xinfo_groups(stream) == groups
+    # The next id is still after every id handed out before the backup.
+    later = publish(redis_client, stream, b"later")
+    assert _id_order(later) > _id_order(ids[-1])
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)

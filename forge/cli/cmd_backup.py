@@ -1,5 +1,8 @@
 """``forge backup`` (create, verify, restore): one backup of Redis, PostgreSQL and
-MLflow, as ``forge.backup.orchestrator`` takes and restores it."""
+MLflow, as ``forge.backup.orchestrator`` takes and restores it.
+
+The orchestrator (and with it the Redis and PostgreSQL clients) is imported by the
+commands that reach servers: ``verify`` reads files only."""
 
 from __future__ import annotations
 
@@ -9,13 +12,14 @@ from pathlib import Path
 
 import msgspec
 
-from forge.backup import orchestrator
 from forge.backup.manifest import Manifest, PartName, verify
 from forge.cli.output import print_json, print_table
 from forge.settings import Settings
 
 
 def run_create(args: argparse.Namespace, settings: Settings) -> int:
+    from forge.backup import orchestrator
+
     exclude: list[PartName] = list(args.exclude)
     manifest = orchestrator.create(settings, Path(args.dir), exclude)
     _report(manifest, args.json, f"backup written to {args.dir}")
@@ -29,6 +33,8 @@ def run_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_restore(args: argparse.Namespace, settings: Settings) -> int:
+    from forge.backup import orchestrator
+
     manifest = orchestrator.restore(settings, Path(args.dir), force=args.force)
     _report(
         manifest, False, f"restored {args.dir} (taken {manifest.created_at:%Y-%m-%d %H:%M:%SZ})"

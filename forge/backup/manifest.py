@@ -38,7 +38,7 @@ class PartFile(msgspec.Struct, frozen=True, kw_only=True):
     sha256: str
 
 
-class Part(msgspec.Struct, frozen=True, kw_only=True):
+class Part(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One store's share of a backup.
 
     ``format`` names how its files are written (``redis-jsonl/1``, ``pg_dump-custom``,

@@ -112,6 +112,7 @@ def restore(settings: Settings, folder: Path, *, force: bool = False) -> Manifes
                 " (--force replaces it)"
             )
         if force:
+            targets.require_no_workers()
             targets.clear()
         targets.restore(folder)
     return manifest
@@ -152,6 +153,18 @@ class _Targets:
         if self.mlflow is not None:
             found.append(mlflow_part.contents(self.mlflow))
         return [item for item in found if item]
+
+    def require_no_workers(self) -> None:
+        """A worker writing while its stores are replaced would mix the two states."""
+        if self.redis is None:
+            return
+        within_s = self.settings.claim_min_idle_s
+        active = redis_part.active_consumers(self.redis, self.keys, within_s)
+        if active:
+            raise BackupError(
+                f"workers seem to be running ({', '.join(active[:3])} read within"
+                f" {within_s:g}s): stop them, and wait FORGE_CLAIM_MIN_IDLE_S, before --force"
+            )
 
     def clear(self) -> None:
         if self.redis is not None:

@@ -55,12 +55,13 @@ def contents(url: str) -> str | None:
     """What the database holds that a restore would overwrite; None when nothing."""
     with psycopg.connect(url, connect_timeout=pgtools.CONNECT_TIMEOUT_S) as conn:
         tables = _user_tables(conn)
-        others = sorted(set(tables) - {CATALOG, LEDGER, MIGRATIONS})
-        if others:
-            return f"the PostgreSQL database has tables ({', '.join(others[:3])}, ...)"
         for table in (CATALOG, LEDGER):
             if table in tables and _has_rows(conn, table):
                 return f"the PostgreSQL table {table} has rows"
+        others = sorted(set(tables) - {CATALOG, LEDGER, MIGRATIONS})
+        if others:
+            more = ", ..." if len(others) > 3 else ""
+            return f"the PostgreSQL database has tables ({', '.join(others[:3])}{more})"
     return None
 
 

@@ -208,6 +208,23 @@ def is_empty(client: redis.Redis, keys: Keys) -> bool:
     return next(iter(client.scan_iter(match=keys.everything, count=_PAGE)), None) is None
 
 
+def active_consumers(client: redis.Redis, keys: Keys, within_s: float) -> list[str]:
+    """Consumers of the input streams seen within ``within_s``: workers that may be
+    running (a live worker reads, or renews its leases, more often than that)."""
+    found: list[str] = []
+    for stream in keys.input_streams:
+        groups: Any = client.xinfo_groups(stream) if client.exists(stream) else []
+        if not any(g["name"] == keys.group.encode() for g in groups):
+            continue
+        consumers: Any = client.xinfo_consumers(stream, keys.group)
+        found += [
+            f"{c['name'].decode(errors='replace')} on {keys.short(stream)}"
+            for c in consumers
+            if c["idle"] < within_s * 1000
+        ]
+    return found
+
+
 def wipe(client: redis.Redis, keys: Keys) -> int:
     """Delete every key of ``keys``'s deployment (``restore --force``)."""
     deleted = 0

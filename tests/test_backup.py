@@ -20,7 +20,7 @@ import psycopg
 import pytest
 import redis
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from sklearn.datasets import load_digits
 
 from consumers import register
@@ -231,7 +231,7 @@ def test_a_restored_deployment_resumes_with_nothing_lost_and_nothing_applied_twi
 
     # Lose everything: this test's keys, its database and FORGE_HOME.
     delete_prefix(redis_client, settings.stream_prefix)
-    database = psycopg.conninfo.conninfo_to_dict(str(settings.postgres_url))["dbname"]
+    database = conninfo_to_dict(str(settings.postgres_url))["dbname"]
     _drop_database(pg_url, str(database))
     _create_database(pg_url, str(database))
     forget_mlflow_connections()
@@ -478,3 +478,59 @@ def test_a_tracking_server_is_refused_before_anything_is_written(
     code, _, err = run_cli(capsys, "backup", "create", str(backup))
     assert_one_line_error(code, err, "--exclude mlflow", "http://user:***@mlflow:5000")
     assert not backup.exists()
+
+
+@pytest.mark.slow
+def test_an_mlflow_store_on_postgresql_is_dumped_and_restored(
+    env: Settings,
+    pg_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    name = f"forge_mlflow_{uuid.uuid4().hex[:10]}"
+    _create_database(pg_url, name)
+    try:
+        uri = _sqlalchemy_url(make_conninfo(pg_url, dbname=name))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        versions = ModelVersions(connect(env.replace(mlflow_tracking_uri=uri)))
+        versions.client.create_registered_model("m")
+        versions.client.create_model_version("m", source=(tmp_path / "model").as_uri())
+        versions.set_alias("m", "champion", 1)
+        backup = tmp_path / "b"
+        only_mlflow = ("--exclude", "redis", "--exclude", "postgres")
+        assert run_cli(capsys, "backup", "create", str(backup), *only_mlflow)[0] == 0
+        (part,) = json.loads((backup / MANIFEST_FILE).read_text())["parts"]
+        assert part["format"] == "pg_dump-custom"
+
+        _drop_database(pg_url, name)
+        _create_database(pg_url, name)
+        forget_mlflow_connections()
+        code, _, err = run_cli(capsys, "backup", "restore", str(backup))
+        assert code == 0, err
+        assert versions.aliases("m") == {"champion": 1}
+        code, _, err = run_cli(capsys, "backup", "restore", str(backup))
+        assert_one_line_error(code, err, "has runs or models")
+    finally:
+        forget_mlflow_connections()
+        _drop_database(pg_url, name)
+
+
+def _sqlalchemy_url(conninfo: str) -> str:
+    """The SQLAlchemy URL MLflow takes for a libpq connection string (a Unix socket
+    goes in the query, as libpq's ``host``)."""
+    from sqlalchemy.engine import URL
+
+    params = conninfo_to_dict(conninfo)
+    host = str(params.get("host") or "")
+    socket = host.startswith("/")
+    url = URL.create(
+        "postgresql+psycopg",
+        username=str(params.get("user") or "") or None,
+        password=str(params.get("password") or "") or None,
+        host=None if socket else host or None,
+        port=None if socket or not params.get("port") else int(str(params["port"])),
+        database=str(params["dbname"]),
+        query={"host": host} if socket else {},
+    )
+    return url.render_as_string(hide_password=False)

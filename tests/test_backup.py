@@ -534,3 +534,17 @@ def _sqlalchemy_url(conninfo: str) -> str:
         query={"host": host} if socket else {},
     )
     return url.render_as_string(hide_password=False)
+
+
+def test_a_failed_backup_leaves_nothing_behind(
+    env: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Redis is written first; PostgreSQL then refuses the connection.
+    monkeypatch.setenv("POSTGRES_URL", "postgresql://forge@127.0.0.1:1/forge?connect_timeout=5")
+    backup = tmp_path / "b"
+    code, _, err = run_cli(capsys, "backup", "create", str(backup), "--exclude", "mlflow")
+    assert_one_line_error(code, err, "PostgreSQL")
+    assert not backup.exists()

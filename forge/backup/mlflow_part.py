@@ -147,8 +147,7 @@ def restore(settings: Settings, store: Store, folder: Path, part: Part) -> None:
     with FileLock(sqlite_store.lock_path(database), timeout=sqlite_store.LOCK_TIMEOUT_S):
         _copy_database(folder / DB_FILE, database)
         shutil.rmtree(artifacts, ignore_errors=True)
-        with tarfile.open(folder / ARTIFACTS_FILE, "r:gz") as archive:
-            archive.extractall(database.parent, filter="data")
+        _extract(folder / ARTIFACTS_FILE, database.parent)
         if part.artifact_root and part.artifact_root != artifacts.as_uri():
             _move_artifact_uris(database, part.artifact_root, artifacts.as_uri())
 
@@ -164,15 +163,23 @@ def _sqlite_paths(store: Store) -> tuple[Path, Path]:
 def _copy_database(source: Path, target: Path) -> None:
     """Copy with SQLite's online backup: a consistent snapshot, even of a database
     another process is writing, taken page by page under SQLite's own locking."""
-    src = sqlite3.connect(f"{source.as_uri()}?mode=ro", uri=True)
     try:
-        dst = sqlite3.connect(target)
-        try:
+        with (
+            closing(sqlite3.connect(f"{source.as_uri()}?mode=ro", uri=True)) as src,
+            closing(sqlite3.connect(target)) as dst,
+        ):
             src.backup(dst)
-        finally:
-            dst.close()
-    finally:
-        src.close()
+    except sqlite3.Error as exc:
+        raise BackupError(f"copying the MLflow store {source} to {target}: {exc}") from None
+
+
+def _extract(archive_path: Path, into: Path) -> None:
+    # The "data" filter refuses links out of the folder, absolute paths and devices.
+    try:
+        with tarfile.open(archive_path, "r:gz") as archive:
+            archive.extractall(into, filter="data")
+    except tarfile.TarError as exc:
+        raise BackupError(f"extracting {archive_path}: {exc}") from None
 
 
 def _move_artifact_uris(database: Path, old: str, new: str) -> None:

@@ -44,7 +44,7 @@ def create(settings: Settings, folder: Path, exclude: Collection[PartName] = ())
     """Write a backup of the stores not excluded into ``folder`` (new or empty)."""
     # Before anything is written: a store that cannot be backed up fails the command.
     mlflow_store = None if "mlflow" in exclude else mlflow_part.locate(settings)
-    _claim_folder(folder)
+    created = _claim_folder(folder)
     try:
         parts = list(_dump_parts(settings, folder, exclude, mlflow_store))
         manifest = Manifest(
@@ -57,8 +57,7 @@ def create(settings: Settings, folder: Path, exclude: Collection[PartName] = ())
         write_manifest(folder, manifest)
     except BaseException:
         # Half a backup is no backup: leave the folder as it was found.
-        for path in folder.iterdir():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        _empty(folder, remove=created)
         raise
     return manifest
 
@@ -191,9 +190,23 @@ def _required(manifest: Manifest, name: PartName) -> Part:
     return part
 
 
-def _claim_folder(folder: Path) -> None:
+def _claim_folder(folder: Path) -> bool:
+    """Make sure ``folder`` is an empty folder; whether it had to be created."""
     if folder.exists() and not folder.is_dir():
         raise BackupError(f"{folder} is a file: a backup goes into a new or empty folder")
     if folder.exists() and any(folder.iterdir()):
         raise BackupError(f"{folder} is not empty: a backup goes into a new or empty folder")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _empty(folder: Path, *, remove: bool) -> None:
+    if remove:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in folder.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

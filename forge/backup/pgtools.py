@@ -85,7 +85,10 @@ def _run(settings: Settings, server: Server, major: int, program: str, args: lis
     folder = bin_dir(settings, major)
     executable = folder / program
     if not executable.exists():
-        raise BackupError(f"{executable} does not exist (FORGE_PG_BIN_DIR)")
+        raise BackupError(
+            f"{executable} does not exist: set FORGE_PG_BIN_DIR to the folder of"
+            f" a {program} for PostgreSQL {major} or newer"
+        )
     params: dict[str, Any] = conninfo_to_dict(server.url)
     password = params.pop("password", None)
     env = dict(os.environ, PGCONNECT_TIMEOUT=str(CONNECT_TIMEOUT_S))

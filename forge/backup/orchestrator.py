@@ -17,10 +17,12 @@ from __future__ import annotations
 import shutil
 from collections.abc import Collection, Iterator
 from contextlib import ExitStack
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 import redis
+import structlog
 
 from forge import __version__
 from forge.backup import mlflow_part, postgres_part, redis_format, redis_part
@@ -37,6 +39,7 @@ from forge.keys import Keys
 from forge.servers.endpoints import open_redis
 from forge.settings import Settings, redact_url
 
+log = structlog.get_logger(__name__)
 REDIS_FILE = "redis.jsonl"
 
 
@@ -80,7 +83,8 @@ def _dump_parts(
 
 
 def _dump_redis(client: redis.Redis, settings: Settings, folder: Path) -> Part:
-    redis_part.dump(client, Keys.from_settings(settings), folder / REDIS_FILE)
+    counts = redis_part.dump(client, Keys.from_settings(settings), folder / REDIS_FILE)
+    log.info("redis part written", **asdict(counts))
     return Part(
         name="redis",
         format=f"{redis_format.FORMAT}/{redis_format.VERSION}",
@@ -181,7 +185,9 @@ class _Targets:
                 self.settings, self.mlflow, folder, _required(self.manifest, "mlflow")
             )
         if self.redis is not None:
-            redis_part.restore(self.redis, self.keys, folder / REDIS_FILE)
+            counts = redis_part.restore(self.redis, self.keys, folder / REDIS_FILE)
+            # Expired: keys whose expiry passed since the backup, left out as Redis would have.
+            log.info("redis part restored", **asdict(counts))
 
 
 def _required(manifest: Manifest, name: PartName) -> Part:

@@ -6,11 +6,19 @@ All names start with the configurable prefix (``FORGE_STREAM_PREFIX``, default
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from forge.settings import Settings
+
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +118,35 @@ class Keys:
         """String: the ``model-version`` event a feedback event's batch promoted with,
         kept (for ``FORGE_IDEMPOTENCY_TTL_S``) so a retry of that event publishes it."""
         return f"{self.prefix}serving:promotion-event:{feedback_id}"
+
+    # Key families as SCAN MATCH patterns (what ``forge backup`` copies).
+    @property
+    def everything(self) -> str:
+        """Every key of this deployment: its prefix, whatever follows."""
+        return f"{glob_escape(self.prefix)}*"
+
+    def done_pattern(self, stream: str) -> str:
+        return f"{glob_escape(self.done(stream, ''))}*"
+
+    @property
+    def route_pattern(self) -> str:
+        return f"{glob_escape(self.route(''))}*"
+
+    @property
+    def prediction_pattern(self) -> str:
+        return f"{glob_escape(self.prediction(''))}*"
+
+    @property
+    def variant_stats_pattern(self) -> str:
+        return f"{glob_escape(self.prefix)}serving:stats:*"
+
+    @property
+    def promotion_pattern(self) -> str:
+        return f"{glob_escape(self.prefix)}serving:promotion:*"
+
+    @property
+    def promotion_event_pattern(self) -> str:
+        return f"{glob_escape(self.promotion_event(''))}*"
 
     def short(self, stream: str) -> str:
         """A stream's name without the prefix, for metric labels and messages."""

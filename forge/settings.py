@@ -143,6 +143,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_dir: Path | None = None
     cache_dir: Path | None = None
     log_dir: Path | None = None
+    # Where pg_dump and pg_restore are (``forge backup``); unset: those of the embedded
+    # server's wheel for the server's major version, else PATH's.
+    pg_bin_dir: Path | None = None
 
     # Serving (``forge serve``). ``api_token``: bearer token the HTTP API requires;
     # required when ``serve_host`` is beyond loopback.
@@ -292,6 +295,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_MODEL_DIR": ("model_dir", Path),
     "FORGE_CACHE_DIR": ("cache_dir", Path),
     "FORGE_LOG_DIR": ("log_dir", Path),
+    "FORGE_PG_BIN_DIR": ("pg_bin_dir", Path),
     "FORGE_SERVE_HOST": ("serve_host", _stripped),
     "FORGE_SERVE_PORT": ("serve_port", int),
     "FORGE_SERVE_WORKERS": ("serve_workers", int),

@@ -72,6 +72,9 @@ DESCRIPTIONS: dict[str, str] = {
     "model_dir": "Downloaded and trained models.",
     "cache_dir": "On-disk caches.",
     "log_dir": "Where `forge.log` (JSON lines, rotated) is written; unset: stderr only.",
+    "pg_bin_dir": "Folder holding the `pg_dump` and `pg_restore` that `forge backup` runs. "
+    "Unset: the embedded PostgreSQL wheel's, for the server's major version, else those on "
+    "`PATH`.",
     "serve_host": "Interface `forge serve` listens on. Beyond loopback it refuses to start "
     "without `FORGE_API_TOKEN`.",
     "serve_port": "Port of `forge serve`'s HTTP API (0 picks a free one).",
@@ -103,6 +106,7 @@ _DEFAULT_TEXT: dict[str, str] = {
     "model_dir": "`FORGE_HOME/models`",
     "cache_dir": "`FORGE_HOME/cache`",
     "log_dir": "unset",
+    "pg_bin_dir": "unset",
     "api_token": "unset",
 }
 

@@ -3,17 +3,21 @@ with aging), and several trainings per worker (``FORGE_TRAINING_CONCURRENCY``)."
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
 
 import msgspec
+import pytest
 
-from forge.events import TrainingRequest
+from forge.events import EVENT_FIELD, TrainingRequest
+from forge.integrations.prefect import publish_and_wait
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.priority import lane_order
 from forge.runtime.worker import Worker
+from tests.support.cli import run_cli
 from tests.support.events import publish
 from tests.support.redis_helpers import running, wait_for
 from tests.support.workers import completions
@@ -166,3 +170,36 @@ def test_a_slot_whose_training_fails_hands_it_back_for_redelivery(ctx: Context) 
 
 def _encoded(event: dict[str, object]) -> bytes:
     return msgspec.json.encode(event)
+
+
+# ---------------------------------------------------------------------- publishing
+
+
+def test_forge_publish_routes_each_request_to_its_prioritys_lane(
+    capsys: pytest.CaptureFixture[str], cli_env: Context
+) -> None:
+    events = [request("a", "high"), request("b"), request("c", "low"), request("d", "high")]
+    code, out, _ = run_cli(capsys, "publish", "training-requests", json.dumps(events))
+    assert code == 0
+    assert len(out.split()) == 4
+
+    def ids(priority: str) -> list[str]:
+        entries = cli_env.redis.xrange(lane(cli_env, priority))
+        return [json.loads(fields[EVENT_FIELD])["id"] for _, fields in entries]
+
+    assert (ids("high"), ids("normal"), ids("low")) == (["a", "d"], ["b"], ["c"])
+    # A lane is accepted as the stream's name too; the event's priority still routes it.
+    code, _, _ = run_cli(capsys, "publish", "training-requests:high", json.dumps(request("e")))
+    assert code == 0
+    assert ids("normal") == ["b", "e"]
+
+
+def test_publish_and_wait_sends_a_high_priority_request_to_the_high_lane(ctx: Context) -> None:
+    worker = trainer(ctx, lambda messages: None)
+    with running(worker):
+        completion = publish_and_wait(
+            "m", "classifier", "c", timeout_s=10, settings=ctx.settings, priority="high"
+        )
+    assert completion.status == "succeeded"
+    assert completion.source_stream == lane(ctx, "high")
+    assert ctx.redis.xlen(ctx.keys.training_requests) == 0

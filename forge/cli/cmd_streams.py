@@ -57,7 +57,8 @@ def parse_events(data: bytes) -> list[dict[str, Any]]:
 
 
 def validate_for_stream(keys: Keys, stream: str, items: list[dict[str, Any]]) -> list[bytes]:
-    short = keys.short(stream)
+    """Each item as a validated payload for ``stream`` (or a priority lane of it)."""
+    short = keys.short(keys.lane_of(stream)[0])
     event_type = INPUT_STREAM_EVENTS.get(short)
     if event_type is None:
         known = ", ".join(keys.resolve(s) for s in INPUT_STREAM_EVENTS)
@@ -89,13 +90,13 @@ def run_publish(args: argparse.Namespace, settings: Settings) -> int:
         broker = StreamBroker(client, keys, maxlen=settings.stream_maxlen)
         # Taken before publishing, so that no completion can come before it.
         since_id = completions_position(broker) if args.wait else None
-        published = {broker.publish_raw(stream, p): _event_id(p) for p in payloads}
+        # Training requests go to their priority's lane.
+        published = {broker.publish_input(stream, p): _event_id(p) for p in payloads}
         if since_id is None:
-            sys.stdout.write("".join(f"{entry_id}\n" for entry_id in published))
+            sys.stdout.write("".join(f"{entry_id}\n" for _, entry_id in published))
             return 0
         outcomes = wait_for_completions(
             broker,
-            stream,
             published,
             since_id=since_id,
             timeout_s=args.timeout,

@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import redis
 
 from forge.events import EVENT_FIELD, Event, encode
-from forge.keys import Keys
+from forge.keys import Keys, Priority
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,12 @@ class Settlement:
 
     def __bool__(self) -> bool:
         return bool(self.acks or self.publishes or self.writes)
+
+
+class _Prioritized(msgspec.Struct):
+    """The one field routing reads of an event of a prioritized stream."""
+
+    priority: Priority = "normal"
 
 
 # An entry id and its fields, as XRANGE and XREAD return them.
@@ -225,6 +232,16 @@ class StreamBroker:
             stream, {EVENT_FIELD: payload}, maxlen=maxlen, approximate=True
         )
         return _decode_id(entry_id)
+
+    def publish_input(self, stream: str, payload: bytes) -> tuple[str, str]:
+        """XADD a validated event to an input stream, untrimmed; an event of a
+        prioritized stream (or any of its lanes) goes to the lane its ``priority``
+        names. Returns the stream it went to and the entry id."""
+        base, _ = self.keys.lane_of(stream)
+        if base in self.keys.prioritized_streams:
+            priority = msgspec.json.decode(payload, type=_Prioritized).priority
+            stream = self.keys.lane(base, priority)
+        return stream, self.publish_raw(stream, payload)
 
     def settle(self, settlement: Settlement) -> None:
         """Publish, mark done and ack atomically: all of it happens or none of it does.

@@ -124,8 +124,8 @@ Forge reads its configuration from environment variables once, at start
 (`Settings.from_env()`); nothing is read at import time. An empty variable counts as
 unset. Where two variables set one setting, the first one listed wins. Setting names
 carry their units: `_s` seconds, `_bytes` bytes. Byte sizes accept `2GB`, `512MiB` or
-plain numbers. Values are validated at start: a bad one stops Forge with a one-line
-error naming the variable.
+plain numbers; booleans `1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`. Values
+are validated at start: a bad one stops Forge with a one-line error naming the variable.
 
 `forge worker --http-port` and `--http-host` override their variables for one run.
 

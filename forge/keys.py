@@ -161,6 +161,11 @@ class Keys:
         return (self.training_requests, self.new_data, self.predict_requests, self.feedback)
 
     @property
+    def input_lanes(self) -> tuple[str, ...]:
+        """Every stream workers read: the input streams, prioritized ones as their lanes."""
+        return tuple(lane for stream in self.input_streams for lane in self.lanes(stream))
+
+    @property
     def output_streams(self) -> tuple[str, ...]:
         return (
             self.completions,

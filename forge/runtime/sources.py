@@ -79,7 +79,8 @@ class BatchSource:
         self._observer = ctx.observer
         self._stopping = stopping
         self._batch_sizes = dict(batch_sizes)
-        self._labels = {stream: ctx.keys.short(stream) for stream in batch_sizes}
+        # Metric labels name a prioritized stream, not its lanes, as the handler's do.
+        self._labels = {s: ctx.keys.short(ctx.keys.lane_of(s)[0]) for s in batch_sizes}
         self._redeliveries: dict[str, dict[str, float]] = {s: {} for s in batch_sizes}
         self._next_reclaim = 0.0
         self._room: Room = room or _Unlimited()

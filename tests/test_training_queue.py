@@ -11,14 +11,14 @@ from dataclasses import replace
 import msgspec
 import pytest
 
-from forge.events import EVENT_FIELD, TrainingRequest
+from forge.events import EVENT_FIELD, Feedback, NewData, TrainingRequest
 from forge.integrations.prefect import publish_and_wait
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.priority import lane_order
 from forge.runtime.worker import Worker
 from tests.support.cli import run_cli
-from tests.support.events import publish
+from tests.support.events import new_data, publish
 from tests.support.redis_helpers import running, wait_for
 from tests.support.workers import completions
 
@@ -203,3 +203,25 @@ def test_publish_and_wait_sends_a_high_priority_request_to_the_high_lane(ctx: Co
     assert completion.status == "succeeded"
     assert completion.source_stream == lane(ctx, "high")
     assert ctx.redis.xlen(ctx.keys.training_requests) == 0
+
+
+def test_batches_read_together_are_all_leased_while_the_first_runs(ctx: Context) -> None:
+    """One XREADGROUP can hand over batches of several streams; the later ones must not
+    sit unleased (and be reclaimed) while an hour-long first one runs."""
+    held: list[dict[str, list[str]]] = []
+    registry = HandlerRegistry()
+    registry.register(HandlerSpec("new-data", NewData, lambda ms: held.append(worker.lease.held())))
+    registry.register(HandlerSpec("feedback", Feedback, lambda ms: None))
+    worker = Worker(ctx, registry)
+    worker.ctx.broker.join_groups(worker.streams, ctx.consumer)
+    publish(ctx.redis, ctx.keys.new_data, new_data("n1"))
+    feedback = publish(
+        ctx.redis,
+        ctx.keys.feedback,
+        {"type": "feedback", "id": "f1", "prediction_id": "p1", "label": "x"},
+    )
+    worker.run_once()
+    assert held == [
+        {ctx.keys.new_data: [held[0][ctx.keys.new_data][0]], ctx.keys.feedback: [feedback]}
+    ]
+    assert worker.lease.held() == {}

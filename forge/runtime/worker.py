@@ -153,14 +153,24 @@ class Worker:
         """One iteration: source batches, process and settle each; returns how many
         entries it settled (failed ones wait for redelivery)."""
         settled = 0
+        inline: dict[str, list[Entry]] = {}
         for stream, batch in self.source.next_batches().items():
             if self.slots.handles(stream):
                 self.slots.submit(stream, batch)
-                continue
-            with self.lease.holding(stream, [e.entry_id for e in batch]):
+            else:
+                inline[stream] = batch
+                # Leased from now, not from its turn: a read of several streams (or
+                # priority lanes) hands over batches that wait for one another.
+                self.lease.hold(stream, [e.entry_id for e in batch])
+        try:
+            for stream, batch in inline.items():
                 failed = self._process(stream, batch)
-            self.source.schedule_redelivery(stream, failed)
-            settled += len(batch) - len(failed)
+                self.lease.release(stream, [e.entry_id for e in batch])
+                self.source.schedule_redelivery(stream, failed)
+                settled += len(batch) - len(failed)
+        finally:
+            for stream, batch in inline.items():
+                self.lease.release(stream, [e.entry_id for e in batch])
         for done in self.slots.collect():
             self.source.schedule_redelivery(done.stream, done.failed)
             settled += done.size - len(done.failed)

@@ -80,14 +80,15 @@ class TrainingHandler:
             # Validate before loading data: a typo should not cost a collection scan.
             parse_params(get_trainer(request.task), request.params)
             data, embedding_model = self._dataset(request)
-            fitted = service.fit(
-                request,
-                data,
-                stream=message.stream,
-                embedding_model=embedding_model,
-                redelivery=message.is_redelivery,
-                admission=AdmissionReport(self.ctx, message),
-            )
+            with AdmissionReport(self.ctx, message) as admission:
+                fitted = service.fit(
+                    request,
+                    data,
+                    stream=message.stream,
+                    embedding_model=embedding_model,
+                    redelivery=message.is_redelivery,
+                    admission=admission,
+                )
             self._write_assignments(request, fitted.model)
             done = service.register(fitted)
         if request.promote == ON_SIGNIFICANCE:
@@ -148,13 +149,13 @@ class AdmissionReport:
         self._key = ctx.keys.admission_wait(message.stream, message.entry_id)
         # Outlives a poll or two, so a dead worker's record soon disappears.
         self._ttl_s = max(math.ceil(3 * ctx.settings.gpu_admission_poll_s), 30)
-        self._waiting = False
+        self._waiting_model: str | None = None
 
     def waiting(self, wait: AdmissionWait) -> None:
         metrics = self._ctx.metrics.training_queue
         metrics.admission_waits_total.labels(model=wait.model).inc()
-        if not self._waiting:
-            self._waiting = True
+        if self._waiting_model is None:
+            self._waiting_model = wait.model
             metrics.admission_waiting.labels(model=wait.model).inc()
         record = AdmissionWaitRecord(
             model=wait.model,
@@ -168,12 +169,23 @@ class AdmissionReport:
         self._write(lambda r: r.set(self._key, msgspec.json.encode(record), ex=self._ttl_s))
 
     def admitted(self, model: str, device: str, waited_s: float) -> None:
-        metrics = self._ctx.metrics.training_queue
         if device == "cpu":
-            metrics.cpu_fallbacks_total.labels(model=model).inc()
-        if self._waiting:
-            self._waiting = False
-            metrics.admission_waiting.labels(model=model).dec()
+            self._ctx.metrics.training_queue.cpu_fallbacks_total.labels(model=model).inc()
+        self._stop_waiting()
+
+    def __enter__(self) -> AdmissionReport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # A training that fails while it waits (NVML gone, the worker killed) is no
+        # longer waiting either.
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        if self._waiting_model is not None:
+            gauge = self._ctx.metrics.training_queue.admission_waiting
+            gauge.labels(model=self._waiting_model).dec()
+            self._waiting_model = None
             self._write(lambda r: r.delete(self._key))
 
     def _write(self, command: Callable[[redis.Redis], Any]) -> None:

@@ -218,3 +218,22 @@ def _request(event_id: str) -> dict[str, object]:
         "task": "classifier",
         "collection": "c",
     }
+
+
+def test_a_training_that_fails_while_waiting_no_longer_counts_as_waiting(ctx: Context) -> None:
+    def sleep(seconds: float) -> None:
+        raise OSError("GPU has fallen off the bus")
+
+    gate = admission(ctx.settings, FakeNvml([100 * MiB]), sleep=sleep)
+    event = TrainingRequest(id="r1", model="m", task="classifier", collection="c")
+    message = Message(event, ctx.keys.training_requests, "1-0", 1)
+    key = ctx.keys.admission_wait(ctx.keys.training_requests, "1-0")
+    with (
+        pytest.raises(OSError, match="fallen off"),
+        AdmissionReport(ctx, message) as report,
+        gate.place("m", 1000 * MiB, report),
+    ):
+        pytest.fail("admitted")
+    assert sample(ctx.metrics, "forge_training_admission_waits_total", model="m") == 1
+    assert sample(ctx.metrics, "forge_training_admission_waiting", model="m") == 0
+    assert ctx.redis.exists(key) == 0

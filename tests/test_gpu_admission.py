@@ -90,7 +90,9 @@ def test_admissions_at_once_cannot_both_take_the_same_memory(gpu_settings: Setti
     assert polls == [7.0]
 
 
-def test_a_training_that_does_not_fit_waits_polling_then_runs(gpu_settings: Settings) -> None:
+def test_a_training_that_does_not_fit_waits_polling_then_runs(
+    gpu_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     nvml = FakeNvml([300 * MiB])
     polls: list[float] = []
 
@@ -106,6 +108,10 @@ def test_a_training_that_does_not_fit_waits_polling_then_runs(gpu_settings: Sett
     assert polls == [7.0, 7.0, 7.0]
     assert len(heard.waits) == 3
     assert heard.placed == [("m", "cuda:0")]
+    waits = [r for r in caplog.records if "training waits for GPU memory" in str(r.msg)]
+    assert len(waits) == 3
+    assert waits[0].levelname == "WARNING"
+    assert "'need_bytes': 1048576000" in str(waits[0].msg)
 
 
 def test_with_cpu_fallback_a_training_that_does_not_fit_runs_on_the_cpu(

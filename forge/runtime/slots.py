@@ -100,10 +100,6 @@ class Slots:
             raise errors[0]
         return finished
 
-    def busy(self) -> int:
-        with self._changed:
-            return sum(self._running.values()) + len(self._waiting)
-
     def drain(self, timeout_s: float | None = None) -> None:
         """Start nothing more, let waiting batches go (still pending) and wait for the
         running ones to finish."""

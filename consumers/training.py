@@ -72,6 +72,16 @@ class TrainingHandler:
 
     def handle(self, message: Message[TrainingRequest]) -> Outcome:
         request = message.event
+        _, lane = self.ctx.keys.lane_of(message.stream)
+        if request.priority != lane:
+            # The lane decided when it ran; say so, for producers that XADD themselves.
+            log.warning(
+                "training request's priority differs from its lane; the lane decides",
+                request_id=request.id,
+                priority=request.priority,
+                lane=lane,
+                stream=message.stream,
+            )
         service = self.service()
         done = service.registered(request)
         if done is None:

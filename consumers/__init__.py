@@ -47,9 +47,15 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
         HandlerSpec("new-data", NewData, retraining, name="embed", max_batch_size=reads)
     )
     trainer = TrainingHandler(ctx, store, training)
-    # One training at a time: a worker holds no requests it is not working on.
+    # One request per batch, FORGE_TRAINING_CONCURRENCY batches at once: a worker holds
+    # no requests it is not working on.
     spec = HandlerSpec(
-        "training-requests", TrainingRequest, trainer, name="train", max_batch_size=1
+        "training-requests",
+        TrainingRequest,
+        trainer,
+        name="train",
+        max_batch_size=1,
+        concurrency=ctx.settings.training_concurrency,
     )
     handlers.register(spec)
     # MLflow only once a model under `promote: on-significance` gets feedback.

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from forge.settings import Settings
+
+Priority = Literal["high", "normal", "low"]
+# Highest first: the order a worker takes a prioritized stream's lanes in.
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
@@ -78,9 +82,42 @@ class Keys:
         """Counter of all replays ever made."""
         return f"{self.prefix}dead-letter:replays-total"
 
+    # Priority lanes: a prioritized input stream is three streams. Its own name is the
+    # ``normal`` lane, so producers that XADD to it keep working unchanged.
+    @property
+    def prioritized_streams(self) -> tuple[str, ...]:
+        return (self.training_requests,)
+
+    def lane(self, stream: str, priority: Priority) -> str:
+        """The stream carrying ``stream``'s entries of ``priority``:
+        ``forge:training-requests:high``, the stream itself for ``normal``."""
+        return stream if priority == "normal" else f"{stream}:{priority}"
+
+    def lanes(self, stream: str) -> tuple[str, ...]:
+        """A prioritized stream's lanes, highest priority first; any other stream alone."""
+        if stream not in self.prioritized_streams:
+            return (stream,)
+        return tuple(self.lane(stream, p) for p in PRIORITIES)
+
+    def lane_of(self, stream: str) -> tuple[str, Priority]:
+        """The prioritized stream a lane belongs to, and its priority (a stream that is
+        no lane is its own, ``normal``)."""
+        for base in self.prioritized_streams:
+            for priority in PRIORITIES:
+                if stream == self.lane(base, priority):
+                    return base, priority
+        return stream, "normal"
+
     def done(self, stream: str, event_id: str) -> str:
-        """Idempotency marker: the event's effects on ``stream`` are complete."""
-        return f"{self.prefix}done:{self.group}:{stream}:{event_id}"
+        """Idempotency marker: the event's effects on ``stream`` are complete. One
+        marker for all lanes of a stream: an event id runs once whatever its priority."""
+        base, _ = self.lane_of(stream)
+        return f"{self.prefix}done:{self.group}:{base}:{event_id}"
+
+    def admission_wait(self, stream: str, entry_id: str) -> str:
+        """String, expiring: why a delivered entry waits to start (a training waiting
+        for GPU memory), as JSON, refreshed while it waits; ``forge status`` reads it."""
+        return f"{self.prefix}admission-wait:{self.group}:{stream}:{entry_id}"
 
     def last_error(self, stream: str, entry_id: str) -> str:
         """The error of an entry's latest failed delivery, kept for its dead-letter record."""
@@ -159,6 +196,11 @@ class Keys:
     @property
     def input_streams(self) -> tuple[str, ...]:
         return (self.training_requests, self.new_data, self.predict_requests, self.feedback)
+
+    @property
+    def input_lanes(self) -> tuple[str, ...]:
+        """Every stream workers read: the input streams, prioritized ones as their lanes."""
+        return tuple(lane for stream in self.input_streams for lane in self.lanes(stream))
 
     @property
     def output_streams(self) -> tuple[str, ...]:

@@ -129,6 +129,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_cache_size_bytes: int = 2 * 10**9
     cache_ttl_s: int = 3600
     training_timeout_s: float = 3600.0
+    # The training queue: trainings one worker runs at once, how long a waiting request
+    # takes to rise one priority level, and GPU admission.
+    training_concurrency: int = 1
+    priority_aging_s: float = 600.0
+    gpu_admission_headroom_bytes: int = 512 * 2**20
+    gpu_admission_poll_s: float = 5.0
+    gpu_admission_cpu_fallback: bool = False
     embedding_model: str = "all-MiniLM-L6-v2"
     embed_pipeline_depth: int = 8
 
@@ -186,6 +193,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "serve_registry_poll_s": self.serve_registry_poll_s,
             "feedback_window_s": self.feedback_window_s,
             "compare_min_feedback": self.compare_min_feedback,
+            "training_concurrency": self.training_concurrency,
+            "priority_aging_s": self.priority_aging_s,
+            "gpu_admission_poll_s": self.gpu_admission_poll_s,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -193,6 +203,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name, port in (("http_port", self.http_port), ("serve_port", self.serve_port)):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, got {port}")
+        if self.gpu_admission_headroom_bytes < 0:
+            raise ConfigError(
+                f"gpu_admission_headroom_bytes must be 0 or more, got "
+                f"{self.gpu_admission_headroom_bytes}"
+            )
         if self.serve_max_wait_ms < 0:
             raise ConfigError(f"serve_max_wait_ms must be 0 or more, got {self.serve_max_wait_ms}")
         check_hnsw(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search)
@@ -260,6 +275,20 @@ def _stripped(value: str) -> str:
     return value.strip()
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(value: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off``, any case."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(f"not a boolean: {value!r} (use one of {', '.join(_TRUE + _FALSE)})")
+
+
 # Environment variable -> (field, converter). Where two variables set one field the
 # first listed wins (``MLRUN_DBPATH`` is the original design's name).
 ENV_VARS: dict[str, tuple[str, Any]] = {
@@ -286,6 +315,11 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_MAX_TEXT_CHARS": ("max_text_chars", int),
     "FORGE_CACHE_TTL_S": ("cache_ttl_s", int),
     "FORGE_TRAINING_TIMEOUT_S": ("training_timeout_s", float),
+    "FORGE_TRAINING_CONCURRENCY": ("training_concurrency", int),
+    "FORGE_PRIORITY_AGING_S": ("priority_aging_s", float),
+    "FORGE_GPU_ADMISSION_HEADROOM": ("gpu_admission_headroom_bytes", parse_size),
+    "FORGE_GPU_ADMISSION_POLL_S": ("gpu_admission_poll_s", float),
+    "FORGE_GPU_ADMISSION_CPU_FALLBACK": ("gpu_admission_cpu_fallback", parse_bool),
     "FORGE_EMBEDDING_MODEL": ("embedding_model", str),
     "FORGE_EMBED_PIPELINE_DEPTH": ("embed_pipeline_depth", int),
     "FORGE_HNSW_M": ("hnsw_m", int),

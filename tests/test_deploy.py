@@ -1204,7 +1204,9 @@ def test_keda_scales_each_worker_on_its_stream() -> None:
     )
     for deployment in _deployments("worker"):
         name = deployment["metadata"]["name"]
-        streams = [keys.resolve(s) for s in _worker_streams(_container(deployment)["args"])]
+        named = [keys.resolve(s) for s in _worker_streams(_container(deployment)["args"])]
+        # A worker reads every priority lane of a prioritized stream.
+        streams = [lane for stream in named for lane in keys.lanes(stream)]
         (obj,) = [s for s in scaled if s["spec"]["scaleTargetRef"]["name"] == name]
         spec = obj["spec"]
         assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"

@@ -54,6 +54,16 @@ DESCRIPTIONS: dict[str, str] = {
     "used models are evicted).",
     "cache_ttl_s": "Lifetime of entries in the Redis embedding cache.",
     "training_timeout_s": "Limit on one training; a request's `timeout_s` may only shorten it.",
+    "training_concurrency": "Trainings one worker runs at once (each in a thread of its "
+    "own); it reads a new training request only when one of these slots is free.",
+    "priority_aging_s": "How long a training request waits before it competes one priority "
+    "level higher (low as normal, then as high), so low requests are never starved.",
+    "gpu_admission_headroom_bytes": "Free GPU memory a training must leave besides its "
+    "estimated need (CUDA context, allocator slack) to be admitted to a GPU.",
+    "gpu_admission_poll_s": "How often a training that does not fit on any GPU checks free "
+    "memory again; it keeps its lease and its delivery meanwhile.",
+    "gpu_admission_cpu_fallback": "A training that does not fit on any GPU runs on the CPU "
+    "at once instead of waiting for GPU memory.",
     "embedding_model": "Default sentence-transformers model for `new-data` events.",
     "embed_pipeline_depth": "Model batches one `new-data` read may hold: each batch's rows are "
     "written while the next batch is embedded, so the model does not wait for the database. "
@@ -120,8 +130,8 @@ Forge reads its configuration from environment variables once, at start
 (`Settings.from_env()`); nothing is read at import time. An empty variable counts as
 unset. Where two variables set one setting, the first one listed wins. Setting names
 carry their units: `_s` seconds, `_bytes` bytes. Byte sizes accept `2GB`, `512MiB` or
-plain numbers. Values are validated at start: a bad one stops Forge with a one-line
-error naming the variable.
+plain numbers; booleans `1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`. Values
+are validated at start: a bad one stops Forge with a one-line error naming the variable.
 
 `forge worker --http-port` and `--http-host` override their variables for one run.
 
@@ -149,7 +159,7 @@ def _type_text(name: str, annotation: Any) -> str:
         return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
     if isinstance(annotation, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    names = {str: "string", int: "integer", float: "number", Path: "path"}
+    names = {str: "string", bool: "boolean", int: "integer", float: "number", Path: "path"}
     if name.endswith("_url") or name.endswith("_uri"):
         return "URL"
     return names.get(annotation, str(annotation))

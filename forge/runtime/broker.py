@@ -18,10 +18,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import redis
 
 from forge.events import EVENT_FIELD, Event, encode
-from forge.keys import Keys
+from forge.keys import Keys, Priority
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +64,12 @@ class Settlement:
 
     def __bool__(self) -> bool:
         return bool(self.acks or self.publishes or self.writes)
+
+
+class _Prioritized(msgspec.Struct):
+    """The one field routing reads of an event of a prioritized stream."""
+
+    priority: Priority = "normal"
 
 
 # An entry id and its fields, as XRANGE and XREAD return them.
@@ -168,6 +175,37 @@ class StreamBroker:
                 entries.append(Entry(stream, _decode_id(entry_id), fields or {}))
         return entries
 
+    def lane_heads(self, streams: Sequence[str]) -> tuple[float, dict[str, float]]:
+        """Redis's clock (Unix seconds), and when the oldest entry each stream's group has
+        not delivered yet arrived; a stream with none waiting is left out. What a
+        worker choosing between priority lanes looks at: a read without taking."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.time()
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        replies: list[Any] = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        seconds, micros = replies[0]
+        positions: dict[str, str] = {}
+        for stream, reply in zip(streams, replies[1:], strict=True):
+            if isinstance(reply, redis.ResponseError) and "no such key" in str(reply).lower():
+                continue  # the lane was never written to, nor read
+            if isinstance(reply, Exception):
+                raise reply
+            group = next((g for g in reply if _decode_id(g["name"]) == self.keys.group), None)
+            if group is not None and group.get("lag") != 0:  # 0: Redis 7 says none waits
+                positions[stream] = _decode_id(group["last-delivered-id"])
+        heads: dict[str, float] = {}
+        if positions:
+            pipe = self._client.pipeline(transaction=False)
+            for stream, position in positions.items():
+                pipe.xrange(stream, min=f"({position}", count=1)
+            for stream, head in zip(positions, pipe.execute(), strict=True):
+                if head:
+                    heads[stream] = _id_key(_decode_id(head[0][0]))[0] / 1000
+        return int(seconds) + int(micros) / 1_000_000, heads
+
     def claim_stale(self, stream: str, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
         """Take over entries whose holder has been silent for ``min_idle_ms`` (XAUTOCLAIM)."""
         reply: Any = self._client.xautoclaim(
@@ -230,6 +268,16 @@ class StreamBroker:
             stream, {EVENT_FIELD: payload}, maxlen=maxlen, approximate=True
         )
         return _decode_id(entry_id)
+
+    def publish_input(self, stream: str, payload: bytes) -> tuple[str, str]:
+        """XADD a validated event to an input stream, untrimmed; an event of a
+        prioritized stream (or any of its lanes) goes to the lane its ``priority``
+        names. Returns the stream it went to and the entry id."""
+        base, _ = self.keys.lane_of(stream)
+        if base in self.keys.prioritized_streams:
+            priority = msgspec.json.decode(payload, type=_Prioritized).priority
+            stream = self.keys.lane(base, priority)
+        return stream, self.publish_raw(stream, payload)
 
     def settle(self, settlement: Settlement) -> None:
         """Publish, mark done and ack atomically: all of it happens or none of it does.

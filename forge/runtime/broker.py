@@ -3,7 +3,7 @@
 Forge serves Redis Streams only, so this is not a generic broker layer: it is the one
 door of the runtime to Redis. Every command the worker, batch processing, settlement,
 leases, the dead-letter queue and ``publish --wait`` send is a method here, so what
-Forge does in Redis (which commands, which keys, what runs in one MULTI/EXEC) is read
+Forge does in Redis (which commands, which keys, what runs atomically) is read
 in one module. Handlers keep their own connection (``Context.redis``) for their own
 keys, such as the embedding cache; health checks and scrape-time stream stats use a
 probe connection of their own (``forge.observability``).
@@ -23,6 +23,7 @@ import redis
 
 from forge.events import EVENT_FIELD, Event, encode
 from forge.keys import Keys, Priority
+from forge.runtime.settle_script import SETTLE_LUA, settle_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,41 +76,6 @@ class _Prioritized(msgspec.Struct):
 # An entry id and its fields, as XRANGE and XREAD return them.
 RawEntry = tuple[str, dict[bytes, bytes]]
 
-# One settlement, atomically (a script runs alone, as a MULTI does). Each command runs
-# under pcall, so one that fails (a key of the wrong type, say) does not keep the rest
-# from running, as in a MULTI; the first error is then the reply.
-# KEYS: the stream of each publish, the key of each write, each acked stream.
-# ARGV: publishes, writes, acked streams, group, maxlen, field; a payload per publish;
-# value and expiry per write; per acked stream its number of ids, then the ids.
-_SETTLE_LUA = """
-local publishes, writes, acked = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local group, maxlen, field = ARGV[4], ARGV[5], ARGV[6]
-local a, failed = 7, nil
-local function run(...)
-  local reply = redis.pcall(...)
-  if type(reply) == 'table' and reply.err and not failed then failed = reply end
-end
-for k = 1, publishes do
-  run('XADD', KEYS[k], 'MAXLEN', '~', maxlen, '*', field, ARGV[a])
-  a = a + 1
-end
-for k = publishes + 1, publishes + writes do
-  run('SET', KEYS[k], ARGV[a], 'EX', ARGV[a + 1])
-  a = a + 2
-end
-for k = publishes + writes + 1, publishes + writes + acked do
-  local last = a + tonumber(ARGV[a])
-  a = a + 1
-  while a <= last do
-    local upto = math.min(a + 999, last)  -- unpack's stack is bounded
-    run('XACK', KEYS[k], group, unpack(ARGV, a, upto))
-    a = upto + 1
-  end
-end
-if failed then return failed end
-return 1
-"""
-
 
 def _decode_id(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -122,7 +88,7 @@ class StreamBroker:
         self._client = client
         self.keys = keys
         self.maxlen = maxlen
-        self._settle = client.register_script(_SETTLE_LUA)
+        self._settle = client.register_script(SETTLE_LUA)
 
     # ------------------------------------------------------------------ groups
 
@@ -289,23 +255,7 @@ class StreamBroker:
         """
         if not settlement:
             return
-        keys: list[str] = [stream for stream, _ in settlement.publishes]
-        keys += [key for key, _, _ in settlement.writes]
-        keys += list(settlement.acks)
-        args: list[str | bytes | int] = [
-            len(settlement.publishes),
-            len(settlement.writes),
-            len(settlement.acks),
-            self.keys.group,
-            self.maxlen,
-            EVENT_FIELD,
-        ]
-        args += [payload for _, payload in settlement.publishes]
-        for _, value, ttl_s in settlement.writes:
-            args += [value, ttl_s]
-        for ids in settlement.acks.values():
-            args.append(len(ids))
-            args += ids
+        keys, args = settle_call(settlement, self.keys.group, self.maxlen)
         self._settle(keys=keys, args=args)
 
     def acked_any(self, settlement: Settlement) -> bool:

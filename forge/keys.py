@@ -136,6 +136,12 @@ class Keys:
         """Counter, bumped on every route or alias change: servers poll it to reload."""
         return f"{self.prefix}serving:epoch"
 
+    @property
+    def serving_changes(self) -> str:
+        """Stream, an entry per epoch bump (trimmed): servers block on it and on
+        ``model_versions``, so a change reaches them at once, not at their next poll."""
+        return f"{self.prefix}serving:changes"
+
     def prediction(self, prediction_id: str) -> str:
         """Hash: what a prediction answered (per variant, shadow included), kept for
         ``FORGE_FEEDBACK_WINDOW_S`` so feedback can be joined to it."""

@@ -302,3 +302,17 @@ def test_vector_dimension_is_checked_against_the_model(
     rows = [PredictInput(vector=[0.5] * DIM), PredictInput(vector=[0.5] * DIM)]
     (answer,) = answers(engine.predict([PredictCall(model_name, rows)]))
     assert answer.predictions[0] == answer.predictions[1]
+
+
+def test_pinned_versions_live_in_the_byte_bounded_model_cache(
+    engine: PredictionEngine, training: TrainingService, model_name: str
+) -> None:
+    """The engine keeps no pinned model of its own: once the model cache lets one go
+    (its byte budget), the next request that pins it loads it again, through the cache."""
+    two_versions(training, model_name)
+    pinned = PredictCall(model_name, [PredictInput(vector=[0.5] * DIM)], version=2)
+    assert answers(engine.predict([pinned]))[0].version == 2
+    key = next(k for k in training.models.keys() if k.endswith(f":{model_name}:2"))
+    assert training.models.evict(key)
+    assert answers(engine.predict([pinned]))[0].version == 2
+    assert key in training.models  # loaded again, and accounted again

@@ -13,6 +13,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from forge.events import EVENT_FIELD, ModelVersion, encode
 from forge.keys import Keys
 from forge.observability.metrics import Metrics
 from forge.serving.app import create_app, services
@@ -108,3 +109,39 @@ def test_routes_and_champions_change_under_load_without_a_failed_request(
     assert first == ("forge-predict_0", "1")
     assert {thread for thread, _ in later} == {"forge-serve-reload"}
     assert {ref for _, ref in later} >= {"2", "3"}
+
+
+def test_a_server_follows_an_announced_change_without_waiting_for_its_interval(
+    serving_settings: Settings,
+    redis_client: redis.Redis,
+    serving_metrics: Metrics,
+    training: TrainingService,
+    model_name: str,
+) -> None:
+    """With a reload interval of an hour, a route change (its epoch bump wakes the
+    reload thread's blocking read) and a new version (its model-version event) are
+    served all the same."""
+    hourly = serving_settings.replace(serve_reload_interval_s=3600.0, serve_registry_poll_s=3600.0)
+    train(training, model_name)
+    train(training, model_name, promote="never")
+    engine = PredictionEngine.from_settings(
+        hourly, redis_client, serving_metrics.serving, training=training
+    )
+    routes = RouteStore(redis_client, Keys.from_settings(hourly))
+    app = create_app(services(hourly, redis_client, serving_metrics, engine))
+    with TestClient(app) as api, Load(api, model_name) as load_:
+        wait_for(load_.seen(CHAMPION, 1))
+        routes.put(model_name, Route(split=[Variant(ref=CANDIDATE, weight=1)]))
+        wait_for(load_.seen(CANDIDATE, 2))
+        routes.put(model_name, Route())
+        assert train(training, model_name) == 3  # the champion, announced on its stream
+        announce(redis_client, Keys.from_settings(hourly), model_name, 3)
+        wait_for(load_.seen(CHAMPION, 3))
+    assert {status for status, _ in load_.answers} == {200}
+
+
+def announce(client: redis.Redis, keys: Keys, model: str, version: int) -> None:
+    event = ModelVersion(
+        id=f"{model}:v{version}", model=model, model_version=version, run_id="r", source_id="s"
+    )
+    client.xadd(keys.model_versions, {EVENT_FIELD: encode(event)})

@@ -116,7 +116,10 @@ def _lifespan(found: Services) -> Callable[[FastAPI], Any]:
         )
         batcher.start()
         found.batcher = batcher
-        found.reloader = Reloader(found.engine.refresh, settings.serve_reload_interval_s)
+        engine = found.engine
+        found.reloader = Reloader(
+            engine.refresh, settings.serve_reload_interval_s, wait=engine.wait_for_change
+        )
         found.reloader.start()
         try:
             yield

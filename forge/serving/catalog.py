@@ -32,8 +32,10 @@ from forge.training.versions import LATEST, ModelNotFound, VersionInfo
 
 log = structlog.get_logger(__name__)
 
-# Versions pinned by requests that the route does not name, kept loaded (per process).
-_PINNED_KEPT = 16
+# Versions pinned by requests that the route does not name: their registry entries are
+# remembered (per process); the models themselves live in the byte-bounded model cache
+# only, so pinned versions never hold more memory than MODEL_CACHE_SIZE allows.
+_PINNED_KEPT = 1024
 # Unknown model names remembered (until the next registry poll is due, or a version of
 # theirs is announced), so that requests naming models that do not exist cost no
 # registry lookup each.
@@ -111,11 +113,12 @@ class Catalog:
         self.registry_poll_s = registry_poll_s
         self.clock = clock
         self._states: dict[str, ModelState] = {}
-        self._pinned: OrderedDict[tuple[str, int], Loaded] = OrderedDict()
+        self._pinned: OrderedDict[tuple[str, int], VersionInfo] = OrderedDict()
         self._unknown: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
         self._epoch = routes.epoch()
-        self._last_version_id = self._stream_end()
+        self._last_version_id = self._stream_end(keys.model_versions)
+        self._last_change_id = self._stream_end(keys.serving_changes)
         self._next_poll_s = clock() + registry_poll_s
 
     def known(self) -> list[str]:
@@ -140,7 +143,8 @@ class Catalog:
             return self._states.setdefault(model, state)
 
     def pinned(self, state: ModelState, ref: str) -> Loaded:
-        """The version a request pinned: loaded already, or loaded now and kept."""
+        """The version a request pinned: one the route serves, else one from the model
+        cache (loaded now, the first time or after the cache evicted it)."""
         number = state.number(ref)
         if number is None or number > _MAX_VERSION:
             raise ModelNotFound(f"model {state.name!r} has no version {ref!r}")
@@ -149,18 +153,38 @@ class Catalog:
             return found
         key = (state.name, number)
         with self._lock:
-            found = self._pinned.get(key)
-            if found is not None:
+            info = self._pinned.get(key)
+            if info is not None:
                 self._pinned.move_to_end(key)
-                return found
-        loaded = self._load(state.name, number)
-        with self._lock:
-            self._pinned[key] = loaded
-            while len(self._pinned) > _PINNED_KEPT:
-                self._pinned.popitem(last=False)
-        return loaded
+        if info is None:
+            loaded = self._load(state.name, number)
+            with self._lock:
+                self._pinned[key] = loaded.info
+                while len(self._pinned) > _PINNED_KEPT:
+                    self._pinned.popitem(last=False)
+            return loaded
+        return Loaded(info, self.training.load_version(info))
 
     # ------------------------------------------------------------------ changes
+
+    def wait_for_change(self, timeout_s: float) -> None:
+        """Return once a change is announced (a new version, an epoch bump), or after
+        ``timeout_s``: one blocking XREAD, so a server's next ``refresh`` can follow a
+        change at once instead of at its next poll. Reads nothing ``refresh`` needs."""
+        block_ms = int(timeout_s * 1000)
+        if block_ms < 1:  # BLOCK 0 would wait for ever
+            return
+        reply: Any = self.client.xread(
+            {
+                self.keys.model_versions: self._last_version_id,
+                self.keys.serving_changes: self._last_change_id,
+            },
+            count=1,
+            block=block_ms,
+        )
+        for stream, items in reply or ():
+            if stream.decode() == self.keys.serving_changes and items:
+                self._last_change_id = items[-1][0].decode()
 
     def refresh(self) -> None:
         """Rebuild the states of models that may have changed (see the module notes)."""
@@ -248,8 +272,8 @@ class Catalog:
 
     # ------------------------------------------------------------------ helpers
 
-    def _stream_end(self) -> str:
-        last: Any = self.client.xrevrange(self.keys.model_versions, count=1)
+    def _stream_end(self, stream: str) -> str:
+        last: Any = self.client.xrevrange(stream, count=1)
         return str(last[0][0].decode()) if last else "0-0"
 
     def _announced(self, entries: Iterable[_StreamEntries] | None) -> set[str]:

@@ -118,6 +118,10 @@ class PredictionEngine:
         """Pick up route, alias and version changes; cheap when nothing changed."""
         self.catalog.refresh()
 
+    def wait_for_change(self, timeout_s: float) -> None:
+        """Block until a change is announced, or ``timeout_s`` (see ``Catalog``)."""
+        self.catalog.wait_for_change(timeout_s)
+
     # ------------------------------------------------------------------ predict
 
     def predict(self, calls: Sequence[PredictCall]) -> list[Result]:

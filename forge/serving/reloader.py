@@ -1,5 +1,6 @@
-"""The server's background refresh: ``engine.refresh`` every ``interval_s`` on a thread
-of its own, so that loading a new version never holds up a request."""
+"""The server's background refresh: ``engine.refresh`` on a thread of its own, so that
+loading a new version never holds up a request. It runs every ``interval_s``, and at
+once when ``wait`` (a blocking read of the change announcements) returns early."""
 
 from __future__ import annotations
 
@@ -16,8 +17,14 @@ STALE_INTERVALS = 20
 
 
 class Reloader:
-    def __init__(self, refresh: Callable[[], None], interval_s: float) -> None:
+    def __init__(
+        self,
+        refresh: Callable[[], None],
+        interval_s: float,
+        wait: Callable[[float], None] | None = None,
+    ) -> None:
         self._refresh = refresh
+        self._wait = wait
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="forge-serve-reload", daemon=True)
@@ -37,7 +44,11 @@ class Reloader:
         return time.monotonic() - self._ok_s > STALE_INTERVALS * self.interval_s
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # A fixed cadence: a change is seen within one interval however long the last
+        # refresh took (a registry read under load, a new version loading).
+        due_s = time.monotonic() + self.interval_s
+        while not self._pause(due_s - time.monotonic()):
+            due_s = max(due_s + self.interval_s, time.monotonic())
             try:
                 self._refresh()
             except Exception as exc:  # Redis or the registry away: try again next time
@@ -50,3 +61,13 @@ class Reloader:
                 log.info("serving refresh works again")
             self._failing = False
             self._ok_s = time.monotonic()
+
+    def _pause(self, timeout_s: float) -> bool:
+        """Until a change is announced or ``timeout_s`` passed; True once stopped."""
+        if self._wait is not None and timeout_s > 0 and not self._stop.is_set():
+            try:
+                self._wait(timeout_s)
+                return self._stop.is_set()
+            except Exception:  # Redis away: the refresh that follows says so
+                pass
+        return self._stop.wait(max(0.0, timeout_s))

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 import msgspec
 import redis
 from msgspec import Meta
+from redis.client import Pipeline
 
 from forge.errors import ConfigError
 from forge.keys import Keys
@@ -98,6 +99,8 @@ def choose(route: Route, model: str, key: str | None, rng: random.Random) -> str
 
 
 _decoder = msgspec.json.Decoder(Route)
+# Entries of the changes stream kept: only a wake-up, the epoch says what changed.
+_CHANGES_KEPT = 100
 
 
 class RouteStore:
@@ -118,12 +121,20 @@ class RouteStore:
             pipe.delete(self.keys.route(model))
         else:
             pipe.set(self.keys.route(model), msgspec.json.encode(route))
-        pipe.incr(self.keys.routes_epoch)
+        self._bump(pipe)
         pipe.execute()
 
     def bump(self) -> int:
         """Tell servers that something they route by changed (an alias moved)."""
-        return int(self.client.incr(self.keys.routes_epoch))
+        pipe = self.client.pipeline(transaction=True)
+        self._bump(pipe)
+        epoch, _ = pipe.execute()
+        return int(epoch)
+
+    def _bump(self, pipe: Pipeline) -> None:
+        """The epoch, and an entry that wakes servers blocked on the changes stream."""
+        pipe.incr(self.keys.routes_epoch)
+        pipe.xadd(self.keys.serving_changes, {"change": "routes"}, maxlen=_CHANGES_KEPT)
 
     def epoch(self) -> int:
         raw = self.client.get(self.keys.routes_epoch)

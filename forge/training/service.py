@@ -235,17 +235,21 @@ class TrainingService:
     def load(self, model: str, ref: str | None = None) -> tuple[TrainedModel, VersionInfo]:
         """Version ``ref`` of ``model`` (default: champion, else latest), loaded through
         the byte-bounded model cache."""
+        version = self.versions.resolve(model, ref)
+        return self.load_version(version), version
+
+    def load_version(self, version: VersionInfo) -> TrainedModel:
+        """``version`` (resolved already), loaded through the byte-bounded model cache:
+        a cache hit asks the registry nothing."""
         from forge.training.tasks import get_trainer
 
-        version = self.versions.resolve(model, ref)
         trainer = get_trainer(version.task)
-        key = f"trained:{self.client.tracking_uri}:{model}:{version.version}"
-        loaded = self.models.get_or_load(
+        key = f"trained:{self.client.tracking_uri}:{version.model}:{version.version}"
+        return self.models.get_or_load(
             key,
             lambda: trainer.load(artifacts.model_files(self._download(version))),
             lambda m: m.size_bytes,
         )
-        return loaded, version
 
     # ------------------------------------------------------------------ helpers
 

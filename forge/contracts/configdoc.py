@@ -54,6 +54,8 @@ DESCRIPTIONS: dict[str, str] = {
     "used models are evicted).",
     "cache_ttl_s": "Lifetime of entries in the Redis embedding cache.",
     "training_timeout_s": "Limit on one training; a request's `timeout_s` may only shorten it.",
+    "tune_poll_s": "How often the worker running a hyperparameter search (`tune`) checks "
+    "the study while other workers run its trials.",
     "embedding_model": "Default sentence-transformers model for `new-data` events.",
     "embed_pipeline_depth": "Model batches one `new-data` read may hold: each batch's rows are "
     "written while the next batch is embedded, so the model does not wait for the database. "

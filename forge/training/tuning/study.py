@@ -194,9 +194,11 @@ class Study:
         startup = max(1, min(_STARTUP_TRIALS, self.plan.trials // 2))
         # constant_liar: trials running elsewhere count as bad for now, so concurrent
         # workers do not all sample the same promising corner.
-        return optuna.samplers.TPESampler(
-            seed=self.seed * 100_003 + number, n_startup_trials=startup, constant_liar=True
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(
+                seed=self.seed * 100_003 + number, n_startup_trials=startup, constant_liar=True
+            )
 
     def _seed_sampler(self, number: int) -> None:
         """Seed by trial number: workers sharing a study must not draw the same random

@@ -57,12 +57,7 @@ class Counts:
     completed: int = 0
     pruned: int = 0
     failed: int = 0
-    running: int = 0
     retried: int = 0
-
-    @property
-    def finished(self) -> int:
-        return self.completed + self.pruned + self.failed
 
 
 class Study:
@@ -145,13 +140,12 @@ class Study:
 
         with self._locked():
             self._fail_stale()
-            counts = self.counts()
-            waiting = any(
-                t.state == TrialState.WAITING for t in self.optuna.get_trials(deepcopy=False)
-            )
-        if counts.running:
+            trials = self.optuna.get_trials(deepcopy=False)
+        if any(t.state == TrialState.RUNNING for t in trials):
             return False
-        return self.past_deadline() or (not waiting and counts.finished >= self.target)
+        waiting = any(t.state == TrialState.WAITING for t in trials)
+        originals = sum(1 for t in trials if "failed_trial" not in t.system_attrs)
+        return self.past_deadline() or (not waiting and originals >= self.target)
 
     def counts(self) -> Counts:
         from optuna.trial import TrialState
@@ -163,7 +157,6 @@ class Study:
             completed=states.count(TrialState.COMPLETE),
             pruned=states.count(TrialState.PRUNED),
             failed=states.count(TrialState.FAIL),
-            running=states.count(TrialState.RUNNING),
             retried=len(rerun),
         )
 

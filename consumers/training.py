@@ -31,6 +31,7 @@ from forge.runtime.context import Context
 from forge.runtime.handlers import Message, Outcome, Succeeded
 from forge.serving.experiment import enroll
 from forge.serving.routing import RouteStore
+from forge.training.base import Dataset
 from forge.training.service import Registered, TrainingService
 from forge.training.versions import CANDIDATE
 from forge.vectorstore import VectorStore
@@ -76,6 +77,10 @@ class TrainingHandler:
         done = service.registered(request)
         if done is None:
             done = self._tune(message) if request.tune else self._train(message)
+        elif request.tune and message.is_redelivery and done.version.task == CLUSTERING:
+            # The delivery that registered it may have died before writing these.
+            data, _ = load_dataset(self.store(), request)
+            self._write_best_clusters(request, done, data)
         if request.promote == ON_SIGNIFICANCE:
             enroll(self.routes, request.model, shadow_candidate=CANDIDATE in done.version.aliases)
         result = dict(done.result)
@@ -117,10 +122,17 @@ class TrainingHandler:
             embedding_model=embedding_model,
         )
         if request.task == CLUSTERING:
-            model, _ = self.service().load(request.model, str(done.version.version))
-            clusters = [int(p.label.rpartition("-")[2]) for p in model.predict(data.vectors)]
-            self._write_assignments(request, dict(zip(data.ids, clusters, strict=True)))
+            self._write_best_clusters(request, done, data)
         return done
+
+    def _write_best_clusters(
+        self, request: TrainingRequest, done: Registered, data: Dataset
+    ) -> None:
+        """A clustering search's assignments: each row's nearest centre of the version
+        (the best trial's model, loaded back: trials keep no assignments)."""
+        model, _ = self.service().load(request.model, str(done.version.version))
+        clusters = [int(p.label.rpartition("-")[2]) for p in model.predict(data.vectors)]
+        self._write_assignments(request, dict(zip(data.ids, clusters, strict=True)))
 
     def _tuner(self) -> TuneService:
         if self.tuner is None:

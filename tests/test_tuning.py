@@ -267,6 +267,30 @@ def test_a_bad_search_space_fails_the_request_with_the_reason(
     assert studies_of(storage, model) == []
 
 
+def test_a_clustering_search_writes_the_best_models_clusters_into_the_rows(
+    ctx: Context, collection: str, model: str, vector_store: VectorStore
+) -> None:
+    event = {
+        "type": "training-request",
+        "id": "k1",
+        "model": model,
+        "task": "clustering",
+        "collection": collection,
+        "params": {"max_iter": 3},
+        "tune": {"trials": 2, "space": {"n_clusters": {"low": 2, "high": 4}}},
+    }
+    publish(ctx.redis, ctx.keys.training_requests, event)
+    with running(worker(ctx)):
+        wait_for(lambda: any(c.source_id == "k1" for c in completions(ctx)), 120)
+    (done,) = [c for c in completions(ctx) if c.source_id == "k1"]
+    assert done.status == "succeeded", done.error
+    assert done.result["tune"]["metric"] == "silhouette"
+    n_clusters = done.result["tune"]["best_params"]["n_clusters"]
+    field = done.result["cluster_field"]
+    stored = vector_store.fetch(collection, ["d0", "d1", "d2"])
+    assert all(0 <= r.metadata[field] < n_clusters for r in stored.values())
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs, the trial is left RUNNING."""
 

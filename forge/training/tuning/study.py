@@ -85,7 +85,8 @@ class Study:
         except optuna.exceptions.DuplicatedStudyError:
             created = False
         study = cls(storage, name, plan, seed)
-        if created:
+        # Also when an earlier delivery died between creating the study and this.
+        if created or ATTR_TRIALS not in study.attrs:
             study.set_attrs(
                 {
                     ATTR_MODEL: request.model,

@@ -11,9 +11,9 @@ For each worker count (1, then 2) the run starts that many ``forge worker``
 processes (each limited to one torch thread: ``OMP_NUM_THREADS=1``), publishes the
 tune request under a fresh model name and times it from the publish to its
 completion: the whole study, the trials the other worker ran from ``forge:trials``
-included, and registering the best trial. Before it, an untimed 2-trials-per-worker
-study lets every worker process import torch, MLflow and Optuna and open its stores,
-which each does once in its life. The same run also trains the default parameters
+included, and registering the best trial. Before it, small untimed studies run until
+every worker has run a trial: each worker process imports torch, MLflow and Optuna and
+opens its stores on its first one, once in its life. The same run also trains the default parameters
 once (a plain request) for the quality check. The machine's load average is printed
 beside each timing: on a machine shared with other jobs the ratio says little.
 
@@ -85,10 +85,7 @@ def _bench(servers: Servers, root: Path, args: argparse.Namespace, started: list
         if default is None:
             default, _ = _request(client, {"params": params})
             log(f"default parameters: val_macro_f1 {_f1(default):.4f}")
-        # A small study first, untimed: each worker process imports torch, MLflow and
-        # Optuna and opens its stores on its first trial, once in its life.
-        warm = {"trials": 2 * count}
-        _request(client, {"params": {**params, "epochs": 1}, "tune": warm})
+        _warm_up(client, count, params)
         load_before = os.getloadavg()[0]
         tune = {"trials": args.trials}
         done, wall_s = _request(client, {"params": params, "tune": tune})
@@ -125,6 +122,25 @@ def _report(results: dict[int, tuple[float, Completion]], default: Completion, a
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     return 0 if all(checks.values()) else 1
+
+
+def _warm_up(client: redis.Redis, count: int, params: dict[str, Any]) -> None:
+    """Small untimed studies until every worker has run a trial: each worker process
+    imports torch, MLflow and Optuna and opens its stores on its first one, once in
+    its life."""
+    warmed: set[str] = set()
+    for _ in range(10):
+        done, _ = _request(client, {"params": {**params, "epochs": 1}, "tune": {"trials": 4}})
+        warmed.add(done.worker)  # the worker that ran the study runs trials too
+        warmed |= {c.worker for c in _completions(client) if "trial" in c.result}
+        if len(warmed) >= count:
+            return
+    raise SystemExit(f"only {len(warmed)} of {count} workers ran a trial in 10 warm-up studies")
+
+
+def _completions(client: redis.Redis) -> list[Completion]:
+    entries = client.xrange(Keys().completions)
+    return [msgspec.json.decode(e[EVENT_FIELD], type=Completion) for _, e in entries]
 
 
 def _request(client: redis.Redis, fields: dict[str, Any]) -> tuple[Completion, float]:

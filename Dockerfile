@@ -56,12 +56,15 @@ FROM ${VARIANT}-build AS build
 # Same version as CI (.ci/run) so the image runs what the tests ran.
 ARG TORCH_VERSION=2.13.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python3 -m venv /opt/venv
+WORKDIR /src
+# pip itself as the locks pin it, before anything else is installed through them.
+COPY requirements-pip.lock ./
+RUN python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes -r requirements-pip.lock
 ENV PATH=/opt/venv/bin:$PATH
 # torch first and on its own: it is the largest layer and changes least often. The
 # runtime lock leaves torch out, so each variant takes its own build of this version.
 RUN pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"
-WORKDIR /src
 # Every other package exactly as CI tested it: versions and hashes from the lock.
 COPY requirements.lock ./
 RUN pip install --require-hashes -r requirements.lock

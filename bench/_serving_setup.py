@@ -140,6 +140,8 @@ def mlflow_serve(
     from forge.training.tracking import tracking_uri
 
     env = forge_env(settings) | {"MLFLOW_TRACKING_URI": tracking_uri(settings)}
+    # mlflow runs `uvicorn` from PATH: this interpreter's, also when its venv is not active.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     args = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model}@champion",
             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]  # fmt: skip
     return process(args, env, f"http://127.0.0.1:{port}/ping", folder / f"mlflow-{port}.log")

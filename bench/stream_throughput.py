@@ -12,9 +12,10 @@ Variants, each on its own streams, same payloads, same batch size (XREADGROUP CO
 
 * ``forge``: a ``Worker`` with a no-op handler (returns None), driven by
   ``worker.run_once()`` until every entry is settled: XREADGROUP, msgspec decode into
-  ``NewData``, MGET of the idempotency markers, handler, then one MULTI/EXEC with an
-  XADD of a ``Completion`` per event (MAXLEN ~), a SET EX of a done marker per event
-  and the XACK of the batch. Metrics are updated as in production.
+  ``NewData``, MGET of the idempotency markers, handler, then one settle script call
+  (EVALSHA, atomic) that runs an XADD of a ``Completion`` per event (MAXLEN ~), a SET
+  EX of a done marker per event and the XACK of the batch. Metrics are updated as in
+  production.
 * ``raw-same``: the same Redis work written by hand with redis-py: XREADGROUP COUNT
   n, msgspec decode of each payload into ``forge.events.NewData``, MGET of one marker
   key per event, then one MULTI/EXEC pipeline with, per event, an XADD (MAXLEN ~) of

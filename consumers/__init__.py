@@ -49,9 +49,15 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
     )
     tuner = Once(lambda: open_tuner(ctx, store, training))
     trainer = TrainingHandler(ctx, store, training, tuner)
-    # One training at a time: a worker holds no requests it is not working on.
+    # One request per batch, FORGE_TRAINING_CONCURRENCY batches at once: a worker holds
+    # no requests it is not working on.
     spec = HandlerSpec(
-        "training-requests", TrainingRequest, trainer, name="train", max_batch_size=1
+        "training-requests",
+        TrainingRequest,
+        trainer,
+        name="train",
+        max_batch_size=1,
+        concurrency=ctx.settings.training_concurrency,
     )
     handlers.register(spec)
     # The trials of hyperparameter searches, one at a time too.

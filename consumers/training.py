@@ -13,13 +13,21 @@ the route has neither split nor shadow), on every delivery: putting it is idempo
 
 Requests that cannot be done (unknown task or parameter, missing collection, too few
 labelled rows, timeout) raise ``PermanentError``: a ``failed`` completion, no retries.
+
+A training that waits for GPU memory (``forge.training.admission``) says so in the
+metrics and in a short-lived key per entry (``Keys.admission_wait``) that
+``forge status`` and ``forge watch`` read; several run at once with
+``FORGE_TRAINING_CONCURRENCY`` (the handler is called from that many threads).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+import redis
 import structlog
 
 from consumers.datasets import load_dataset
@@ -31,6 +39,7 @@ from forge.runtime.context import Context
 from forge.runtime.handlers import Message, Outcome, Succeeded
 from forge.serving.experiment import enroll
 from forge.serving.routing import RouteStore
+from forge.training.admission import AdmissionWait
 from forge.training.base import Dataset
 from forge.training.service import Registered, TrainingService
 from forge.training.versions import CANDIDATE
@@ -73,6 +82,16 @@ class TrainingHandler:
 
     def handle(self, message: Message[TrainingRequest]) -> Outcome:
         request = message.event
+        _, lane = self.ctx.keys.lane_of(message.stream)
+        if request.priority != lane:
+            # The lane decided when it ran; say so, for producers that XADD themselves.
+            log.warning(
+                "training request's priority differs from its lane; the lane decides",
+                request_id=request.id,
+                priority=request.priority,
+                lane=lane,
+                stream=message.stream,
+            )
         service = self.service()
         done = service.registered(request)
         if done is None:
@@ -98,13 +117,15 @@ class TrainingHandler:
         # Validate before loading data: a typo should not cost a collection scan.
         parse_params(get_trainer(request.task), request.params)
         data, embedding_model = load_dataset(self.store(), request)
-        fitted = service.fit(
-            request,
-            data,
-            stream=message.stream,
-            embedding_model=embedding_model,
-            redelivery=message.is_redelivery,
-        )
+        with AdmissionReport(self.ctx, message) as admission:
+            fitted = service.fit(
+                request,
+                data,
+                stream=message.stream,
+                embedding_model=embedding_model,
+                redelivery=message.is_redelivery,
+                admission=admission,
+            )
         self._write_assignments(request, getattr(fitted.model, "assignments", None))
         return service.register(fitted)
 
@@ -150,6 +171,75 @@ class TrainingHandler:
         patches = {record_id: {key: cluster} for record_id, cluster in assignments.items()}
         patched = self.store().update_metadata(request.collection, patches)
         log.info("cluster assignments written", collection=request.collection, rows=patched)
+
+
+class AdmissionWaitRecord(msgspec.Struct, kw_only=True):
+    """What ``Keys.admission_wait`` holds while a training waits for GPU memory."""
+
+    model: str
+    need_bytes: int
+    free_bytes: int
+    headroom_bytes: int
+    gpus: int
+    since_s: float
+    worker: str
+
+
+class AdmissionReport:
+    """One training's GPU admission, told to the metrics and to ``forge status``."""
+
+    def __init__(self, ctx: Context, message: Message[TrainingRequest]) -> None:
+        self._ctx = ctx
+        self._key = ctx.keys.admission_wait(message.stream, message.entry_id)
+        # Outlives a poll or two, so a dead worker's record soon disappears.
+        self._ttl_s = max(math.ceil(3 * ctx.settings.gpu_admission_poll_s), 30)
+        self._waiting_model: str | None = None
+
+    def waiting(self, wait: AdmissionWait) -> None:
+        metrics = self._ctx.metrics.training_queue
+        metrics.admission_waits_total.labels(model=wait.model).inc()
+        if self._waiting_model is None:
+            self._waiting_model = wait.model
+            metrics.admission_waiting.labels(model=wait.model).inc()
+        record = AdmissionWaitRecord(
+            model=wait.model,
+            need_bytes=wait.need_bytes,
+            free_bytes=wait.free_bytes,
+            headroom_bytes=wait.headroom_bytes,
+            gpus=wait.gpus,
+            since_s=wait.since_s,
+            worker=self._ctx.consumer,
+        )
+        self._write(lambda r: r.set(self._key, msgspec.json.encode(record), ex=self._ttl_s))
+
+    def admitted(self, model: str, device: str, waited_s: float) -> None:
+        if device == "cpu":
+            self._ctx.metrics.training_queue.cpu_fallbacks_total.labels(model=model).inc()
+        self._stop_waiting()
+
+    def __enter__(self) -> AdmissionReport:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # A training that fails while it waits (NVML gone, the worker killed) is no
+        # longer waiting either.
+        self._stop_waiting()
+
+    def _stop_waiting(self) -> None:
+        if self._waiting_model is not None:
+            gauge = self._ctx.metrics.training_queue.admission_waiting
+            gauge.labels(model=self._waiting_model).dec()
+            self._waiting_model = None
+            self._write(lambda r: r.delete(self._key))
+
+    def _write(self, command: Callable[[redis.Redis], Any]) -> None:
+        """The record is a view for operators: a failure to write it must not fail the
+        training, but it is logged and counted."""
+        try:
+            command(self._ctx.redis)
+        except redis.RedisError as exc:
+            self._ctx.metrics.infrastructure_errors_total.labels(component="redis").inc()
+            log.warning("admission wait not recorded", error=f"{type(exc).__name__}: {exc}")
 
 
 def progress_publisher(ctx: Context) -> Callable[[TrainingProgress], Any]:

@@ -16,6 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from forge.errors import InvalidEvent
+from forge.keys import Priority
 
 SCHEMA_VERSION = 1
 EVENT_FIELD = b"event"
@@ -162,6 +163,11 @@ class TrainingRequest(Event, tag="training-request"):
     # "on-significance", when it wins an online comparison against the champion on
     # live feedback (``forge models compare``).
     promote: Literal["if-better", "always", "never", "on-significance"] = "if-better"
+    # Which lane of the training queue the request waits in: workers take high before
+    # normal before low, and a request rises a level for each FORGE_PRIORITY_AGING_S it
+    # waits. `forge publish` and the Python API route by it to the
+    # `training-requests:high` / `:low` streams; `training-requests` is the normal lane.
+    priority: Priority = "normal"
     # Search the hyperparameters instead of training ``params`` once: the best trial
     # is registered (``params`` fixes what the search leaves alone).
     tune: Tune | None = None

@@ -6,11 +6,23 @@ All names start with the configurable prefix (``FORGE_STREAM_PREFIX``, default
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from forge.settings import Settings
+
+Priority = Literal["high", "normal", "low"]
+# Highest first: the order a worker takes a prioritized stream's lanes in.
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a SCAN MATCH pattern."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +87,42 @@ class Keys:
         """Counter of all replays ever made."""
         return f"{self.prefix}dead-letter:replays-total"
 
+    # Priority lanes: a prioritized input stream is three streams. Its own name is the
+    # ``normal`` lane, so producers that XADD to it keep working unchanged.
+    @property
+    def prioritized_streams(self) -> tuple[str, ...]:
+        return (self.training_requests,)
+
+    def lane(self, stream: str, priority: Priority) -> str:
+        """The stream carrying ``stream``'s entries of ``priority``:
+        ``forge:training-requests:high``, the stream itself for ``normal``."""
+        return stream if priority == "normal" else f"{stream}:{priority}"
+
+    def lanes(self, stream: str) -> tuple[str, ...]:
+        """A prioritized stream's lanes, highest priority first; any other stream alone."""
+        if stream not in self.prioritized_streams:
+            return (stream,)
+        return tuple(self.lane(stream, p) for p in PRIORITIES)
+
+    def lane_of(self, stream: str) -> tuple[str, Priority]:
+        """The prioritized stream a lane belongs to, and its priority (a stream that is
+        no lane is its own, ``normal``)."""
+        for base in self.prioritized_streams:
+            for priority in PRIORITIES:
+                if stream == self.lane(base, priority):
+                    return base, priority
+        return stream, "normal"
+
     def done(self, stream: str, event_id: str) -> str:
-        """Idempotency marker: the event's effects on ``stream`` are complete."""
-        return f"{self.prefix}done:{self.group}:{stream}:{event_id}"
+        """Idempotency marker: the event's effects on ``stream`` are complete. One
+        marker for all lanes of a stream: an event id runs once whatever its priority."""
+        base, _ = self.lane_of(stream)
+        return f"{self.prefix}done:{self.group}:{base}:{event_id}"
+
+    def admission_wait(self, stream: str, entry_id: str) -> str:
+        """String, expiring: why a delivered entry waits to start (a training waiting
+        for GPU memory), as JSON, refreshed while it waits; ``forge status`` reads it."""
+        return f"{self.prefix}admission-wait:{self.group}:{stream}:{entry_id}"
 
     def last_error(self, stream: str, entry_id: str) -> str:
         """The error of an entry's latest failed delivery, kept for its dead-letter record."""
@@ -116,6 +161,35 @@ class Keys:
         kept (for ``FORGE_IDEMPOTENCY_TTL_S``) so a retry of that event publishes it."""
         return f"{self.prefix}serving:promotion-event:{feedback_id}"
 
+    # Key families as SCAN MATCH patterns (what ``forge backup`` copies).
+    @property
+    def everything(self) -> str:
+        """Every key of this deployment: its prefix, whatever follows."""
+        return f"{glob_escape(self.prefix)}*"
+
+    def done_pattern(self, stream: str) -> str:
+        return f"{glob_escape(self.done(stream, ''))}*"
+
+    @property
+    def route_pattern(self) -> str:
+        return f"{glob_escape(self.route(''))}*"
+
+    @property
+    def prediction_pattern(self) -> str:
+        return f"{glob_escape(self.prediction(''))}*"
+
+    @property
+    def variant_stats_pattern(self) -> str:
+        return f"{glob_escape(self.prefix)}serving:stats:*"
+
+    @property
+    def promotion_pattern(self) -> str:
+        return f"{glob_escape(self.prefix)}serving:promotion:*"
+
+    @property
+    def promotion_event_pattern(self) -> str:
+        return f"{glob_escape(self.promotion_event(''))}*"
+
     def short(self, stream: str) -> str:
         """A stream's name without the prefix, for metric labels and messages."""
         return stream.removeprefix(self.prefix)
@@ -133,6 +207,11 @@ class Keys:
             self.feedback,
             self.trials,
         )
+
+    @property
+    def input_lanes(self) -> tuple[str, ...]:
+        """Every stream workers read: the input streams, prioritized ones as their lanes."""
+        return tuple(lane for stream in self.input_streams for lane in self.lanes(stream))
 
     @property
     def output_streams(self) -> tuple[str, ...]:

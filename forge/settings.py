@@ -132,6 +132,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # How often the worker that runs a hyperparameter search looks at the study while
     # other workers run its trials.
     tune_poll_s: float = 1.0
+    # The training queue: trainings one worker runs at once, how long a waiting request
+    # takes to rise one priority level, and GPU admission.
+    training_concurrency: int = 1
+    priority_aging_s: float = 600.0
+    gpu_admission_headroom_bytes: int = 512 * 2**20
+    gpu_admission_poll_s: float = 5.0
+    gpu_admission_cpu_fallback: bool = False
     embedding_model: str = "all-MiniLM-L6-v2"
     embed_pipeline_depth: int = 8
 
@@ -146,6 +153,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_dir: Path | None = None
     cache_dir: Path | None = None
     log_dir: Path | None = None
+    # Where pg_dump and pg_restore are (``forge backup``); unset: those of the embedded
+    # server's wheel for the server's major version, else PATH's.
+    pg_bin_dir: Path | None = None
 
     # Serving (``forge serve``). ``api_token``: bearer token the HTTP API requires;
     # required when ``serve_host`` is beyond loopback.
@@ -155,8 +165,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     serve_max_wait_ms: float = 2.0
     serve_max_body_bytes: int = 1_048_576
     api_token: str | None = None
-    # How often servers look for route, alias and version changes.
+    # How often servers and predict workers look in Redis for route, alias and version
+    # changes (Forge's own commands announce every one there).
     serve_reload_interval_s: float = 0.5
+    # How often they also ask the model registry for aliases moved behind Forge's back
+    # (MLflow's UI or client): a registry round trip per served model, so rarely.
+    serve_registry_poll_s: float = 30.0
     # How long a prediction is kept for joining its feedback.
     feedback_window_s: int = 24 * 3600
     # Feedback each variant needs before a comparison may give a verdict.
@@ -180,8 +194,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "serve_workers": self.serve_workers,
             "serve_max_body_bytes": self.serve_max_body_bytes,
             "serve_reload_interval_s": self.serve_reload_interval_s,
+            "serve_registry_poll_s": self.serve_registry_poll_s,
             "feedback_window_s": self.feedback_window_s,
             "compare_min_feedback": self.compare_min_feedback,
+            "training_concurrency": self.training_concurrency,
+            "priority_aging_s": self.priority_aging_s,
+            "gpu_admission_poll_s": self.gpu_admission_poll_s,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -189,6 +207,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         for name, port in (("http_port", self.http_port), ("serve_port", self.serve_port)):
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, got {port}")
+        if self.gpu_admission_headroom_bytes < 0:
+            raise ConfigError(
+                f"gpu_admission_headroom_bytes must be 0 or more, got "
+                f"{self.gpu_admission_headroom_bytes}"
+            )
         if self.serve_max_wait_ms < 0:
             raise ConfigError(f"serve_max_wait_ms must be 0 or more, got {self.serve_max_wait_ms}")
         check_hnsw(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search)
@@ -263,6 +286,20 @@ def _stripped(value: str) -> str:
     return value.strip()
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(value: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off``, any case."""
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ConfigError(f"not a boolean: {value!r} (use one of {', '.join(_TRUE + _FALSE)})")
+
+
 # Environment variable -> (field, converter). Where two variables set one field the
 # first listed wins (``MLRUN_DBPATH`` is the original design's name).
 ENV_VARS: dict[str, tuple[str, Any]] = {
@@ -290,6 +327,11 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_CACHE_TTL_S": ("cache_ttl_s", int),
     "FORGE_TRAINING_TIMEOUT_S": ("training_timeout_s", float),
     "FORGE_TUNE_POLL_S": ("tune_poll_s", float),
+    "FORGE_TRAINING_CONCURRENCY": ("training_concurrency", int),
+    "FORGE_PRIORITY_AGING_S": ("priority_aging_s", float),
+    "FORGE_GPU_ADMISSION_HEADROOM": ("gpu_admission_headroom_bytes", parse_size),
+    "FORGE_GPU_ADMISSION_POLL_S": ("gpu_admission_poll_s", float),
+    "FORGE_GPU_ADMISSION_CPU_FALLBACK": ("gpu_admission_cpu_fallback", parse_bool),
     "FORGE_EMBEDDING_MODEL": ("embedding_model", str),
     "FORGE_EMBED_PIPELINE_DEPTH": ("embed_pipeline_depth", int),
     "FORGE_HNSW_M": ("hnsw_m", int),
@@ -299,6 +341,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_MODEL_DIR": ("model_dir", Path),
     "FORGE_CACHE_DIR": ("cache_dir", Path),
     "FORGE_LOG_DIR": ("log_dir", Path),
+    "FORGE_PG_BIN_DIR": ("pg_bin_dir", Path),
     "FORGE_SERVE_HOST": ("serve_host", _stripped),
     "FORGE_SERVE_PORT": ("serve_port", int),
     "FORGE_SERVE_WORKERS": ("serve_workers", int),
@@ -306,6 +349,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_SERVE_MAX_BODY_BYTES": ("serve_max_body_bytes", parse_size),
     "FORGE_API_TOKEN": ("api_token", _stripped),
     "FORGE_SERVE_RELOAD_INTERVAL_S": ("serve_reload_interval_s", float),
+    "FORGE_SERVE_REGISTRY_POLL_S": ("serve_registry_poll_s", float),
     "FORGE_FEEDBACK_WINDOW_S": ("feedback_window_s", int),
     "FORGE_COMPARE_MIN_FEEDBACK": ("compare_min_feedback", int),
     "FORGE_HTTP_HOST": ("http_host", str),

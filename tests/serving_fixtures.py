@@ -25,7 +25,11 @@ def serving_mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture
 def serving_settings(settings: Settings, serving_mlflow_uri: str) -> Settings:
-    return settings.replace(mlflow_tracking_uri=serving_mlflow_uri, serve_reload_interval_s=0.05)
+    return settings.replace(
+        mlflow_tracking_uri=serving_mlflow_uri,
+        serve_reload_interval_s=0.05,
+        serve_registry_poll_s=0.05,
+    )
 
 
 @pytest.fixture

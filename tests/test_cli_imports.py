@@ -57,6 +57,7 @@ def _run(home: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], set[
         ["worker", "--help"],
         ["publish", "--help"],
         ["env", "--help"],
+        ["backup", "create", "--help"],
     ],
 )
 def test_building_the_parser_imports_no_command_dependencies(
@@ -89,6 +90,7 @@ def test_models_list_imports_mlflow_but_no_torch_nor_clients(tmp_path: Path) -> 
         ("cmd_env", CLIENTS),
         ("cmd_worker", CLIENTS),
         ("cmd_docs", set()),
+        ("cmd_backup", set()),
         ("cmd_tune", CLIENTS),
     ],
 )
@@ -122,7 +124,7 @@ def test_every_command_names_a_function_that_exists() -> None:
         for action in current._actions:
             if action.choices and isinstance(action.choices, dict):
                 stack.extend(action.choices.values())
-    assert len(found) == 22
+    assert len(found) == 25
     for lazy in found:
         assert callable(lazy.resolve()), lazy
 

@@ -1204,7 +1204,9 @@ def test_keda_scales_each_worker_on_its_stream() -> None:
     )
     for deployment in _deployments("worker"):
         name = deployment["metadata"]["name"]
-        streams = [keys.resolve(s) for s in _worker_streams(_container(deployment)["args"])]
+        named = [keys.resolve(s) for s in _worker_streams(_container(deployment)["args"])]
+        # A worker reads every priority lane of a prioritized stream.
+        streams = [lane for stream in named for lane in keys.lanes(stream)]
         (obj,) = [s for s in scaled if s["spec"]["scaleTargetRef"]["name"] == name]
         spec = obj["spec"]
         assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
@@ -1244,3 +1246,25 @@ def test_keda_reaches_the_redis_forge_uses() -> None:
     keda = _secret_data("forge-keda-redis")
     assert keda["address"] == f"{forge_redis.hostname}:{forge_redis.port or 6379}"
     assert keda["password"] == (forge_redis.password or "")
+
+
+def test_backup_cronjob_runs_a_backup_the_parser_accepts() -> None:
+    (cronjob,) = _of_kind("CronJob")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
+    assert pod["securityContext"]["runAsUser"] == FORGE_UID
+    assert pod.get("automountServiceAccountToken") is False
+    (script,) = container["args"]
+    # The shell's $(date ...) stands for the run's time stamp.
+    argv = shlex.split(re.sub(r"\$\([^)]*\)", "STAMP", script.split("&&")[0]))
+    assert argv[:3] == ["forge", "backup", "create"]
+    args = build_parser().parse_args(argv[1:])
+    assert args.exclude == ["mlflow"], "the tracking server is backed up with its own tools"
+    # The folder it writes to is the backups volume, and FORGE_HOME is writable.
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[str(Path(args.dir).parent)] == "backups"
+    (claim,) = [v for v in pod["volumes"] if v["name"] == "backups"]
+    _named("PersistentVolumeClaim", claim["persistentVolumeClaim"]["claimName"])
+    env = _pod_env({"spec": {"template": {"spec": pod}}})
+    assert str(_settings_from(env).home_dir) in mounts

@@ -19,6 +19,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_LOCK = ROOT / "requirements.lock"
 DEV_LOCK = ROOT / "requirements-dev.lock"
+PIP_LOCK = ROOT / "requirements-pip.lock"
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 
 
@@ -80,7 +81,16 @@ def test_both_locks_pin_the_same_versions() -> None:
     assert not differ, f"the locks disagree (runtime, dev): {differ}"
 
 
-@pytest.mark.parametrize("lock", [RUNTIME_LOCK, DEV_LOCK], ids=lambda p: p.name)
+def test_the_pip_lock_is_the_dev_locks_pip() -> None:
+    """Installs upgrade pip from requirements-pip.lock first; it must be the very pin (and
+    hashes) that the dev lock was resolved with."""
+    pip_lock = PIP_LOCK.read_text(encoding="utf-8")
+    pinned = pip_lock[pip_lock.index("pip==") :].strip()
+    assert pinned in DEV_LOCK.read_text(encoding="utf-8")
+    assert list(_pins(PIP_LOCK)) == ["pip"]
+
+
+@pytest.mark.parametrize("lock", [RUNTIME_LOCK, DEV_LOCK, PIP_LOCK], ids=lambda p: p.name)
 def test_every_pin_carries_hashes(lock: Path) -> None:
     assert _hashed(lock)
 
@@ -88,8 +98,11 @@ def test_every_pin_carries_hashes(lock: Path) -> None:
 @pytest.mark.parametrize(
     ("path", "lock"),
     [
+        (".ci/run", "requirements-pip.lock"),
         (".ci/run", "requirements-dev.lock"),
+        ("Dockerfile", "requirements-pip.lock"),
         ("Dockerfile", "requirements.lock"),
+        ("README.md", "requirements-pip.lock"),
         ("README.md", "requirements.lock"),
         ("README.md", "requirements-dev.lock"),
     ],

@@ -212,7 +212,9 @@ def request_json(url: str, body: Any | None = None) -> tuple[int, Any]:
 def served(mlflow_env: Settings, classifier: str, tmp_path: Path) -> Iterator[str]:
     """``mlflow models serve`` of the champion, in its own process group."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # mlflow runs `uvicorn` from PATH: this interpreter's, also when its venv is not active.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": path}
     mlflow_cli = str(Path(sys.executable).with_name("mlflow"))
     model = f"models:/{classifier}@champion"
     argv = [mlflow_cli, "models", "serve", "-m", model, "--env-manager", "local"]

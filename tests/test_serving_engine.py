@@ -268,7 +268,7 @@ def test_versions_announced_on_the_stream_are_served_without_waiting_for_the_pol
     training: TrainingService,
     model_name: str,
 ) -> None:
-    slow_poll = serving_settings.replace(serve_reload_interval_s=3600.0)
+    slow_poll = serving_settings.replace(serve_registry_poll_s=3600.0)
     engine = PredictionEngine.from_settings(slow_poll, redis_client, training=training)
     ghost = engine.predict([call(model_name)])
     assert [e.status for e in ghost if isinstance(e, PredictError)] == [404]

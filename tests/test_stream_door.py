@@ -46,6 +46,7 @@ def settings(settings: Settings, registry_uri: str) -> Settings:
     return settings.replace(
         mlflow_tracking_uri=registry_uri,
         serve_reload_interval_s=0.05,
+        serve_registry_poll_s=0.05,
         compare_min_feedback=MIN_FEEDBACK,
     )
 

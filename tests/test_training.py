@@ -22,6 +22,8 @@ import pytest
 from sklearn.datasets import load_digits
 
 from consumers import register
+from consumers.once import Once
+from consumers.training import TrainingHandler
 from forge.cli.main import main
 from forge.embedding.model import Embedder
 from forge.events import (
@@ -33,16 +35,19 @@ from forge.events import (
     decode_as,
 )
 from forge.runtime.context import Context
-from forge.runtime.handlers import HandlerRegistry
+from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.worker import Worker
 from forge.settings import Settings
-from forge.training.base import Dataset
+from forge.training.admission import GpuAdmission
+from forge.training.base import Dataset, TrainingControls
+from forge.training.classifier import ClassifierTrainer
 from forge.training.service import TrainingService
 from forge.training.tracking import TrainingRun, connect
 from forge.training.versions import CANDIDATE, CHAMPION, ModelVersions
 from forge.vectorstore import Row, VectorStore
 from tests.support.events import publish
 from tests.support.metrics import sample
+from tests.support.nvml import FakeNvml, MiB
 from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.support.workers import dead_letters
 
@@ -286,6 +291,47 @@ def test_a_training_past_its_timeout_fails_saying_so(
         [versions.client.get_experiment_by_name(f"forge/{model}").experiment_id]
     )
     assert run.info.status == "FAILED"
+
+
+def test_a_training_that_fits_on_no_gpu_runs_on_the_cpu_where_configured(
+    ctx: Context,
+    collection: str,
+    model: str,
+    vector_store: VectorStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """GPU admission in the real handler, with a stand-in NVML whose only GPU has 10 MiB
+    free: with FORGE_GPU_ADMISSION_CPU_FALLBACK the classifier is told to train on the
+    CPU, and does, without waiting."""
+    settings = ctx.settings.replace(gpu_admission_cpu_fallback=True)
+    ctx = replace(ctx, settings=settings)
+    gate = GpuAdmission(
+        settings,
+        nvml=FakeNvml([10 * MiB]),
+        cuda_available=lambda: True,
+        sleep=lambda s: pytest.fail("a fallback must not wait"),
+    )
+    devices: list[str | None] = []
+    original = ClassifierTrainer.fit
+
+    def fit(self: ClassifierTrainer, rows: Any, p: Any, controls: TrainingControls) -> Any:
+        devices.append(controls.device)
+        return original(self, rows, p, controls)
+
+    monkeypatch.setattr(ClassifierTrainer, "fit", fit)
+    service = Once(lambda: TrainingService.from_settings(settings, admission=gate))
+    handler = TrainingHandler(ctx, Once(lambda: vector_store), service)
+    handlers = HandlerRegistry()
+    handlers.register(HandlerSpec("training-requests", TrainingRequest, handler, max_batch_size=1))
+    made = Worker(ctx, handlers)
+    made.ctx.broker.ensure_groups(made.streams)
+    publish(ctx.redis, ctx.keys.training_requests, request("r1", model, collection))
+    with running(made):
+        wait_for(lambda: len(completions(ctx)) == 1, 60)
+    (done,) = completions(ctx)
+    assert done.status == "succeeded", done.error
+    assert devices == ["cpu"]
+    assert sample(ctx.metrics, "forge_training_cpu_fallbacks_total", model=model) == 1
 
 
 def test_requests_that_cannot_be_done_fail_without_retries_or_dead_letters(

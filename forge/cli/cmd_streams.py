@@ -11,12 +11,13 @@ from typing import Any
 
 import msgspec
 
-from forge.cli.output import print_json, print_table, shorten
+from forge.cli.output import human_duration, print_json, print_table, shorten
 from forge.cli.runtime import redis_location, worker_may_be_running
 from forge.errors import ConfigError, ForgeError, InvalidEvent, UsageError
 from forge.events import INPUT_STREAM_EVENTS, Completion, DeadLetter, Decoder, utcnow
 from forge.keys import Keys
 from forge.observability.status import snapshot
+from forge.observability.training_queue import TrainingQueue, training_queue
 from forge.runtime.broker import StreamBroker, is_entry_id
 from forge.runtime.completion_wait import completions_position, wait_for_completions
 from forge.runtime.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
@@ -57,7 +58,8 @@ def parse_events(data: bytes) -> list[dict[str, Any]]:
 
 
 def validate_for_stream(keys: Keys, stream: str, items: list[dict[str, Any]]) -> list[bytes]:
-    short = keys.short(stream)
+    """Each item as a validated payload for ``stream`` (or a priority lane of it)."""
+    short = keys.short(keys.lane_of(stream)[0])
     event_type = INPUT_STREAM_EVENTS.get(short)
     if event_type is None:
         known = ", ".join(keys.resolve(s) for s in INPUT_STREAM_EVENTS)
@@ -89,13 +91,13 @@ def run_publish(args: argparse.Namespace, settings: Settings) -> int:
         broker = StreamBroker(client, keys, maxlen=settings.stream_maxlen)
         # Taken before publishing, so that no completion can come before it.
         since_id = completions_position(broker) if args.wait else None
-        published = {broker.publish_raw(stream, p): _event_id(p) for p in payloads}
+        # Training requests go to their priority's lane.
+        published = {broker.publish_input(stream, p): _event_id(p) for p in payloads}
         if since_id is None:
-            sys.stdout.write("".join(f"{entry_id}\n" for entry_id in published))
+            sys.stdout.write("".join(f"{entry_id}\n" for _, entry_id in published))
             return 0
         outcomes = wait_for_completions(
             broker,
-            stream,
             published,
             since_id=since_id,
             timeout_s=args.timeout,
@@ -135,9 +137,16 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
     where = _redis_origin(settings)
     with open_redis(settings) as (client, used):
         snap = snapshot(client, keys)
+        queue = training_queue(client, keys)
     server = redis_location(used.redis_url or "")
     if args.json:
-        print_json({"redis": server, **msgspec.to_builtins(snap)})
+        print_json(
+            {
+                "redis": server,
+                **msgspec.to_builtins(snap),
+                "training_queue": msgspec.to_builtins(queue),
+            }
+        )
         return 0
     print(f"redis: {server} ({where})\n")
     rows, notes = [], []
@@ -159,7 +168,30 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
     for note in notes:
         print(note)
     print(f"\ndead letters: {snap.dead_letter_depth}   replays: {snap.dead_letter_replays}")
+    _print_training_queue(queue)
     return 0
+
+
+def _print_training_queue(queue: TrainingQueue) -> None:
+    counts = ", ".join(f"{n} {priority}" for priority, n in queue.queued.items())
+    print(f"\ntraining queue: {counts or 'nothing'} queued")
+    if not queue.trainings:
+        return
+    rows = [
+        [
+            t.priority,
+            t.state,
+            t.model,
+            t.event_id,
+            human_duration(t.waiting_s),
+            t.worker or "-",
+            t.deliveries or "-",
+            t.detail,
+        ]
+        for t in queue.trainings
+    ]
+    headers = ["priority", "state", "model", "event id", "queued for", "worker", "deliveries"]
+    print_table([*headers, "detail"], rows)
 
 
 def _redis_origin(settings: Settings) -> str:

@@ -24,3 +24,16 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 def shorten(text: str, width: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def human_duration(seconds: float) -> str:
+    """Short human durations: 12ms, 3.4s, 2m05s, 1h07m."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"

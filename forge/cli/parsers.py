@@ -21,6 +21,9 @@ from forge.cli.argtypes import port, positive_int, positive_seconds, vector, ver
 from forge.settings import Settings
 
 EXIT_USAGE = 2
+# The stores ``forge backup`` covers (``forge.backup.manifest.PART_NAMES``, not imported:
+# see the module notes).
+BACKUP_PARTS = ("redis", "postgres", "mlflow")
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -65,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         _watch,
         _docs,
         _env,
+        _backup,
         _schemas,
     ):
         add(sub)
@@ -296,6 +300,36 @@ def _env(sub: Any) -> None:
     )
     only.add_argument("--postgres-url", action="store_true", help="print the PostgreSQL URL alone")
     env.set_defaults(run=Lazy("cmd_env", "run_env"))
+
+
+def _backup(sub: Any) -> None:
+    backup = sub.add_parser(
+        "backup", help="back up, verify and restore Redis, PostgreSQL and MLflow state"
+    )
+    commands = backup.add_subparsers(dest="backup_command", required=True)
+    create = commands.add_parser("create", help="write a backup into a new or empty folder")
+    create.add_argument("dir", help="the backup folder")
+    create.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        choices=BACKUP_PARTS,
+        help="leave a store out (repeat); e.g. an MLflow tracking server backed up apart",
+    )
+    create.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    create.set_defaults(run=Lazy("cmd_backup", "run_create"))
+    verify = commands.add_parser("verify", help="check every file of a backup against its manifest")
+    verify.add_argument("dir", help="the backup folder")
+    verify.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    verify.set_defaults(run=Lazy("cmd_backup", "run_verify"))
+    restore = commands.add_parser(
+        "restore", help="restore a backup into servers that hold no data (stop workers first)"
+    )
+    restore.add_argument("dir", help="the backup folder")
+    restore.add_argument(
+        "--force", action="store_true", help="replace what the servers hold instead of refusing"
+    )
+    restore.set_defaults(run=Lazy("cmd_backup", "run_restore"))
 
 
 def _docs(sub: Any) -> None:

@@ -48,7 +48,11 @@ their own consumer group. Stream names start with a configurable prefix
 
 _CHANNEL_DESCRIPTIONS = {
     "new-data": "Records to embed and upsert into a collection.",
-    "training-requests": "Requests to train (or retrain) a model over a collection.",
+    "training-requests": "Requests to train (or retrain) a model over a collection. This "
+    "stream is the `normal` lane of the training queue; `training-requests:high` and "
+    "`training-requests:low` are the other two, carrying the same messages. Workers take "
+    "high before normal before low (a request waiting FORGE_PRIORITY_AGING_S competes a "
+    "level higher); `forge publish` routes by the request's `priority`.",
     "completions": "One completion for every input event that reached a final state "
     "(succeeded, failed or dead-lettered).",
     "model-versions": "Each newly registered model version, and each promotion won online.",

@@ -56,6 +56,16 @@ DESCRIPTIONS: dict[str, str] = {
     "training_timeout_s": "Limit on one training; a request's `timeout_s` may only shorten it.",
     "tune_poll_s": "How often the worker running a hyperparameter search (`tune`) checks "
     "the study while other workers run its trials.",
+    "training_concurrency": "Trainings one worker runs at once (each in a thread of its "
+    "own); it reads a new training request only when one of these slots is free.",
+    "priority_aging_s": "How long a training request waits before it competes one priority "
+    "level higher (low as normal, then as high), so low requests are never starved.",
+    "gpu_admission_headroom_bytes": "Free GPU memory a training must leave besides its "
+    "estimated need (CUDA context, allocator slack) to be admitted to a GPU.",
+    "gpu_admission_poll_s": "How often a training that does not fit on any GPU checks free "
+    "memory again; it keeps its lease and its delivery meanwhile.",
+    "gpu_admission_cpu_fallback": "A training that does not fit on any GPU runs on the CPU "
+    "at once instead of waiting for GPU memory.",
     "embedding_model": "Default sentence-transformers model for `new-data` events.",
     "embed_pipeline_depth": "Model batches one `new-data` read may hold: each batch's rows are "
     "written while the next batch is embedded, so the model does not wait for the database. "
@@ -74,6 +84,9 @@ DESCRIPTIONS: dict[str, str] = {
     "model_dir": "Downloaded and trained models.",
     "cache_dir": "On-disk caches.",
     "log_dir": "Where `forge.log` (JSON lines, rotated) is written; unset: stderr only.",
+    "pg_bin_dir": "Folder holding the `pg_dump` and `pg_restore` that `forge backup` runs. "
+    "Unset: the embedded PostgreSQL wheel's, for the server's major version, else those on "
+    "`PATH`.",
     "serve_host": "Interface `forge serve` listens on. Beyond loopback it refuses to start "
     "without `FORGE_API_TOKEN`.",
     "serve_port": "Port of `forge serve`'s HTTP API (0 picks a free one).",
@@ -83,8 +96,10 @@ DESCRIPTIONS: dict[str, str] = {
     "serve_max_body_bytes": "Largest HTTP request body the API reads; larger ones get 413.",
     "api_token": "Bearer token the HTTP API requires (`Authorization: Bearer ...`); unset: "
     "no auth, allowed on loopback only. `/health` stays open.",
-    "serve_reload_interval_s": "How often servers and workers look for split, shadow, alias "
-    "and version changes.",
+    "serve_reload_interval_s": "How often servers and predict workers look in Redis for split, "
+    "shadow, alias and version changes that Forge announced (one round trip).",
+    "serve_registry_poll_s": "How often they also read every served model's aliases from the "
+    "registry, for aliases moved outside Forge (MLflow's UI or client).",
     "feedback_window_s": "How long a prediction is kept so that feedback can be joined to it.",
     "compare_min_feedback": "Feedback each variant needs before `forge models compare` (and "
     "`promote: on-significance`) gives a verdict.",
@@ -103,6 +118,7 @@ _DEFAULT_TEXT: dict[str, str] = {
     "model_dir": "`FORGE_HOME/models`",
     "cache_dir": "`FORGE_HOME/cache`",
     "log_dir": "unset",
+    "pg_bin_dir": "unset",
     "api_token": "unset",
 }
 
@@ -116,8 +132,8 @@ Forge reads its configuration from environment variables once, at start
 (`Settings.from_env()`); nothing is read at import time. An empty variable counts as
 unset. Where two variables set one setting, the first one listed wins. Setting names
 carry their units: `_s` seconds, `_bytes` bytes. Byte sizes accept `2GB`, `512MiB` or
-plain numbers. Values are validated at start: a bad one stops Forge with a one-line
-error naming the variable.
+plain numbers; booleans `1`, `true`, `yes`, `on` or `0`, `false`, `no`, `off`. Values
+are validated at start: a bad one stops Forge with a one-line error naming the variable.
 
 `forge worker --http-port` and `--http-host` override their variables for one run.
 
@@ -145,7 +161,7 @@ def _type_text(name: str, annotation: Any) -> str:
         return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
     if isinstance(annotation, types.UnionType):
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
-    names = {str: "string", int: "integer", float: "number", Path: "path"}
+    names = {str: "string", bool: "boolean", int: "integer", float: "number", Path: "path"}
     if name.endswith("_url") or name.endswith("_uri"):
         return "URL"
     return names.get(annotation, str(annotation))

@@ -78,7 +78,8 @@ def publish_and_wait(
     """Publish a training request and return its ``succeeded`` completion.
 
     ``request_fields`` are further training-request fields (``warm_start_from``,
-    ``promote``, ...: see docs/events.md), validated like the rest.
+    ``promote``, ``priority``, ...: see docs/events.md), validated like the rest; the
+    request goes to the lane of its ``priority``.
     ``training_timeout_s`` goes into the request (the worker's limit on the training);
     ``timeout_s`` is how long to wait here, by default the longest the request can take
     to reach a final state: every allowed delivery running into its training timeout.
@@ -106,7 +107,8 @@ def publish_and_wait(
     wait_s = timeout_s if timeout_s is not None else _default_wait_s(settings, training_timeout_s)
     with open_redis(settings) as (client, _):
         after = last_entry_id(client, keys.completions)
-        StreamBroker(client, keys, maxlen=settings.stream_maxlen).publish_raw(
+        # To the lane of the request's priority.
+        StreamBroker(client, keys, maxlen=settings.stream_maxlen).publish_input(
             keys.training_requests, payload
         )
         return wait_for_completion(client, keys, request["id"], after, wait_s)
@@ -153,7 +155,8 @@ def _match(fields: dict[bytes, bytes], keys: Keys, event_id: str) -> Completion 
         completion = _completions.decode(fields.get(EVENT_FIELD, b""))
     except InvalidEvent:
         return None  # not ours to judge: other writers may share the stream
-    if completion.source_id != event_id or completion.source_stream != keys.training_requests:
+    stream, _ = keys.lane_of(completion.source_stream)
+    if completion.source_id != event_id or stream != keys.training_requests:
         return None
     return completion
 

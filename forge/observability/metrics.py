@@ -65,6 +65,7 @@ from prometheus_client.samples import Sample
 from forge.keys import Keys
 from forge.observability.serving_metrics import ServingMetrics
 from forge.observability.status import Snapshot, snapshot
+from forge.observability.training_metrics import TrainingQueueMetrics
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +107,7 @@ class Metrics:
         self._define_event_metrics()
         self._define_support_metrics()
         self.serving = ServingMetrics(self.registry)
+        self.training_queue = TrainingQueueMetrics(self.registry)
         if gpu:
             self.add_collector(GpuCollector())
 

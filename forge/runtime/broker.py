@@ -3,7 +3,7 @@
 Forge serves Redis Streams only, so this is not a generic broker layer: it is the one
 door of the runtime to Redis. Every command the worker, batch processing, settlement,
 leases, the dead-letter queue and ``publish --wait`` send is a method here, so what
-Forge does in Redis (which commands, which keys, what runs in one MULTI/EXEC) is read
+Forge does in Redis (which commands, which keys, what runs atomically) is read
 in one module. Handlers keep their own connection (``Context.redis``) for their own
 keys, such as the embedding cache; health checks and scrape-time stream stats use a
 probe connection of their own (``forge.observability``).
@@ -14,14 +14,16 @@ The delivery count that decides dead-lettering is always Redis's own (XPENDING's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import redis
 
 from forge.events import EVENT_FIELD, Event, encode
-from forge.keys import Keys
+from forge.keys import Keys, Priority
+from forge.runtime.settle_script import SETTLE_LUA, settle_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,7 @@ class Entry:
 
 @dataclass(slots=True)
 class Settlement:
-    """Everything that finishes a batch, written in one MULTI/EXEC transaction."""
+    """Everything that finishes a batch, written in one atomic script call."""
 
     acks: dict[str, list[str]] = field(default_factory=dict)
     publishes: list[tuple[str, bytes]] = field(default_factory=list)
@@ -65,6 +67,12 @@ class Settlement:
         return bool(self.acks or self.publishes or self.writes)
 
 
+class _Prioritized(msgspec.Struct):
+    """The one field routing reads of an event of a prioritized stream."""
+
+    priority: Priority = "normal"
+
+
 # An entry id and its fields, as XRANGE and XREAD return them.
 RawEntry = tuple[str, dict[bytes, bytes]]
 
@@ -80,6 +88,7 @@ class StreamBroker:
         self._client = client
         self.keys = keys
         self.maxlen = maxlen
+        self._settle = client.register_script(SETTLE_LUA)
 
     # ------------------------------------------------------------------ groups
 
@@ -131,6 +140,37 @@ class StreamBroker:
                 # A trimmed or deleted entry still pending comes back with no fields.
                 entries.append(Entry(stream, _decode_id(entry_id), fields or {}))
         return entries
+
+    def lane_heads(self, streams: Sequence[str]) -> tuple[float, dict[str, float]]:
+        """Redis's clock (Unix seconds), and when the oldest entry each stream's group has
+        not delivered yet arrived; a stream with none waiting is left out. What a
+        worker choosing between priority lanes looks at: a read without taking."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.time()
+        for stream in streams:
+            pipe.xinfo_groups(stream)
+        replies: list[Any] = pipe.execute(raise_on_error=False)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        seconds, micros = replies[0]
+        positions: dict[str, str] = {}
+        for stream, reply in zip(streams, replies[1:], strict=True):
+            if isinstance(reply, redis.ResponseError) and "no such key" in str(reply).lower():
+                continue  # the lane was never written to, nor read
+            if isinstance(reply, Exception):
+                raise reply
+            group = next((g for g in reply if _decode_id(g["name"]) == self.keys.group), None)
+            if group is not None and group.get("lag") != 0:  # 0: Redis 7 says none waits
+                positions[stream] = _decode_id(group["last-delivered-id"])
+        heads: dict[str, float] = {}
+        if positions:
+            pipe = self._client.pipeline(transaction=False)
+            for stream, position in positions.items():
+                pipe.xrange(stream, min=f"({position}", count=1)
+            for stream, head in zip(positions, pipe.execute(), strict=True):
+                if head:
+                    heads[stream] = _id_key(_decode_id(head[0][0]))[0] / 1000
+        return int(seconds) + int(micros) / 1_000_000, heads
 
     def claim_stale(self, stream: str, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
         """Take over entries whose holder has been silent for ``min_idle_ms`` (XAUTOCLAIM)."""
@@ -195,27 +235,28 @@ class StreamBroker:
         )
         return _decode_id(entry_id)
 
+    def publish_input(self, stream: str, payload: bytes) -> tuple[str, str]:
+        """XADD a validated event to an input stream, untrimmed; an event of a
+        prioritized stream (or any of its lanes) goes to the lane its ``priority``
+        names. Returns the stream it went to and the entry id."""
+        base, _ = self.keys.lane_of(stream)
+        if base in self.keys.prioritized_streams:
+            priority = msgspec.json.decode(payload, type=_Prioritized).priority
+            stream = self.keys.lane(base, priority)
+        return stream, self.publish_raw(stream, payload)
+
     def settle(self, settlement: Settlement) -> None:
         """Publish, mark done and ack atomically: all of it happens or none of it does.
 
-        The per-entry commands are queued with ``execute_command`` and the very
-        arguments ``pipe.xadd(stream, {EVENT_FIELD: payload}, maxlen=..., approximate=True)``
-        and ``pipe.set(key, value, ex=ttl_s)`` would send: the same bytes on the wire,
-        without redis-py's per-call option checks (about 2.5 us per entry, a tenth of
-        the runtime's cost per message).
+        One script call (EVALSHA) rather than a MULTI of one command per publish, write
+        and ack: a batch's settlement is then one command to pack and one reply to
+        parse, where the MULTI's per-command cost in the client was the largest part of
+        the runtime's own cost per message.
         """
         if not settlement:
             return
-        pipe = self._client.pipeline(transaction=True)
-        queue: Callable[..., Any] = pipe.execute_command
-        trim = (b"MAXLEN", b"~", str(self.maxlen), "*", EVENT_FIELD)
-        for stream, payload in settlement.publishes:
-            queue("XADD", stream, *trim, payload)
-        for key, value, ttl_s in settlement.writes:
-            queue("SET", key, value, "EX", ttl_s)
-        for stream, ids in settlement.acks.items():
-            pipe.xack(stream, self.keys.group, *ids)
-        pipe.execute()
+        keys, args = settle_call(settlement, self.keys.group, self.maxlen)
+        self._settle(keys=keys, args=args)
 
     def acked_any(self, settlement: Settlement) -> bool:
         """Whether any entry ``settlement`` acks is no longer pending in the group.

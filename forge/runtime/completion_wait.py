@@ -4,7 +4,8 @@ Take ``completions_position`` before publishing, so that no completion can slip 
 then ``wait_for_completions`` reads the completions stream from there and matches each
 completion to a published entry by source stream and entry id, the event id confirming
 it. The entry id, not the event id, is the key: an event id published twice (a retry,
-a replay) has one completion per entry.
+a replay) has one completion per entry. The stream is part of the key because the
+priority lanes of one stream hand out entry ids independently.
 """
 
 from __future__ import annotations
@@ -33,14 +34,13 @@ def completions_position(broker: StreamBroker) -> str:
 
 def wait_for_completions(
     broker: StreamBroker,
-    stream: str,
-    published: Mapping[str, str],
+    published: Mapping[tuple[str, str], str],
     *,
     since_id: str,
     timeout_s: float,
     on_completion: Callable[[Completion], None],
 ) -> list[Completion]:
-    """The completions of the ``published`` entries (entry id -> event id), in the order
+    """The completions of the ``published`` entries ((stream, entry id) -> event id), in the order
     they arrive, each handed to ``on_completion`` at once; ``CompletionTimeout`` if they
     are not all in after ``timeout_s``."""
     waiting = dict(published)
@@ -54,8 +54,8 @@ def wait_for_completions(
         for entry_id, fields in broker.completions_after(cursor, _READ_COUNT, block_ms):
             cursor = entry_id
             completion = _decoded(decoder, fields)
-            if completion is not None and _settles(completion, stream, waiting):
-                del waiting[completion.source_entry_id]
+            if completion is not None and _settles(completion, waiting):
+                del waiting[(completion.source_stream, completion.source_entry_id)]
                 arrived.append(completion)
                 on_completion(completion)
         if waiting and time.monotonic() >= deadline:
@@ -73,11 +73,9 @@ def _decoded(decoder: Decoder[Completion], fields: dict[bytes, bytes]) -> Comple
         return None  # not ours to judge: some other producer wrote it
 
 
-def _settles(completion: Completion, stream: str, waiting: Mapping[str, str]) -> bool:
-    return (
-        completion.source_stream == stream
-        and waiting.get(completion.source_entry_id) == completion.source_id
-    )
+def _settles(completion: Completion, waiting: Mapping[tuple[str, str], str]) -> bool:
+    entry = (completion.source_stream, completion.source_entry_id)
+    return waiting.get(entry) == completion.source_id
 
 
 def _timeout_message(missing: int, total: int, timeout_s: float) -> str:

@@ -76,7 +76,9 @@ class HandlerSpec(Generic[E]):
     means all succeeded with no result). Raising fails the whole batch: transient
     errors are retried, then the runtime retries message by message so one poison
     event cannot sink its neighbours. ``max_batch_size`` is the most entries one read
-    hands it (default ``MAX_BATCH_SIZE``).
+    hands it (default ``MAX_BATCH_SIZE``). ``concurrency`` above 1 runs that many of
+    its batches at once, each in a thread of its own beside the worker loop
+    (``forge.runtime.slots``): ``handle`` must then be safe to call from several threads.
     """
 
     stream: str
@@ -84,6 +86,7 @@ class HandlerSpec(Generic[E]):
     handle: Callable[[Sequence[Message[E]]], Sequence[Outcome] | None]
     name: str = ""
     max_batch_size: int | None = None
+    concurrency: int = 1
 
 
 @dataclass(slots=True)

@@ -12,7 +12,7 @@ Each entry gets an ``EntryRecord``, and each step fills records in, in this orde
 4. a delivery that failed on its last allowed delivery is exhausted now.
 
 ``settle.Settler`` then builds the batch's ``Settlement`` (completions, dead letters,
-done markers, acks, kept errors; ``StreamBroker.settle`` sends it in one MULTI/EXEC),
+done markers, acks, kept errors; ``StreamBroker.settle`` writes it in one atomic script call),
 and the outcomes are reported to the observer. A delivery that still failed is left
 pending for redelivery.
 """

@@ -44,7 +44,7 @@ def serve_worker(
         metrics.init_streams(ctx.keys.short(s) for s in worker.streams)
         # Every input stream, not only this worker's: when an autoscaler takes one kind
         # of worker to zero, its backlog must still be visible.
-        metrics.watch_streams(lambda: probe, ctx.keys, ctx.keys.input_streams)
+        metrics.watch_streams(lambda: probe, ctx.keys, ctx.keys.input_lanes)
         if heartbeat is None:
             server = start_http_server(
                 settings.http_host, settings.http_port, health=health, metrics=metrics.render

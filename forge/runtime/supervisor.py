@@ -78,7 +78,7 @@ class Supervisor:
         self._metrics = Metrics()
         keys = Keys.from_settings(settings)
         # All input streams, as a single-process worker reports (see serve_worker).
-        self._metrics.watch_streams(lambda: self._redis, keys, keys.input_streams)
+        self._metrics.watch_streams(lambda: self._redis, keys, keys.input_lanes)
 
     def run(self) -> int:
         prepare_multiprocess_dir(self._metrics_dir)

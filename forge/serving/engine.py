@@ -110,8 +110,7 @@ class PredictionEngine:
         if metrics is None:
             metrics = ServingMetrics(CollectorRegistry())
         routes = RouteStore(client, keys)
-        interval_s = settings.serve_reload_interval_s
-        catalog = Catalog(training, routes, client, keys, interval_s)
+        catalog = Catalog(training, routes, client, keys, settings.serve_registry_poll_s)
         prediction_log = PredictionLog(client, keys, settings.feedback_window_s)
         return cls(catalog, embedding, prediction_log, metrics, settings)
 

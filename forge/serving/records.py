@@ -45,19 +45,40 @@ class Served:
     shadow: bool = False
 
 
+# KEYS: each prediction's hash, then each counters hash once per field it moves.
+# ARGV: the expiry, the number of predictions; per prediction its number of fields, then
+# field and value pairs; then per counter its field and increment.
+_RECORD_LUA = """
+local window_s, predictions = ARGV[1], tonumber(ARGV[2])
+local a = 3
+for k = 1, predictions do
+  local last = a + 2 * tonumber(ARGV[a])
+  redis.call('HSET', KEYS[k], unpack(ARGV, a + 1, last))
+  redis.call('EXPIRE', KEYS[k], window_s)
+  a = last + 1
+end
+for k = predictions + 1, #KEYS do
+  redis.call('HINCRBY', KEYS[k], ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+return 1
+"""
+
+
 class PredictionLog:
-    """Writes answers and counters, one pipeline per batch of answers."""
+    """Writes a batch's answers and counters in one script call."""
 
     def __init__(self, client: redis.Redis, keys: Keys, window_s: int) -> None:
         self.client = client
         self.keys = keys
         self.window_s = window_s
+        self._record = client.register_script(_RECORD_LUA)
 
     def record(self, served: Sequence[Served]) -> None:
         """One HSET and EXPIRE per prediction (its answers together: the variant's and
-        any shadow's), one HINCRBY per counter the batch moved: a batch's answers mostly
-        share their version and latency bucket, and each command costs the client more
-        than the server."""
+        any shadow's), one HINCRBY per counter the batch moved, all in one command: a
+        batch's answers mostly share their version and latency bucket, and each
+        command costs the client more than the server."""
         if not served:
             return
         predictions: dict[str, dict[str, str | bytes]] = {}
@@ -70,11 +91,13 @@ class PredictionLog:
             stats = self.keys.variant_stats(answer.model, answer.version)
             counts[stats, PREDICTIONS] += len(answer.labels)
             counts[stats, latency_field(answer.latency_s)] += 1
-        pipe = self.client.pipeline(transaction=False)
-        for prediction_id, mapping in predictions.items():
-            key = self.keys.prediction(prediction_id)
-            pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
-            pipe.expire(key, self.window_s)
+        keys = [self.keys.prediction(prediction_id) for prediction_id in predictions]
+        args: list[str | bytes | int] = [self.window_s, len(predictions)]
+        for mapping in predictions.values():
+            args.append(len(mapping))
+            for field, value in mapping.items():
+                args += [field, value]
         for (stats, field), count in counts.items():
-            pipe.hincrby(stats, field, count)
-        pipe.execute()
+            keys.append(stats)
+            args += [field, count]
+        self._record(keys=keys, args=args)

@@ -132,9 +132,15 @@ class Trainer(Protocol):
         warm_start: TrainedModel | None,
         on_epoch: EpochCallback,
         deadline: Deadline,
+        device: str | None = None,
     ) -> TrainedModel: ...
 
     def load(self, directory: Path) -> TrainedModel: ...
+
+    def gpu_memory_bytes(self, data: Dataset, params: Any) -> int | None:
+        """GPU memory a training on ``data`` would need, for GPU admission; None for a
+        task that never uses a GPU."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,11 +229,13 @@ class TrainerParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 @dataclass(frozen=True, slots=True)
 class TrainingControls:
     """How the caller steers a training: where it starts (``None``: from scratch), whom
-    it tells of each epoch, and when it must have stopped."""
+    it tells of each epoch, when it must have stopped, and the device GPU admission
+    gave it (``None``: the trainer's own choice)."""
 
     warm_start: TrainedModel | None
     on_epoch: EpochCallback
     deadline: Deadline
+    device: str | None = None
 
 
 Params = TypeVar("Params", bound=TrainerParams)
@@ -252,12 +260,17 @@ class TaskTrainer(ABC, Generic[Params, Rows, Model]):
         warm_start: TrainedModel | None,
         on_epoch: EpochCallback,
         deadline: Deadline,
+        device: str | None = None,
     ) -> Model:
         p = coerce_params(params, self.params_type)
         rows = self.rows(data, p)
         deadline.check()
-        controls = TrainingControls(None if p.fresh else warm_start, on_epoch, deadline)
+        controls = TrainingControls(None if p.fresh else warm_start, on_epoch, deadline, device)
         return self.fit(rows, p, controls)
+
+    def gpu_memory_bytes(self, data: Dataset, params: Any) -> int | None:
+        """GPU memory a training on ``data`` would need; None: this task uses no GPU."""
+        return None
 
     @abstractmethod
     def rows(self, data: Dataset, p: Params) -> Rows:

@@ -27,6 +27,7 @@ from forge.training.base import (
     TrainedModel,
     TrainerParams,
     TrainingControls,
+    coerce_params,
     eta_s,
     require_labels,
 )
@@ -67,6 +68,31 @@ class ClassifierParams(TrainerParams, frozen=True, kw_only=True, forbid_unknown_
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_FLOAT_BYTES = 4
+_EVAL_CHUNK_ROWS = 8192
+
+
+def memory_need_bytes(input_dim: int, hidden_dim: int, classes: int, batch_size: int) -> int:
+    """GPU memory one classifier training needs, for GPU admission (in bytes):
+
+    * parameters ``P = input_dim*hidden_dim + hidden_dim + hidden_dim*classes + classes``;
+      weights, gradients and AdamW's two moments in float32, plus the float16 copies
+      autocast makes: ``18 * P``;
+    * activations, the larger of a training step (inputs, hidden pre-activations,
+      ReLU outputs, dropout masks and logits, each kept for the backward pass and
+      matched by a gradient: ``2 * 4 * batch_size * (input_dim + 3*hidden_dim +
+      2*classes)``) and an evaluation chunk of 8192 rows
+      (``4 * 8192 * (input_dim + hidden_dim + classes)``).
+
+    The CUDA context and allocator slack are not in it: ``FORGE_GPU_ADMISSION_HEADROOM``
+    covers them."""
+    params = input_dim * hidden_dim + hidden_dim + hidden_dim * classes + classes
+    state = (4 * _FLOAT_BYTES + 2) * params
+    step = 2 * _FLOAT_BYTES * batch_size * (input_dim + 3 * hidden_dim + 2 * classes)
+    evaluation = _FLOAT_BYTES * _EVAL_CHUNK_ROWS * (input_dim + hidden_dim + classes)
+    return state + max(step, evaluation)
 
 
 @dataclass
@@ -146,7 +172,7 @@ class ClassifierTrainer(TaskTrainer[ClassifierParams, Labelled, ClassifierModel]
         labelled, labels = rows
         classes = sorted(set(labels))
         split = _split(labelled, labels, classes, p)
-        device = default_device()
+        device = torch.device(controls.device) if controls.device else default_device()
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(p.seed)
             net = MLPHead(labelled.dim, p.hidden_dim, len(classes), p.dropout)
@@ -167,6 +193,12 @@ class ClassifierTrainer(TaskTrainer[ClassifierParams, Labelled, ClassifierModel]
 
     def load(self, directory: Path) -> ClassifierModel:
         return ClassifierModel.load(directory)
+
+    def gpu_memory_bytes(self, data: Dataset, params: object) -> int | None:
+        p = coerce_params(params, ClassifierParams)
+        _, labels = data.labels(p.label_field)
+        classes = max(len(set(labels)), 2)
+        return memory_need_bytes(data.dim, p.hidden_dim, classes, p.batch_size)
 
     @staticmethod
     def _warm_start(

@@ -28,6 +28,7 @@ from forge.errors import PermanentError
 from forge.events import ModelVersion, TrainingProgress, TrainingRequest
 from forge.settings import Settings
 from forge.training import artifacts
+from forge.training.admission import AdmissionObserver, GpuAdmission
 from forge.training.base import (
     Dataset,
     Deadline,
@@ -86,12 +87,14 @@ class TrainingService:
         client: MlflowClient,
         models: ModelCache,
         progress: ProgressFn | None = None,
+        admission: GpuAdmission | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.versions = ModelVersions(client)
         self.models = models
         self.progress = progress
+        self.admission = admission or GpuAdmission(settings)
 
     @classmethod
     def from_settings(
@@ -99,10 +102,10 @@ class TrainingService:
         settings: Settings,
         models: ModelCache | None = None,
         progress: ProgressFn | None = None,
+        admission: GpuAdmission | None = None,
     ) -> TrainingService:
-        return cls(
-            settings, connect(settings), models or ModelCache.from_settings(settings), progress
-        )
+        models = models or ModelCache.from_settings(settings)
+        return cls(settings, connect(settings), models, progress, admission)
 
     # ------------------------------------------------------------------ requests
 
@@ -128,9 +131,12 @@ class TrainingService:
         stream: str = "",
         embedding_model: str | None = None,
         redelivery: bool = False,
+        admission: AdmissionObserver | None = None,
     ) -> Fitted:
         """Train inside an MLflow run; the run is marked failed if training fails. On a
-        redelivery, runs an earlier delivery left unfinished are marked killed."""
+        redelivery, runs an earlier delivery left unfinished are marked killed. A task
+        that can use a GPU waits for GPU admission first, before its run starts
+        (``admission`` hears of the wait)."""
         from forge.training.tasks import get_trainer, parse_params
 
         trainer = get_trainer(request.task)
@@ -142,19 +148,23 @@ class TrainingService:
         run_params = {**msgspec.to_builtins(params), "rows": len(data)}
         if request.warm_start_from:
             run_params["warm_start_from"] = request.warm_start_from
-        run = TrainingRun.start(self.client, request.model, tags, run_params)
-        try:
-            model = self.train_model(request, data, trainer, params, warm_start, run.log_epoch)
-            tags[TAG_PRIMARY_METRIC] = model.primary_metric
-            run.finish(
-                model,
-                {TAG_PRIMARY_METRIC: model.primary_metric},
-                model_tags=tags,
-                embedding_model=embedding_model or None,
-            )
-        except BaseException as exc:
-            run.fail(exc)
-            raise
+        need_bytes = trainer.gpu_memory_bytes(data, params)
+        with self.admission.place(request.model, need_bytes, admission) as device:
+            run = TrainingRun.start(self.client, request.model, tags, run_params)
+            try:
+                model = self.train_model(
+                    request, data, trainer, params, warm_start, run.log_epoch, device=device
+                )
+                tags[TAG_PRIMARY_METRIC] = model.primary_metric
+                run.finish(
+                    model,
+                    {TAG_PRIMARY_METRIC: model.primary_metric},
+                    model_tags=tags,
+                    embedding_model=embedding_model or None,
+                )
+            except BaseException as exc:
+                run.fail(exc)
+                raise
         return Fitted(request, model, run, tags)
 
     def register(self, fitted: Fitted) -> Registered:
@@ -205,12 +215,14 @@ class TrainingService:
         params: msgspec.Struct,
         warm_start: TrainedModel | None,
         on_epoch: Callable[[EpochReport], None] | None = None,
+        device: str | None = None,
         *,
         trial: int | None = None,
         after_epoch: Callable[[EpochReport], None] | None = None,
     ) -> TrainedModel:
         """The trainer alone under the request's deadline, with progress events: no
-        MLflow. The per-request timeout never exceeds the configured one.
+        MLflow. The per-request timeout never exceeds the configured one. ``device``:
+        where GPU admission placed it (None: the trainer's choice).
 
         ``trial``: the search trial this training is (its progress says so);
         ``after_epoch`` may stop the training by raising (a pruned trial), where
@@ -236,6 +248,7 @@ class TrainingService:
                 warm_start=warm_start,
                 on_epoch=epoch_done,
                 deadline=deadline,
+                device=device,
             )
         except TrainingTimeout as exc:
             raise TrainingTimeout(

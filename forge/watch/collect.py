@@ -17,6 +17,7 @@ import redis
 from forge.events import Completion, TrainingProgress
 from forge.keys import Keys
 from forge.observability.status import Snapshot, snapshot
+from forge.observability.training_queue import TrainingQueue, training_queue
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,8 @@ class WatchData:
     throughput: Throughput
     status: Snapshot
     trainings: list[TrainingRow]
+    # Training requests queued in each priority lane and held by workers.
+    queue: TrainingQueue = field(default_factory=TrainingQueue)
 
 
 class _Brief(msgspec.Struct):
@@ -120,6 +123,7 @@ def collect(client: redis.Redis, keys: Keys, options: WatchOptions) -> WatchData
         throughput=throughput(client, keys, now_s, options),
         status=snapshot(client, keys),
         trainings=trainings,
+        queue=training_queue(client, keys, options.rows),
     )
 
 

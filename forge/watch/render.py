@@ -14,9 +14,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from forge.cli.output import human_duration
+from forge.observability.training_queue import TrainingQueue
 from forge.watch.collect import CompletionRow, TrainingRow, WatchData
 
 STATUS_STYLES = {"succeeded": "green", "failed": "yellow", "dead-lettered": "red"}
+PRIORITY_STYLES = {"high": "bold", "low": "dim"}
 _BAR_WIDTH = 24
 
 
@@ -29,6 +32,7 @@ def render(data: WatchData, *, plain: bool = False) -> RenderableType:
         Text(""),
         streams_table(data, frame),
         trainings_table(data, frame, plain=plain),
+        queue_table(data.queue, frame),
         completions_table(data, frame),
     )
 
@@ -39,7 +43,7 @@ def summary(data: WatchData) -> Text:
     line.append("forge watch", style="bold")
     line.append(f"  {_clock(data.now_s)}   throughput ")
     line.append(f"{rate.per_s:.1f} completions/s", style="bold")
-    line.append(f" ({rate.count} in {_duration(rate.span_s)}")
+    line.append(f" ({rate.count} in {human_duration(rate.span_s)}")
     for index, (status, count) in enumerate(sorted(rate.by_status.items())):
         line.append(", " if index else ": ")
         line.append(f"{count} {status}", style=STATUS_STYLES.get(status, ""))
@@ -87,8 +91,32 @@ def trainings_table(data: WatchData, frame: box.Box, *, plain: bool) -> Renderab
                 f"{row.epoch}/{row.epochs}",
                 f"{row.loss:.4f}",
                 "-" if row.metric is None else f"{row.metric:.4f}",
-                "-" if row.eta_s is None else _duration(row.eta_s),
-                f"{_duration(max(data.now_s - row.updated_s, 0.0))} ago",
+                "-" if row.eta_s is None else human_duration(row.eta_s),
+                f"{human_duration(max(data.now_s - row.updated_s, 0.0))} ago",
+            ),
+        )
+    return table
+
+
+def queue_table(queue: TrainingQueue, frame: box.Box) -> RenderableType:
+    """Training requests queued and held, with priority and how long ago queued."""
+    counts = ", ".join(f"{n} {priority}" for priority, n in queue.queued.items())
+    title = f"training queue ({counts or 'nothing'} queued)"
+    if not queue.trainings:
+        return Text(f"{title}: empty\n", style="dim")
+    table = Table(title=title, box=frame, title_justify="left")
+    for name in ("priority", "state", "model", "event id", "queued for", "worker", "detail"):
+        table.add_column(name, justify="right" if name == "queued for" else "left")
+    for row in queue.trainings:
+        table.add_row(
+            Text(row.priority, style=PRIORITY_STYLES.get(row.priority, "")),
+            *_cells(
+                row.state,
+                row.model,
+                row.event_id,
+                human_duration(row.waiting_s),
+                row.worker or "-",
+                row.detail,
             ),
         )
     return table
@@ -113,7 +141,7 @@ def completions_table(data: WatchData, frame: box.Box) -> RenderableType:
         table.add_row(
             *_cells(_clock(row.at_s), row.source_stream, row.source_id),
             _status(row),
-            *_cells(str(row.deliveries), _duration(row.handler_s), row.worker),
+            *_cells(str(row.deliveries), human_duration(row.handler_s), row.worker),
             Text(row.error, overflow="ellipsis", no_wrap=True),
         )
     return table
@@ -137,16 +165,3 @@ def _text_bar(row: TrainingRow) -> str:
 
 def _clock(at_s: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(at_s))
-
-
-def _duration(seconds: float) -> str:
-    """Short human durations: 12ms, 3.4s, 2m05s, 1h07m."""
-    if seconds < 1:
-        return f"{seconds * 1000:.0f}ms"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"

@@ -1,0 +1,2 @@
+"""Backups of every store Forge keeps state in (Redis, PostgreSQL, MLflow), their
+verification and their restore: ``forge backup`` (see ``orchestrator``)."""

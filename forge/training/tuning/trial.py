@@ -109,16 +109,20 @@ def _train(
     n, plan = trial.number, study.plan
     try:
         parsed = parse_params(job.trainer, params)
-        model = service.train_model(
-            job.request,
-            job.data,
-            job.trainer,
-            parsed,
-            None,
-            run.log_epoch,
-            trial=n,
-            after_epoch=_pruner(trial, plan.prunes_on_epoch_metric),
-        )
+        # GPU admission as for any training: the trial waits (heartbeating) for room.
+        need_bytes = job.trainer.gpu_memory_bytes(job.data, parsed)
+        with service.admission.place(job.request.model, need_bytes) as device:
+            model = service.train_model(
+                job.request,
+                job.data,
+                job.trainer,
+                parsed,
+                None,
+                run.log_epoch,
+                device,
+                trial=n,
+                after_epoch=_pruner(trial, plan.prunes_on_epoch_metric),
+            )
         value = float(model.metrics[plan.metric])
         tags[TAG_PRIMARY_METRIC] = model.primary_metric
         finals = {TAG_PRIMARY_METRIC: model.primary_metric, TAG_TRIAL_STATE: "complete"}

@@ -92,9 +92,9 @@ class Study:
                     ATTR_MODEL: request.model,
                     ATTR_REQUEST: request.id,
                     ATTR_METRIC: plan.metric,
-                    ATTR_TRIALS: plan.trials,
                     ATTR_SEED: seed,
                     ATTR_DEADLINE: None if plan.timeout_s is None else time.time() + plan.timeout_s,
+                    ATTR_TRIALS: plan.trials,  # last: its presence says they all are set
                 }
             )
         return study, created
@@ -191,7 +191,9 @@ class Study:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.samplers.TPESampler(
-                seed=self.seed * 100_003 + number, n_startup_trials=startup, constant_liar=True
+                seed=(self.seed * 100_003 + number) % 2**32,  # numpy's seed range
+                n_startup_trials=startup,
+                constant_liar=True,
             )
 
     def _seed_sampler(self, number: int) -> None:

@@ -134,13 +134,13 @@ def _train(
         log.info("trial complete", study=study.name, trial=n, value=value, params=drawn)
         return TrialResult(n, "complete", drawn, value, run_id=run.run_id)
     except optuna.TrialPruned as exc:
-        _end_run(service, run, "pruned", "KILLED")
+        run.stop("KILLED", {TAG_TRIAL_STATE: "pruned"})
         study.optuna.tell(trial, state=OptunaState.PRUNED)
         log.info("trial pruned", study=study.name, trial=n, reason=str(exc))
         return TrialResult(n, "pruned", drawn, run_id=run.run_id)
     except PermanentError as exc:
         run.fail(exc)
-        _end_run(service, run, "failed", None)
+        service.client.set_tag(run.run_id, TAG_TRIAL_STATE, "failed")
         study.optuna.tell(trial, state=OptunaState.FAIL)
         log.warning("trial failed", study=study.name, trial=n, error=str(exc))
         error = f"{type(exc).__name__}: {exc}"
@@ -176,14 +176,6 @@ def _requeue(study: Study, trial: optuna.Trial) -> None:
             callback(study.optuna, frozen)
     except Exception as exc:
         log.warning("trial left to go stale", study=study.name, trial=trial.number, error=str(exc))
-
-
-def _end_run(
-    service: TrainingService, run: TrainingRun, state: TrialState, status: str | None
-) -> None:
-    service.client.set_tag(run.run_id, TAG_TRIAL_STATE, state)
-    if status is not None:
-        service.client.set_terminated(run.run_id, status)
 
 
 def _kill_stale_run(service: TrainingService, trial: optuna.Trial) -> None:

@@ -5,6 +5,10 @@ collection), MLflow (SQLite), Optuna; the digits data set, few trials, short tra
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -41,7 +45,7 @@ from forge.training.versions import ModelVersions
 from forge.vectorstore import Row, VectorStore
 from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.events import publish
-from tests.support.redis_helpers import running, wait_for
+from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.support.workers import dead_letters
 
 FAST = {"label_field": "digit", "hidden_dim": 32, "epochs": 4, "batch_size": 128}
@@ -289,6 +293,47 @@ def test_a_clustering_search_writes_the_best_models_clusters_into_the_rows(
     field = done.result["cluster_field"]
     stored = vector_store.fetch(collection, ["d0", "d1", "d2"])
     assert all(0 <= r.metadata[field] < n_clusters for r in stored.values())
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_loses_nothing_and_the_trial_counts_once(
+    ctx: Context, collection: str, model: str, versions: ModelVersions, pg_url: str
+) -> None:
+    # Reclaims after 2 s idle; trials beat every second and are stale after two.
+    ctx = replace(ctx, settings=ctx.settings.replace(claim_min_idle_s=2.0))
+    publish(ctx.redis, ctx.keys.training_requests, tune_request("k1", model, collection))
+    env = dict(
+        os.environ,
+        REDIS_URL=TEST_REDIS_URL,
+        POSTGRES_URL=pg_url,
+        MLFLOW_TRACKING_URI=str(ctx.settings.mlflow_tracking_uri),
+        FORGE_STREAM_PREFIX=ctx.settings.stream_prefix,
+        FORGE_HOME=str(ctx.settings.home_dir),
+        FORGE_READ_BLOCK_S="0.05",
+        FORGE_CLAIM_MIN_IDLE_S="2",
+    )
+    argv = [sys.executable, "-m", "forge.cli.main", "worker", "--http-port", "0"]
+    argv += ["--stream", "training-requests"]
+    argv += ["--consumers", "tests.support.tune_consumers:register_killed_in_a_trial"]
+    proc = subprocess.run(argv, env=env, capture_output=True, timeout=180, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert ctx.redis.xlen(ctx.keys.trials) == 4  # the study's trials went out first
+
+    with running(worker(ctx)):
+        wait_for(lambda: any(c.source_id == "k1" for c in completions(ctx)), 300)
+    (done,) = [c for c in completions(ctx) if c.source_id == "k1"]
+    assert done.status == "succeeded", done.error
+    assert done.deliveries == 2  # reclaimed from the dead worker
+    counts = done.result["tune"]["trials"]
+    assert counts["completed"] + counts["pruned"] + counts["failed"] == 4
+    assert counts["retried"] == 1
+    assert len(versions.all(model)) == 1
+    assert len(read(ctx, ctx.keys.model_versions, ModelVersion)) == 1
+    client = versions.client
+    experiment = client.get_experiment_by_name(f"forge/{model}").experiment_id
+    killed = client.search_runs([experiment], "tags.`forge.trial_state` = 'stale'")
+    assert len(killed) == 1
+    assert killed[0].info.status == "KILLED"
 
 
 class _Killed(BaseException):

@@ -15,8 +15,9 @@ from consumers.once import Once
 from consumers.predict import PredictHandler
 from consumers.retrain import RetrainOnNewData
 from consumers.training import TrainingHandler, progress_publisher
+from consumers.tuning import TrialHandler, open_tuner
 from forge.embedding.service import EmbeddingService
-from forge.events import Feedback, NewData, PredictRequest, TrainingRequest
+from forge.events import Feedback, NewData, PredictRequest, TrainingRequest, TuneTrial
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.retry import Retrier
@@ -46,7 +47,8 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
     handlers.register(
         HandlerSpec("new-data", NewData, retraining, name="embed", max_batch_size=reads)
     )
-    trainer = TrainingHandler(ctx, store, training)
+    tuner = Once(lambda: open_tuner(ctx, store, training))
+    trainer = TrainingHandler(ctx, store, training, tuner)
     # One request per batch, FORGE_TRAINING_CONCURRENCY batches at once: a worker holds
     # no requests it is not working on.
     spec = HandlerSpec(
@@ -58,6 +60,9 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
         concurrency=ctx.settings.training_concurrency,
     )
     handlers.register(spec)
+    # The trials of hyperparameter searches, one at a time too.
+    trials = TrialHandler(store, tuner)
+    handlers.register(HandlerSpec("trials", TuneTrial, trials, name="trial", max_batch_size=1))
     # MLflow only once a model under `promote: on-significance` gets feedback.
     feedback = FeedbackHandler(ctx, versions)
     handlers.register(HandlerSpec("feedback", Feedback, feedback, name="feedback"))

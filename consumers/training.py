@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import redis
 import structlog
 
+from consumers.datasets import load_dataset
 from consumers.once import Once
+from consumers.tuning import fan_out_trials
 from forge.errors import PermanentError
 from forge.events import TrainingProgress, TrainingRequest
 from forge.runtime.context import Context
@@ -38,10 +40,13 @@ from forge.runtime.handlers import Message, Outcome, Succeeded
 from forge.serving.experiment import enroll
 from forge.serving.routing import RouteStore
 from forge.training.admission import AdmissionWait
-from forge.training.base import Dataset, TrainedModel
-from forge.training.service import TrainingService
+from forge.training.base import Dataset
+from forge.training.service import Registered, TrainingService
 from forge.training.versions import CANDIDATE
 from forge.vectorstore import VectorStore
+
+if TYPE_CHECKING:
+    from forge.training.tuning.search import TuneService
 
 log = structlog.get_logger(__name__)
 
@@ -56,13 +61,18 @@ def cluster_field(model: str) -> str:
 
 class TrainingHandler:
     def __init__(
-        self, ctx: Context, store: Once[VectorStore], service: Once[TrainingService]
+        self,
+        ctx: Context,
+        store: Once[VectorStore],
+        service: Once[TrainingService],
+        tuner: Once[TuneService] | None = None,
     ) -> None:
         self.ctx = ctx
-        # Both opened on first use: a worker that never trains never connects to
+        # All opened on first use: a worker that never trains never connects to
         # PostgreSQL or MLflow for it.
         self.store = store
         self.service = service
+        self.tuner = tuner
         self.routes = RouteStore(ctx.redis, ctx.keys)
 
     def __call__(self, messages: Sequence[Message[TrainingRequest]]) -> list[Outcome]:
@@ -85,52 +95,76 @@ class TrainingHandler:
         service = self.service()
         done = service.registered(request)
         if done is None:
-            from forge.training.tasks import get_trainer, parse_params
-
-            # Validate before loading data: a typo should not cost a collection scan.
-            parse_params(get_trainer(request.task), request.params)
-            data, embedding_model = self._dataset(request)
-            with AdmissionReport(self.ctx, message) as admission:
-                fitted = service.fit(
-                    request,
-                    data,
-                    stream=message.stream,
-                    embedding_model=embedding_model,
-                    redelivery=message.is_redelivery,
-                    admission=admission,
-                )
-            self._write_assignments(request, fitted.model)
-            done = service.register(fitted)
+            done = self._tune(message) if request.tune else self._train(message)
+        elif request.tune and message.is_redelivery and done.version.task == CLUSTERING:
+            # The delivery that registered it may have died before writing these.
+            data, _ = load_dataset(self.store(), request)
+            self._write_best_clusters(request, done, data)
         if request.promote == ON_SIGNIFICANCE:
             enroll(self.routes, request.model, shadow_candidate=CANDIDATE in done.version.aliases)
         result = dict(done.result)
         if done.version.task == CLUSTERING:
             result["cluster_field"] = cluster_field(request.model)
+        if request.tune:
+            result["tune"] = self._tuner().summary(request)
         publish = ((self.ctx.keys.model_versions, done.event),)
         return Succeeded(result, publish=publish)
 
-    def _dataset(self, request: TrainingRequest) -> tuple[Dataset, str | None]:
-        """The request's rows (all of the collection, or ``record_ids``) and the
-        embedding model that made their vectors: ``None`` unless it made every one.
+    def _train(self, message: Message[TrainingRequest]) -> Registered:
+        from forge.training.tasks import get_trainer, parse_params
 
-        A collection records a model even when its vectors came ready (texts sent to it
-        later are embedded with that model), so its rows say which vectors it made."""
-        store = self.store()
-        collection = store.collection(request.collection)
-        if collection is None:
-            raise PermanentError(f"collection {request.collection!r} does not exist")
-        snapshot = store.load_collection(request.collection, request.record_ids)
-        if not snapshot.ids:
-            which = "none of the requested records are" if request.record_ids else "it is empty"
-            raise PermanentError(f"nothing to train on in {request.collection!r}: {which}")
-        data = Dataset(ids=snapshot.ids, vectors=snapshot.vectors, metadata=snapshot.metadata)
-        embedded = snapshot.embedded_by(collection.model)
-        return data, collection.model if embedded else None
+        request, service = message.event, self.service()
+        # Validate before loading data: a typo should not cost a collection scan.
+        parse_params(get_trainer(request.task), request.params)
+        data, embedding_model = load_dataset(self.store(), request)
+        with AdmissionReport(self.ctx, message) as admission:
+            fitted = service.fit(
+                request,
+                data,
+                stream=message.stream,
+                embedding_model=embedding_model,
+                redelivery=message.is_redelivery,
+                admission=admission,
+            )
+        self._write_assignments(request, getattr(fitted.model, "assignments", None))
+        return service.register(fitted)
 
-    def _write_assignments(self, request: TrainingRequest, model: TrainedModel) -> None:
+    def _tune(self, message: Message[TrainingRequest]) -> Registered:
+        """Search the hyperparameters (see ``forge.training.tuning.search``); a
+        clustering version's assignments come from the best trial's model."""
+        request, tuner = message.event, self._tuner()
+        tuner.plan(request)  # a bad space fails before the collection is read
+        data, embedding_model = load_dataset(self.store(), request)
+        done = tuner.search(
+            request,
+            data,
+            fan_out_trials(self.ctx, request),
+            stream=message.stream,
+            embedding_model=embedding_model,
+        )
+        if request.task == CLUSTERING:
+            self._write_best_clusters(request, done, data)
+        return done
+
+    def _write_best_clusters(
+        self, request: TrainingRequest, done: Registered, data: Dataset
+    ) -> None:
+        """A clustering search's assignments: each row's nearest centre of the version
+        (the best trial's model, loaded back: trials keep no assignments)."""
+        model, _ = self.service().load(request.model, str(done.version.version))
+        clusters = [int(p.label.rpartition("-")[2]) for p in model.predict(data.vectors)]
+        self._write_assignments(request, dict(zip(data.ids, clusters, strict=True)))
+
+    def _tuner(self) -> TuneService:
+        if self.tuner is None:
+            raise PermanentError("this worker runs no hyperparameter searches")
+        return self.tuner()
+
+    def _write_assignments(
+        self, request: TrainingRequest, assignments: dict[str, int] | None
+    ) -> None:
         """Write a clustering model's cluster per row back into the rows' metadata,
         before registering: a redelivery that finds the version skips this step."""
-        assignments: dict[str, int] | None = getattr(model, "assignments", None)
         if not assignments:
             return
         key = cluster_field(request.model)

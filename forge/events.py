@@ -127,6 +127,24 @@ class NewData(Event, tag="new-data"):
     retrain: Name | None = None
 
 
+class Tune(msgspec.Struct, kw_only=True):
+    """A hyperparameter search: ``trials`` trainings with parameters drawn from
+    ``space`` (Optuna's TPE sampler), the best of which becomes the version.
+
+    ``space`` maps a parameter of the task to ``{"low", "high", "log"}`` (a number range;
+    integers when both bounds are) or ``{"choices": [...]}``; it is checked against the
+    task's parameters by the train handler, so an unknown parameter or a bad range is
+    a ``failed`` completion with the reason. Leave it out for the task's default space.
+    ``metric`` and ``direction`` default to the task's primary metric, maximized.
+    ``timeout_s`` bounds the study: no trial starts after it, running ones finish."""
+
+    trials: Annotated[int, Meta(ge=1, le=10_000)] = 20
+    timeout_s: Annotated[float, Meta(gt=0)] | None = None
+    metric: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
+    direction: Literal["maximize", "minimize"] | None = None
+    space: dict[str, dict[str, Any]] | None = None
+
+
 class TrainingRequest(Event, tag="training-request"):
     """Train (or retrain) a model over a collection."""
 
@@ -150,6 +168,20 @@ class TrainingRequest(Event, tag="training-request"):
     # waits. `forge publish` and the Python API route by it to the
     # `training-requests:high` / `:low` streams; `training-requests` is the normal lane.
     priority: Priority = "normal"
+    # Search the hyperparameters instead of training ``params`` once: the best trial
+    # is registered (``params`` fixes what the search leaves alone).
+    tune: Tune | None = None
+
+
+class TuneTrial(Event, tag="tune-trial"):
+    """One trial of a hyperparameter search, for any trainer worker to run.
+
+    The train handler of a ``tune`` request puts ``tune.trials`` of these on the trials
+    stream; a worker that takes one runs the study's next trial if it still needs one
+    (a trial of a worker that died, else a new one), so duplicates are harmless."""
+
+    study: Annotated[str, Meta(min_length=1, max_length=512)]
+    request: TrainingRequest
 
 
 class PredictInput(msgspec.Struct, kw_only=True):
@@ -260,6 +292,8 @@ class TrainingProgress(Event, tag="training-progress"):
     loss: float
     metric: float | None = None
     eta_s: float | None = None
+    # The trial of a hyperparameter search (``tune``) this curve belongs to.
+    trial: int | None = None
 
 
 class Label(msgspec.Struct, kw_only=True):
@@ -297,7 +331,13 @@ class DeadLetter(Event, tag="dead-letter"):
     replays: int = 0
 
 
-INPUT_EVENTS: tuple[type[Event], ...] = (NewData, TrainingRequest, PredictRequest, Feedback)
+INPUT_EVENTS: tuple[type[Event], ...] = (
+    NewData,
+    TrainingRequest,
+    PredictRequest,
+    Feedback,
+    TuneTrial,
+)
 OUTPUT_EVENTS: tuple[type[Event], ...] = (
     Completion,
     ModelVersion,
@@ -312,6 +352,7 @@ INPUT_STREAM_EVENTS: dict[str, type[Event]] = {
     "training-requests": TrainingRequest,
     "predict-requests": PredictRequest,
     "feedback": Feedback,
+    "trials": TuneTrial,
 }
 
 _encoder = msgspec.json.Encoder()

@@ -51,6 +51,11 @@ class Keys:
     def feedback(self) -> str:
         return f"{self.prefix}feedback"
 
+    @property
+    def trials(self) -> str:
+        """The trials of hyperparameter searches, for every trainer worker to run."""
+        return f"{self.prefix}trials"
+
     # Output streams (trimmed with approximate MAXLEN).
     @property
     def completions(self) -> str:
@@ -201,7 +206,13 @@ class Keys:
 
     @property
     def input_streams(self) -> tuple[str, ...]:
-        return (self.training_requests, self.new_data, self.predict_requests, self.feedback)
+        return (
+            self.training_requests,
+            self.new_data,
+            self.predict_requests,
+            self.feedback,
+            self.trials,
+        )
 
     @property
     def input_lanes(self) -> tuple[str, ...]:

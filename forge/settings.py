@@ -129,6 +129,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_cache_size_bytes: int = 2 * 10**9
     cache_ttl_s: int = 3600
     training_timeout_s: float = 3600.0
+    # How often the worker that runs a hyperparameter search looks at the study while
+    # other workers run its trials.
+    tune_poll_s: float = 1.0
     # The training queue: trainings one worker runs at once, how long a waiting request
     # takes to rise one priority level, and GPU admission.
     training_concurrency: int = 1
@@ -186,6 +189,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "retry_attempts": self.retry_attempts,
             "max_deliveries": self.max_deliveries,
             "claim_min_idle_s": self.claim_min_idle_s,
+            "tune_poll_s": self.tune_poll_s,
             "stream_maxlen": self.stream_maxlen,
             "serve_workers": self.serve_workers,
             "serve_max_body_bytes": self.serve_max_body_bytes,
@@ -221,6 +225,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def lease_renew_interval_s(self) -> float:
         """Renew in-flight leases well before another worker may reclaim them."""
         return self.claim_min_idle_s / 3
+
+    @property
+    def tune_heartbeat_s(self) -> int:
+        """How often a running trial tells the study it is alive (Optuna takes whole
+        seconds): a trial silent for two of these is stale, well within the time after
+        which Forge reclaims its entry, so the reclaiming worker finds it stale."""
+        return max(1, int(self.claim_min_idle_s / 4))
 
     @property
     def data_dir(self) -> Path:
@@ -315,6 +326,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_MAX_TEXT_CHARS": ("max_text_chars", int),
     "FORGE_CACHE_TTL_S": ("cache_ttl_s", int),
     "FORGE_TRAINING_TIMEOUT_S": ("training_timeout_s", float),
+    "FORGE_TUNE_POLL_S": ("tune_poll_s", float),
     "FORGE_TRAINING_CONCURRENCY": ("training_concurrency", int),
     "FORGE_PRIORITY_AGING_S": ("priority_aging_s", float),
     "FORGE_GPU_ADMISSION_HEADROOM": ("gpu_admission_headroom_bytes", parse_size),

@@ -91,6 +91,7 @@ def test_models_list_imports_mlflow_but_no_torch_nor_clients(tmp_path: Path) -> 
         ("cmd_worker", CLIENTS),
         ("cmd_docs", set()),
         ("cmd_backup", set()),
+        ("cmd_tune", CLIENTS),
     ],
 )
 def test_command_modules_import_models_and_mlflow_only_when_they_run(
@@ -123,7 +124,7 @@ def test_every_command_names_a_function_that_exists() -> None:
         for action in current._actions:
             if action.choices and isinstance(action.choices, dict):
                 stack.extend(action.choices.values())
-    assert len(found) == 24
+    assert len(found) == 25
     for lazy in found:
         assert callable(lazy.resolve()), lazy
 

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         _dlq,
         _search,
         _models,
+        _tune,
         _predict,
         _serve,
         _watch,
@@ -187,6 +188,17 @@ def _models(sub: Any) -> None:
     upgrade.add_argument("--json", action="store_true")
     upgrade.set_defaults(run=Lazy("cmd_models", "run_upgrade"))
     _experiments(models_sub)
+
+
+def _tune(sub: Any) -> None:
+    tune = sub.add_parser("tune", help="hyperparameter searches (training requests with `tune`)")
+    tune_sub = tune.add_subparsers(dest="tune_command", required=True)
+    show = tune_sub.add_parser(
+        "show", help="a model's latest study: trials, best value, parameter importances"
+    )
+    show.add_argument("model")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=Lazy("cmd_tune", "run_show"))
 
 
 def _experiments(models_sub: Any) -> None:

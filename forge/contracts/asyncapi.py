@@ -64,6 +64,8 @@ _CHANNEL_DESCRIPTIONS = {
     "variant answered.",
     "predictions": "One prediction for every predict-request, from the version and variant "
     "it was routed to.",
+    "trials": "The trials of hyperparameter searches (training requests with `tune`), put "
+    "there by the worker running the study so that every trainer worker runs some.",
 }
 
 

@@ -54,6 +54,8 @@ DESCRIPTIONS: dict[str, str] = {
     "used models are evicted).",
     "cache_ttl_s": "Lifetime of entries in the Redis embedding cache.",
     "training_timeout_s": "Limit on one training; a request's `timeout_s` may only shorten it.",
+    "tune_poll_s": "How often the worker running a hyperparameter search (`tune`) checks "
+    "the study while other workers run its trials.",
     "training_concurrency": "Trainings one worker runs at once (each in a thread of its "
     "own); it reads a new training request only when one of these slots is free.",
     "priority_aging_s": "How long a training request waits before it competes one priority "

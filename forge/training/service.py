@@ -144,7 +144,7 @@ class TrainingService:
         warm_start = self._warm_start(request)
         if redelivery and kill_stale_runs(self.client, request.model, request.id):
             log.info("marked runs of an earlier delivery killed", request_id=request.id)
-        tags = _tags(request, stream, embedding_model)
+        tags = request_tags(request, stream, embedding_model)
         run_params = {**msgspec.to_builtins(params), "rows": len(data)}
         if request.warm_start_from:
             run_params["warm_start_from"] = request.warm_start_from
@@ -171,17 +171,30 @@ class TrainingService:
         """Register the fitted model's LoggedModel as a new version and apply the
         promotion policy. Idempotent per request: a version the request already has is
         reused."""
-        request = fitted.request
+        run = fitted.run
+        return self.register_model(
+            fitted.request, run.model_uri, run.run_id, run.model_id, fitted.tags
+        )
+
+    def register_model(
+        self,
+        request: TrainingRequest,
+        model_uri: str,
+        run_id: str,
+        model_id: str | None,
+        tags: dict[str, str],
+        params: dict[str, Any] | None = None,
+    ) -> Registered:
+        """Register the model a run logged as ``request``'s version, with ``params``
+        (default: the request's) kept for retraining; idempotent per request."""
         existing = self.versions.find_by_request(request.model, request.id)
         if existing is not None:  # a racing delivery got here first
             return self._registered(existing)
-        tags = dict(fitted.tags)
-        params = msgspec.json.encode(request.params).decode()
-        if len(params) <= _MAX_TAG_CHARS:
-            tags[TAG_PARAMS] = params
-        version = self.versions.register(
-            request.model, fitted.run.model_uri, fitted.run.run_id, tags, fitted.run.model_id
-        )
+        tags = dict(tags)
+        encoded = msgspec.json.encode(request.params if params is None else params).decode()
+        if len(encoded) <= _MAX_TAG_CHARS:
+            tags[TAG_PARAMS] = encoded
+        version = self.versions.register(request.model, model_uri, run_id, tags, model_id)
         version = apply_policy(self.versions, version, request.promote)
         return self._registered(version)
 
@@ -203,10 +216,17 @@ class TrainingService:
         warm_start: TrainedModel | None,
         on_epoch: Callable[[EpochReport], None] | None = None,
         device: str | None = None,
+        *,
+        trial: int | None = None,
+        after_epoch: Callable[[EpochReport], None] | None = None,
     ) -> TrainedModel:
         """The trainer alone under the request's deadline, with progress events: no
         MLflow. The per-request timeout never exceeds the configured one. ``device``:
-        where GPU admission placed it (None: the trainer's choice)."""
+        where GPU admission placed it (None: the trainer's choice).
+
+        ``trial``: the search trial this training is (its progress says so);
+        ``after_epoch`` may stop the training by raising (a pruned trial), where
+        ``on_epoch`` is only told."""
         limit_s = min(
             request.timeout_s or self.settings.training_timeout_s, self.settings.training_timeout_s
         )
@@ -216,7 +236,10 @@ class TrainingService:
             if on_epoch is not None:
                 _best_effort(on_epoch, report, "could not log the epoch to MLflow")
             if self.progress is not None:
-                _best_effort(self.progress, _progress(request, report), "progress not published")
+                event = _progress(request, report, trial)
+                _best_effort(self.progress, event, "progress not published")
+            if after_epoch is not None:
+                after_epoch(report)
 
         try:
             return trainer.train(
@@ -294,7 +317,10 @@ class TrainingService:
         return Registered(version, event, result)
 
 
-def _tags(request: TrainingRequest, stream: str, embedding_model: str | None) -> dict[str, str]:
+def request_tags(
+    request: TrainingRequest, stream: str, embedding_model: str | None
+) -> dict[str, str]:
+    """The tags a request's run and version carry."""
     tags = {
         TAG_REQUEST_ID: request.id,
         TAG_STREAM: stream,
@@ -306,9 +332,12 @@ def _tags(request: TrainingRequest, stream: str, embedding_model: str | None) ->
     return tags
 
 
-def _progress(request: TrainingRequest, report: EpochReport) -> TrainingProgress:
+def _progress(
+    request: TrainingRequest, report: EpochReport, trial: int | None = None
+) -> TrainingProgress:
+    which = "" if trial is None else f"trial-{trial}:"
     return TrainingProgress(
-        id=f"{request.id}:epoch-{report.epoch}",
+        id=f"{request.id}:{which}epoch-{report.epoch}",
         created_at=datetime.now(UTC),
         model=request.model,
         source_id=request.id,
@@ -317,6 +346,7 @@ def _progress(request: TrainingRequest, report: EpochReport) -> TrainingProgress
         loss=report.loss,
         metric=report.metric,
         eta_s=report.eta_s,
+        trial=trial,
     )
 
 

@@ -227,6 +227,15 @@ class TrainingRun:
         self.model_id, self.model_uri = logged.model_id, str(logged.artifact_location)
         self.client.set_terminated(self.run_id, "FINISHED")
 
+    def stop(self, status: str, tags: dict[str, str]) -> None:
+        """End the run early without a model (a pruned search trial): its epoch points
+        are written first, then ``tags``, then MLflow ``status``."""
+        from mlflow.entities import RunTag
+
+        self._flush()
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+        self.client.set_terminated(self.run_id, status)
+
     def fail(self, error: BaseException) -> None:
         """Mark the run failed with its reason; never raises (the caller has an error)."""
         try:

@@ -90,6 +90,11 @@ class VectorStore:
         return cls(url, index=IndexOptions.from_settings(settings), **pool)
 
     @property
+    def url(self) -> str:
+        """The PostgreSQL server and database (a hyperparameter study is kept there too)."""
+        return self._url
+
+    @property
     def index(self) -> IndexOptions:
         return self._index
 

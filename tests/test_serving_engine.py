@@ -312,7 +312,8 @@ def test_pinned_versions_live_in_the_byte_bounded_model_cache(
     two_versions(training, model_name)
     pinned = PredictCall(model_name, [PredictInput(vector=[0.5] * DIM)], version=2)
     assert answers(engine.predict([pinned]))[0].version == 2
-    key = next(k for k in training.models.keys() if k.endswith(f":{model_name}:2"))
+    cached = training.models.keys()
+    key = next(k for k in cached if k.endswith(f":{model_name}:2"))
     assert training.models.evict(key)
     assert answers(engine.predict([pinned]))[0].version == 2
     assert key in training.models  # loaded again, and accounted again

@@ -246,7 +246,8 @@ print(" ".join(sorted({{"torch", "mlflow", "forge.serving.engine"}} & set(sys.mo
     )
     assert proc.returncode == 0, proc.stderr
     streams, loaded = proc.stdout.splitlines()
-    assert set(streams.split()) == {"new-data", "training-requests", "feedback", "predict-requests"}
+    expected = {"new-data", "training-requests", "trials", "feedback", "predict-requests"}
+    assert set(streams.split()) == expected
     assert loaded == "-"
 
 

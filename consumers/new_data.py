@@ -20,18 +20,27 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from consumers.once import Once
+from forge.embedding.model import Embedder
 from forge.embedding.service import EmbeddingService
 from forge.errors import InvalidEvent
 from forge.events import NewData, Record
 from forge.runtime.deadletter import error_info
 from forge.runtime.handlers import Message, Outcome, Rejected, Succeeded
 from forge.settings import Settings
-from forge.vectorstore import Delete, InvalidWrite, Row, VectorStore, Write
+from forge.vectorstore import (
+    Delete,
+    InvalidWrite,
+    MetadataUpdate,
+    Row,
+    VectorStore,
+    Write,
+    text_hash,
+)
 
 PRUNE_INTERVAL_S = 3600.0
 # Vectors are stored as float32; a larger value would silently become infinity.
@@ -48,17 +57,19 @@ class _PendingEvent:
     writes: list[Write] = field(default_factory=list)
     from_cache: int = 0
     embedded: int = 0
+    unchanged: int = 0
     model: str | None = None
     model_version: str | None = None
 
     @property
     def result(self) -> dict[str, Any]:
-        upserted = sum(isinstance(w, Row) for w in self.writes)
         return {
             "collection": self.event.collection,
             "records": len(self.event.records),
-            "upserted": upserted,
-            "deleted": len(self.writes) - upserted,
+            "upserted": sum(isinstance(w, Row) for w in self.writes),
+            "deleted": sum(isinstance(w, Delete) for w in self.writes),
+            "metadata_updated": sum(isinstance(w, MetadataUpdate) for w in self.writes),
+            "unchanged": self.unchanged,
             "from_cache": self.from_cache,
             "embedded": self.embedded,
             "model": self.model,
@@ -138,12 +149,13 @@ class NewDataHandler:
     ) -> dict[int, Outcome]:
         model = self.embedding.model_for(self.store(), collection, pending[0].event.model)
         outcomes = _reject_other_models(collection, model, pending)
+        repeated = _repeated_ids(pending)
         chunks = list(_chunks(pending, self.settings.max_batch_size))
         writing: futures.Future[dict[int, Outcome]] | None = None
         try:
             for position, events in enumerate(chunks):
                 started = time.perf_counter()
-                version = self._prepare_writes(events, model)
+                version = self._prepare_writes(events, model, repeated)
                 embed_s = time.perf_counter() - started
                 if writing is not None:
                     outcomes.update(writing.result())
@@ -182,43 +194,45 @@ class NewDataHandler:
                 outcomes[item.index] = Succeeded({**item.result, **timings})
         return outcomes
 
-    def _prepare_writes(self, pending: list[_PendingEvent], model: str) -> str | None:
-        """Build every event's writes, embedding all the texts of the batch at once."""
-        texts = [
-            r.text
-            for item in pending
-            for r in item.event.records
-            if not r.deleted and r.vector is None and r.text is not None
-        ]
-        version = None
-        vectors: list[np.ndarray[Any, Any]] = []
-        cached: list[bool] = []
+    def _prepare_writes(
+        self, pending: list[_PendingEvent], model: str, repeated: set[str]
+    ) -> str | None:
+        """Build every event's writes, embedding all the changed texts of the batch at
+        once; records whose stored row the model would remake are left as they are."""
+        embeddable = [r for item in pending for r in item.event.records if _embeds(r)]
+        if not embeddable:
+            _add_writes(pending, _Embedded(model, None, {}))
+            return None
+        embedder = self.embedding.embedder(model)
+        kept = self._unchanged(pending[0].event.collection, embeddable, embedder, repeated)
+        texts = [r.text for r in embeddable if r.id not in kept and r.text is not None]
+        embedded = _Embedded(model, embedder.version, kept)
         if texts:
-            embedder = self.embedding.embedder(model)
-            version = embedder.version
             encoded = self.embedding.encode(embedder, texts)
-            vectors, cached = list(encoded.vectors), encoded.cached
-        position = 0
-        for item in pending:
-            for record in item.event.records:
-                if record.deleted:
-                    item.writes.append(Delete(record.id, item.event.id))
-                    continue
-                # A row names the model that made its vector; a ready vector has none,
-                # so a model trained on it is not offered texts (see training).
-                made_by: str | None = None
-                if record.vector is not None:
-                    embedding = np.asarray(record.vector, dtype=np.float32)
-                else:
-                    embedding, hit = vectors[position], cached[position]
-                    position += 1
-                    item.from_cache += hit
-                    item.embedded += not hit
-                    made_by = model
-                item.writes.append(
-                    Row(record.id, embedding, item.event.id, record.text, record.metadata, made_by)
-                )
-        return version
+            embedded.vectors, embedded.cached = list(encoded.vectors), encoded.cached
+        _add_writes(pending, embedded)
+        return embedder.version
+
+    def _unchanged(
+        self,
+        collection: str,
+        records: list[Record],
+        embedder: Embedder,
+        repeated: set[str],
+    ) -> dict[str, _Kept]:
+        """The records whose stored row was made from the same text by the same model
+        version, with their text hash and stored fingerprint. A record id written more
+        than once in the batch is never among them: an earlier write of the batch may
+        change the row after this read."""
+        hashes = {
+            r.id: text_hash(r.text) for r in records if r.id not in repeated and r.text is not None
+        }
+        stored = self.store().fingerprints(collection, hashes)
+        return {
+            record_id: _Kept(hashes[record_id], embedder.version, found.metadata)
+            for record_id, found in stored.items()
+            if found.matches(hashes[record_id], embedder.name, embedder.version)
+        }
 
     def _write(self, chunk: _Chunk) -> dict[str, dict[str, Any]]:
         """Write the chunk in one transaction; returns events a racing worker wrote first."""
@@ -233,6 +247,92 @@ class NewDataHandler:
             results={item.event.id: item.result for item in chunk.events},
         )
         return result.duplicates
+
+
+class _Kept(NamedTuple):
+    """A record whose stored row stays: its text hash, the model version that made
+    the row, and the metadata stored with it."""
+
+    text_hash: str
+    model_version: str
+    metadata: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _Embedded:
+    """What embedding a chunk's texts gave: the model, its version (``None`` when it
+    embedded nothing), the records left unchanged, and the vectors of the others in
+    order with whether each came from the cache."""
+
+    model: str
+    version: str | None
+    kept: dict[str, _Kept]
+    vectors: list[np.ndarray[Any, Any]] = field(default_factory=list)
+    cached: list[bool] = field(default_factory=list)
+
+
+def _add_writes(pending: list[_PendingEvent], embedded: _Embedded) -> None:
+    """Give each event its writes: a delete, a metadata update of an unchanged record
+    whose metadata changed, nothing for a wholly unchanged one, else a row."""
+    position = 0
+    for item in pending:
+        for record in item.event.records:
+            if record.deleted:
+                item.writes.append(Delete(record.id, item.event.id))
+                continue
+            if _embeds(record) and record.id in embedded.kept:
+                kept = embedded.kept[record.id]
+                if kept.metadata == record.metadata:
+                    item.unchanged += 1
+                else:
+                    item.writes.append(
+                        MetadataUpdate(
+                            record.id,
+                            item.event.id,
+                            record.metadata,
+                            kept.text_hash,
+                            kept.model_version,
+                        )
+                    )
+                continue
+            # A row names the model that made its vector; a ready vector has none,
+            # so a model trained on it is not offered texts (see training).
+            made_by: str | None = None
+            version: str | None = None
+            if record.vector is not None:
+                vector = np.asarray(record.vector, dtype=np.float32)
+            else:
+                vector, hit = embedded.vectors[position], embedded.cached[position]
+                position += 1
+                item.from_cache += hit
+                item.embedded += not hit
+                made_by, version = embedded.model, embedded.version
+            item.writes.append(
+                Row(
+                    record.id,
+                    vector,
+                    item.event.id,
+                    record.text,
+                    record.metadata,
+                    made_by,
+                    version,
+                )
+            )
+
+
+def _embeds(record: Record) -> bool:
+    """Whether ``record`` is a text for the model to embed."""
+    return not record.deleted and record.vector is None and record.text is not None
+
+
+def _repeated_ids(pending: list[_PendingEvent]) -> set[str]:
+    """Record ids that more than one record of the batch writes."""
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for item in pending:
+        for record in item.event.records:
+            (repeated if record.id in seen else seen).add(record.id)
+    return repeated
 
 
 def _reject_other_models(

@@ -97,7 +97,9 @@ def _create(
                 metadata jsonb NOT NULL DEFAULT '{{}}',
                 embedding vector({dimension}) NOT NULL,
                 model text,
-                updated_at timestamptz NOT NULL DEFAULT now()
+                updated_at timestamptz NOT NULL DEFAULT now(),
+                model_version text,
+                text_hash text
             )
             """
         ).format(table=table, dimension=sql.Literal(dimension))

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg import sql
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +33,19 @@ class Migration:
     version: int
     name: str
     steps: tuple[Step, ...]
+
+
+def _add_row_fingerprints(conn: psycopg.Connection[Any]) -> None:
+    """Give every collection table the model version and text hash columns. Rows
+    written before have neither (NULL): they are embedded again on their next upsert,
+    rather than having this migration hash every text of every collection."""
+    for (table,) in conn.execute("SELECT table_name FROM forge_collections").fetchall():
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS model_version text,"
+                " ADD COLUMN IF NOT EXISTS text_hash text"
+            ).format(sql.Identifier(table))
+        )
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -64,7 +78,9 @@ MIGRATIONS: tuple[Migration, ...] = (
             " ON forge_processed_events (processed_at)",
         ),
     ),
+    Migration(2, "row model versions and text hashes", (_add_row_fingerprints,)),
 )
+
 
 _CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS forge_schema_migrations (

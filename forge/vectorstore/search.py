@@ -64,10 +64,13 @@ def fetch(
     conn: psycopg.Connection[Any], collection: Collection, ids: Iterable[str]
 ) -> dict[str, StoredRecord]:
     query = sql.SQL(
-        "SELECT id, text, metadata, embedding, model, updated_at FROM {} WHERE id = ANY(%s)"
+        "SELECT id, text, metadata, embedding, model, updated_at, model_version, text_hash"
+        " FROM {} WHERE id = ANY(%s)"
     ).format(sql.Identifier(collection.table))
     rows = conn.execute(query, [list(ids)]).fetchall()
-    return {r[0]: StoredRecord(r[0], r[1], r[2], _as_array(r[3]), r[4], r[5]) for r in rows}
+    return {
+        r[0]: StoredRecord(r[0], r[1], r[2], _as_array(r[3]), r[4], r[5], r[6], r[7]) for r in rows
+    }
 
 
 def count(conn: psycopg.Connection[Any], collection: Collection) -> int:

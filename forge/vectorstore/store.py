@@ -19,12 +19,13 @@ from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
 from forge.settings import Settings
-from forge.vectorstore import catalog, scan, search, writer
+from forge.vectorstore import catalog, content, scan, search, writer
 from forge.vectorstore.migrations import migrate
 from forge.vectorstore.naming import validate_name
 from forge.vectorstore.types import (
     Collection,
     CollectionNotFound,
+    Fingerprint,
     Hit,
     IndexOptions,
     InvalidWrite,
@@ -231,6 +232,15 @@ class VectorStore:
                 ef_search=self._index.ef_search,
                 iterative_scan=self._iterative_scan,
             )
+
+    def fingerprints(self, collection: str, ids: Iterable[str]) -> dict[str, Fingerprint]:
+        """What the stored rows among ``ids`` were made from (text hash, model, metadata);
+        ids not stored, or an unknown collection, are left out."""
+        target = self.collection(collection)
+        if target is None:
+            return {}
+        with self._pool.connection() as conn:
+            return content.fingerprints(conn, target, ids)
 
     def fetch(self, collection: str, ids: Iterable[str]) -> dict[str, StoredRecord]:
         target = self.collection(collection)

@@ -19,7 +19,12 @@ JsonObject = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """Insert or replace record ``id`` on behalf of input event ``event_id``."""
+    """Insert or replace record ``id`` on behalf of input event ``event_id``.
+
+    ``model`` and ``model_version`` name the embedding model (and the hash of its
+    weights) that made the vector from ``text``; the store records them with a hash of
+    the text, so that an unchanged record can be recognised later (``Fingerprint``).
+    """
 
     id: str
     embedding: Vector
@@ -27,6 +32,7 @@ class Row:
     text: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     model: str | None = None
+    model_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +43,40 @@ class Delete:
     event_id: str
 
 
-Write = Row | Delete
+@dataclass(frozen=True, slots=True)
+class MetadataUpdate:
+    """Replace record ``id``'s metadata, leaving its text and vector alone, on behalf of
+    input event ``event_id``; only while the row is still made from a text with hash
+    ``text_hash`` by model version ``model_version`` (else a racing write replaced it)."""
+
+    id: str
+    event_id: str
+    metadata: Mapping[str, Any]
+    text_hash: str
+    model_version: str
+
+
+Write = Row | Delete | MetadataUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What a stored row was made from: a hash of its text (``None`` without one), the
+    model and its version (``None`` for a ready vector or a row written before they
+    were recorded), and its metadata."""
+
+    text_hash: str | None
+    model: str | None
+    model_version: str | None
+    metadata: JsonObject
+
+    def matches(self, text_hash: str, model: str, model_version: str) -> bool:
+        """Whether embedding a text with ``text_hash`` by that model would remake it."""
+        return (
+            self.text_hash == text_hash
+            and self.model == model
+            and self.model_version == model_version
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +118,14 @@ class WriteResult:
     ``processed``: event ids whose writes were applied by this call.
     ``duplicates``: event ids that were already recorded for the scope (by an earlier
     call or a racing worker), with the result stored then; their writes were skipped.
+    ``metadata_updated``: rows whose metadata alone was replaced (``MetadataUpdate``).
     """
 
     processed: list[str]
     duplicates: dict[str, JsonObject]
     upserted: int
     deleted: int
+    metadata_updated: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +153,15 @@ class InvalidWrite(InvalidEvent):
     @classmethod
     def of_row(cls, row: Row, problem: str) -> InvalidWrite:
         """``problem`` with ``row``, naming its record and event."""
+        return cls.of_record(row.id, row.event_id, problem)
+
+    @classmethod
+    def of_record(cls, record_id: str, event_id: str, problem: str) -> InvalidWrite:
+        """``problem`` with record ``record_id`` of event ``event_id``."""
         return cls(
-            f"record {row.id!r} of event {row.event_id!r}: {problem}",
-            event_id=row.event_id,
-            record_id=row.id,
+            f"record {record_id!r} of event {event_id!r}: {problem}",
+            event_id=event_id,
+            record_id=record_id,
         )
 
 
@@ -129,6 +175,8 @@ class StoredRecord:
     embedding: Vector
     model: str | None
     updated_at: datetime
+    model_version: str | None = None
+    text_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

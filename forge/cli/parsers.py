@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         _status,
         _dlq,
         _search,
+        _collections,
         _models,
         _predict,
         _serve,
@@ -159,6 +160,18 @@ def _search(sub: Any) -> None:
     search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--json", action="store_true")
     search.set_defaults(run=Lazy("cmd_search", "run_search"))
+
+
+def _collections(sub: Any) -> None:
+    collections = sub.add_parser("collections", help="vector store collections and versions")
+    commands = collections.add_subparsers(dest="collections_command", required=True)
+    listing = commands.add_parser("list", help="each collection: versions, rows, model, size")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=Lazy("cmd_collections", "run_list"))
+    show = commands.add_parser("show", help="a collection's versions in full")
+    show.add_argument("collection")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=Lazy("cmd_collections", "run_show"))
 
 
 def _models(sub: Any) -> None:

@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 
 from forge.errors import InvalidEvent
+from forge.vectorstore import versions
 from forge.vectorstore.migrations import COLLECTION_LOCK_CLASS
 from forge.vectorstore.naming import index_name, table_name, validate_name
 from forge.vectorstore.types import Collection, IndexOptions
@@ -17,7 +18,10 @@ from forge.vectorstore.types import Collection, IndexOptions
 MAX_INDEXED_DIMENSION = 2000
 PGVECTOR_DEFAULTS = IndexOptions()
 
-_SELECT = "SELECT name, table_name, dimension, model FROM forge_collections WHERE name = %s"
+_SELECT = (
+    "SELECT name, table_name, dimension, model, active_version FROM forge_collections"
+    " WHERE name = %s"
+)
 
 
 def get_collection(conn: psycopg.Connection[Any], name: str) -> Collection | None:
@@ -67,7 +71,9 @@ def drop_collection(conn: psycopg.Connection[Any], name: str) -> bool:
         existing = get_collection(conn, name)
         if existing is None:
             return False
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(existing.table)))
+        tables = {existing.table, *(v.table for v in versions.list_versions(conn, name))}
+        for table in sorted(tables):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
         conn.execute("DELETE FROM forge_collections WHERE name = %s", [name])
     return True
 
@@ -87,7 +93,21 @@ def _create(
     index: IndexOptions,
 ) -> Collection:
     collection = Collection(name, table_name(name), dimension, model)
-    table = sql.Identifier(collection.table)
+    create_table(conn, collection.table, dimension, index)
+    conn.execute(
+        "INSERT INTO forge_collections (name, table_name, dimension, model)"
+        " VALUES (%s, %s, %s, %s)",
+        [name, collection.table, dimension, model],
+    )
+    versions.insert(conn, collection, index, "active")
+    return collection
+
+
+def create_table(
+    conn: psycopg.Connection[Any], table_name: str, dimension: int, index: IndexOptions
+) -> None:
+    """A collection version's table and its HNSW cosine index."""
+    table = sql.Identifier(table_name)
     conn.execute(
         sql.SQL(
             """
@@ -109,15 +129,9 @@ def _create(
             "CREATE INDEX IF NOT EXISTS {index} ON {table} USING hnsw (embedding vector_cosine_ops)"
             " WITH (m = {m}, ef_construction = {ef_construction})"
         ).format(
-            index=sql.Identifier(index_name(collection.table)),
+            index=sql.Identifier(index_name(table_name)),
             table=table,
             m=sql.Literal(index.m),
             ef_construction=sql.Literal(index.ef_construction),
         )
     )
-    conn.execute(
-        "INSERT INTO forge_collections (name, table_name, dimension, model)"
-        " VALUES (%s, %s, %s, %s)",
-        [name, collection.table, dimension, model],
-    )
-    return collection

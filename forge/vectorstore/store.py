@@ -19,7 +19,8 @@ from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
 from forge.settings import Settings
-from forge.vectorstore import catalog, content, scan, search, writer
+from forge.vectorstore import catalog, content, inventory, scan, search, writer
+from forge.vectorstore.inventory import CollectionInfo
 from forge.vectorstore.migrations import migrate
 from forge.vectorstore.naming import validate_name
 from forge.vectorstore.types import (
@@ -139,6 +140,22 @@ class VectorStore:
         with self._pool.connection() as conn:
             found = catalog.get_collection(conn, name)
         return self._remember(found) if found else None
+
+    def describe(self, name: str) -> CollectionInfo:
+        """Collection ``name``'s versions, rows, model, index and size on disk;
+        ``CollectionNotFound`` when there is none."""
+        with self._pool.connection() as conn:
+            found = catalog.get_collection(conn, validate_name(name))
+            if found is None:
+                raise CollectionNotFound(f"collection {name!r} does not exist")
+            return inventory.describe(conn, found)
+
+    def describe_all(self) -> list[CollectionInfo]:
+        """Every collection, as ``describe`` tells it, by name."""
+        with self._pool.connection() as conn:
+            names = inventory.collection_names(conn)
+            found = [catalog.get_collection(conn, name) for name in names]
+            return [inventory.describe(conn, c) for c in found if c is not None]
 
     def drop_collection(self, name: str) -> bool:
         with self._lock:

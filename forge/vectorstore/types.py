@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -87,6 +87,32 @@ class Collection:
     table: str
     dimension: int
     model: str | None
+    # The active version, whose table ``table`` is (see ``CollectionVersion``).
+    version: int = 1
+
+
+VersionState = Literal["active", "building", "retired"]
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionVersion:
+    """One version of a collection: its own table of rows embedded by ``model``.
+
+    A collection has one ``active`` version (the one searches and training read), at
+    most one ``building`` (being re-embedded, written beside the active one), and any
+    number of ``retired`` ones (earlier versions kept for a rollback).
+    """
+
+    collection: str
+    version: int
+    table: str
+    model: str | None
+    dimension: int
+    hnsw_m: int
+    hnsw_ef_construction: int
+    state: VersionState
+    created_at: datetime
+    activated_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,6 +113,9 @@ MIGRATIONS: tuple[Migration, ...] = (
                 hnsw_m integer NOT NULL,
                 hnsw_ef_construction integer NOT NULL,
                 state text NOT NULL CHECK (state IN ('active', 'building', 'retired')),
+                -- A building version's backfill: batches planned and written so far.
+                batches_total integer NOT NULL DEFAULT 0,
+                batches_done integer NOT NULL DEFAULT 0,
                 created_at timestamptz NOT NULL DEFAULT now(),
                 activated_at timestamptz,
                 PRIMARY KEY (collection, version)

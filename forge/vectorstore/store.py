@@ -7,7 +7,6 @@ Forge's runtime treats as transient.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -18,14 +17,17 @@ import structlog
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
+from forge.errors import PermanentError
 from forge.settings import Settings
-from forge.vectorstore import catalog, content, inventory, scan, search, writer
+from forge.vectorstore import catalog, content, inventory, rebuild, scan, search, versions, writer
 from forge.vectorstore.inventory import CollectionInfo
 from forge.vectorstore.migrations import migrate
 from forge.vectorstore.naming import validate_name
+from forge.vectorstore.rebuild import VersionsChanged
 from forge.vectorstore.types import (
     Collection,
     CollectionNotFound,
+    CollectionVersion,
     Fingerprint,
     Hit,
     IndexOptions,
@@ -35,6 +37,7 @@ from forge.vectorstore.types import (
     Snapshot,
     StoredRecord,
     Vector,
+    VersionWrites,
     Write,
     WriteResult,
 )
@@ -81,8 +84,6 @@ class VectorStore:
             kwargs={"autocommit": True, "connect_timeout": connect_timeout_s},
             name="forge-vectorstore",
         )
-        self._collections: dict[str, Collection] = {}
-        self._lock = threading.Lock()
         self._iterative_scan = False
 
     @classmethod
@@ -125,21 +126,14 @@ class VectorStore:
 
     def ensure_collection(self, name: str, dimension: int, model: str | None = None) -> Collection:
         """Create collection ``name`` if needed; ``InvalidEvent`` on a dimension clash."""
-        cached = self._cached(name)
-        if cached is not None:
-            catalog.check_dimension(cached, dimension)
-            return cached
         with self._pool.connection() as conn:
-            created = catalog.ensure_collection(conn, name, dimension, model, self._index)
-            return self._remember(created)
+            return catalog.ensure_collection(conn, name, dimension, model, self._index)
 
     def collection(self, name: str) -> Collection | None:
-        cached = self._cached(validate_name(name))
-        if cached is not None:
-            return cached
+        # Read every time, never cached: a re-embedding switches the active version
+        # under every process at once.
         with self._pool.connection() as conn:
-            found = catalog.get_collection(conn, name)
-        return self._remember(found) if found else None
+            return catalog.get_collection(conn, validate_name(name))
 
     def describe(self, name: str) -> CollectionInfo:
         """Collection ``name``'s versions, rows, model, index and size on disk;
@@ -157,9 +151,54 @@ class VectorStore:
             found = [catalog.get_collection(conn, name) for name in names]
             return [inventory.describe(conn, c) for c in found if c is not None]
 
+    # ----------------------------------------------------------------- versions
+
+    def building_version(self, name: str) -> CollectionVersion | None:
+        """The version of ``name`` being built (re-embedded), if any."""
+        with self._pool.connection() as conn:
+            return versions.building(conn, validate_name(name))
+
+    def begin_version(
+        self, name: str, model: str, dimension: int, rows_per_batch: int
+    ) -> rebuild.Plan:
+        """Create a building version of ``name`` for ``model`` (with this store's HNSW
+        parameters) and plan its backfill; see ``rebuild.begin``."""
+        with self._pool.connection() as conn, conn.transaction():
+            return rebuild.begin(
+                conn, validate_name(name), model, dimension, self._index, rows_per_batch
+            )
+
+    def range_rows(self, name: str, span: rebuild.Range) -> list[tuple[str, str]]:
+        """(id, text) of the active version's rows in ``span`` of record ids."""
+        with self._pool.connection() as conn:
+            return rebuild.range_rows(conn, validate_name(name), span)
+
+    def write_backfill(
+        self,
+        name: str,
+        version: int,
+        rows: Sequence[Row],
+        event_id: str,
+        scope: str,
+        result: JsonObject,
+    ) -> rebuild.BackfillResult:
+        """Copy one backfill batch into building ``version``; see ``rebuild``."""
+        with self._pool.connection() as conn:
+            return rebuild.write_backfill(
+                conn, validate_name(name), version, rows, event_id, scope, result
+            )
+
+    def rollback(self, name: str) -> CollectionVersion:
+        """Switch ``name`` back to its previous version; returns it."""
+        with self._pool.connection() as conn:
+            return rebuild.rollback(conn, validate_name(name))
+
+    def drop_version(self, name: str, version: int) -> CollectionVersion:
+        """Delete a version that is not active (the building one included)."""
+        with self._pool.connection() as conn:
+            return rebuild.drop_version(conn, validate_name(name), version)
+
     def drop_collection(self, name: str) -> bool:
-        with self._lock:
-            self._collections.pop(name, None)
         with self._pool.connection() as conn:
             return catalog.drop_collection(conn, validate_name(name))
 
@@ -183,6 +222,8 @@ class VectorStore:
         *,
         model: str | None = None,
         results: Mapping[str, Mapping[str, Any]] | None = None,
+        version: int | None = None,
+        building: VersionWrites | None = None,
     ) -> WriteResult:
         """Apply ``writes`` (upserts and deletes, in order) exactly once per event.
 
@@ -193,24 +234,32 @@ class VectorStore:
         from the vector, ``model`` or the row's model recorded). Raises
         ``InvalidWrite`` (an ``InvalidEvent``) naming the offending event; nothing
         of the batch is written then.
+
+        ``version``: the active version ``writes`` were made for; ``building``: the
+        same writes for the version being built (embedded by its model). While a
+        version is being built every write goes to both; ``VersionsChanged`` (a
+        transient error) when the versions are no longer those, so the caller makes
+        its writes again for the new ones.
         """
         name = validate_name(collection)
         writer.check_batch(writes, event_ids)
         if not event_ids:
             return WriteResult(processed=[], duplicates={}, upserted=0, deleted=0)
         rows = [write for write in writes if isinstance(write, Row)]
-        with self._pool.connection() as conn:
-            existing = self._existing(conn, name)
+        with self._pool.connection() as conn, conn.transaction():
+            # Held to the commit: a version is not created or switched meanwhile.
+            existing = rebuild.lock_catalog(conn, name)
+            if existing is not None and version is not None and existing.version != version:
+                raise VersionsChanged(f"collection {name!r} switched to version {existing.version}")
             if rows:
                 dimension = existing.dimension if existing else _dimension_of(rows[0])
                 writer.check_rows(rows, dimension)
-            with conn.transaction():
-                # Created in the write's transaction: a batch rejected while it is
-                # written (a NUL in a text) must not leave an empty collection behind.
-                target = existing or self._create_for(conn, name, rows, model)
-                result = writer.write_claimed(conn, target, writes, event_ids, scope, results)
-        if target is not None:
-            self._remember(target)  # only once committed: a rollback undid the creation
+            # Created in the write's transaction: a batch rejected while it is
+            # written (a NUL in a text) must not leave an empty collection behind.
+            target = existing or self._create_for(conn, name, rows, model)
+            result = writer.write_claimed(conn, target, writes, event_ids, scope, results)
+            if existing is not None:
+                _write_building(conn, name, building, set(result.processed), version)
         return result
 
     def prune_processed(self, older_than_s: float, scope: str | None = None) -> int:
@@ -235,20 +284,27 @@ class VectorStore:
         """Up to ``k`` records nearest to ``vector`` (cosine), best first; see ``search``."""
         if k <= 0:
             return []
-        target = self.collection(collection)
-        if target is None:
-            return []
-        catalog.check_dimension(target, int(np.size(vector)))
-        with self._pool.connection() as conn:
-            return search.search(
-                conn,
-                target,
-                vector,
-                k,
-                filters,
-                ef_search=self._index.ef_search,
-                iterative_scan=self._iterative_scan,
-            )
+        for attempt in (1, 2):
+            target = self.collection(collection)
+            if target is None:
+                return []
+            catalog.check_dimension(target, int(np.size(vector)))
+            try:
+                with self._pool.connection() as conn:
+                    return search.search(
+                        conn,
+                        target,
+                        vector,
+                        k,
+                        filters,
+                        ef_search=self._index.ef_search,
+                        iterative_scan=self._iterative_scan,
+                    )
+            except psycopg.errors.UndefinedTable:
+                # The version read was dropped after a switch: read the catalog again.
+                if attempt == 2:
+                    raise
+        return []
 
     def fingerprints(self, collection: str, ids: Iterable[str]) -> dict[str, Fingerprint]:
         """What the stored rows among ``ids`` were made from (text hash, model, metadata);
@@ -294,13 +350,6 @@ class VectorStore:
             raise CollectionNotFound(f"collection {name!r} does not exist")
         return target
 
-    def _existing(self, conn: psycopg.Connection[Any], name: str) -> Collection | None:
-        cached = self._cached(name)
-        if cached is not None:
-            return cached
-        found = catalog.get_collection(conn, name)
-        return self._remember(found) if found else None
-
     def _create_for(
         self, conn: psycopg.Connection[Any], name: str, rows: Sequence[Row], model: str | None
     ) -> Collection | None:
@@ -312,14 +361,27 @@ class VectorStore:
         model = model or rows[0].model
         return catalog.ensure_collection(conn, name, dimension, model, self._index)
 
-    def _cached(self, name: str) -> Collection | None:
-        with self._lock:
-            return self._collections.get(name)
 
-    def _remember(self, collection: Collection) -> Collection:
-        with self._lock:
-            self._collections[collection.name] = collection
-        return collection
+def _write_building(
+    conn: psycopg.Connection[Any],
+    name: str,
+    building: VersionWrites | None,
+    processed: set[str],
+    version: int | None,
+) -> None:
+    """Apply the writes of the version being built, if there is one."""
+    current = versions.building(conn, name)
+    if current is None:
+        return  # none, or the one written for was dropped
+    if building is None or building.version != current.version:
+        message = f"collection {name!r} is building version {current.version}"
+        if version is None:
+            raise PermanentError(f"{message}: writes must come for both versions")
+        raise VersionsChanged(message)
+    target = Collection(name, current.table, current.dimension, current.model, current.version)
+    upserts = [w for w in building.writes if isinstance(w, Row) and w.event_id in processed]
+    writer.check_rows(upserts, current.dimension)
+    writer.apply_writes(conn, target, building.writes, processed)
 
 
 def _dimension_of(row: Row) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -60,6 +60,14 @@ Write = Row | Delete | MetadataUpdate
 
 
 @dataclass(frozen=True, slots=True)
+class VersionWrites:
+    """A batch's writes for collection version ``version``, made with its model."""
+
+    version: int
+    writes: Sequence[Write]
+
+
+@dataclass(frozen=True, slots=True)
 class Fingerprint:
     """What a stored row was made from: a hash of its text (``None`` without one), the
     model and its version (``None`` for a ready vector or a row written before they
@@ -113,6 +121,8 @@ class CollectionVersion:
     state: VersionState
     created_at: datetime
     activated_at: datetime | None
+    batches_total: int = 0
+    batches_done: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,12 @@ from forge.vectorstore.types import Collection, CollectionVersion, IndexOptions,
 
 _COLUMNS = (
     "collection, version, table_name, model, dimension, hnsw_m, hnsw_ef_construction,"
-    " state, created_at, activated_at"
+    " state, created_at, activated_at, batches_total, batches_done"
 )
-_INSERT = f"""
-INSERT INTO forge_collection_versions ({_COLUMNS})
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now(), CASE WHEN %s = 'active' THEN now() END)
+_INSERT = """
+INSERT INTO forge_collection_versions (collection, version, table_name, model, dimension,
+    hnsw_m, hnsw_ef_construction, state, activated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s = 'active' THEN now() END)
 """
 
 
@@ -48,3 +49,29 @@ def list_versions(conn: psycopg.Connection[Any], name: str) -> list[CollectionVe
     """Collection ``name``'s versions, oldest first."""
     query = f"SELECT {_COLUMNS} FROM forge_collection_versions WHERE collection = %s ORDER BY 2"
     return [CollectionVersion(*row) for row in conn.execute(query, [name]).fetchall()]
+
+
+def get_version(conn: psycopg.Connection[Any], name: str, version: int) -> CollectionVersion | None:
+    query = (
+        f"SELECT {_COLUMNS} FROM forge_collection_versions WHERE collection = %s AND version = %s"
+    )
+    row = conn.execute(query, [name, version]).fetchone()
+    return CollectionVersion(*row) if row else None
+
+
+def building(conn: psycopg.Connection[Any], name: str) -> CollectionVersion | None:
+    """Collection ``name``'s version being built, if any."""
+    query = (
+        f"SELECT {_COLUMNS} FROM forge_collection_versions"
+        " WHERE collection = %s AND state = 'building'"
+    )
+    row = conn.execute(query, [name]).fetchone()
+    return CollectionVersion(*row) if row else None
+
+
+def next_version(conn: psycopg.Connection[Any], name: str) -> int:
+    query = (
+        "SELECT coalesce(max(version), 0) + 1 FROM forge_collection_versions WHERE collection = %s"
+    )
+    row = conn.execute(query, [name]).fetchone()
+    return int(row[0]) if row else 1

@@ -48,7 +48,9 @@ CREATE TEMP TABLE IF NOT EXISTS {STAGING_TABLE} (
     model_version text, text_hash text
 ) ON COMMIT DELETE ROWS
 """
-_COPY = f"COPY {STAGING_TABLE} ({', '.join(STAGING_COLUMNS)}) FROM STDIN WITH (FORMAT BINARY)"
+COPY_STAGING = (
+    f"COPY {STAGING_TABLE} ({', '.join(STAGING_COLUMNS)}) FROM STDIN WITH (FORMAT BINARY)"
+)
 _UPSERT = sql.SQL(
     f"""
     INSERT INTO {{table}} AS t
@@ -139,7 +141,25 @@ def write_claimed(
     """
     claimed = _claim(conn, scope, writes, event_ids, results or {})
     duplicates = [event_id for event_id in event_ids if event_id not in claimed]
-    final = final_writes(writes, claimed)
+    upserted, deleted, updated = apply_writes(conn, collection, writes, claimed)
+    return WriteResult(
+        processed=[event_id for event_id in event_ids if event_id in claimed],
+        duplicates=already_processed(conn, scope, duplicates),
+        upserted=upserted,
+        deleted=deleted,
+        metadata_updated=updated,
+    )
+
+
+def apply_writes(
+    conn: psycopg.Connection[Any],
+    collection: Collection | None,
+    writes: Sequence[Write],
+    events: set[str],
+) -> tuple[int, int, int]:
+    """Apply ``events``' writes to ``collection``'s table (step 2); rows upserted,
+    deleted and whose metadata was updated."""
+    final = final_writes(writes, events)
     upserted = deleted = updated = 0
     if final.upserts:
         if collection is None:
@@ -150,13 +170,7 @@ def write_claimed(
             deleted = _delete(conn, collection, final.deletes)
         if final.updates:
             updated = _update_metadata(conn, collection, final.updates)
-    return WriteResult(
-        processed=[event_id for event_id in event_ids if event_id in claimed],
-        duplicates=already_processed(conn, scope, duplicates),
-        upserted=upserted,
-        deleted=deleted,
-        metadata_updated=updated,
-    )
+    return upserted, deleted, updated
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,19 +220,33 @@ def _claim(
 ) -> set[str]:
     # Sorted, so concurrent claimers take the unique-index locks in the same order.
     ordered = sorted(event_ids)
-    results = event_results(writes, ordered, extra)
-    cursor = conn.execute(_CLAIM, [scope, ordered, [Jsonb(r) for r in results]])
-    return {row[0] for row in cursor.fetchall()}
+    return claim_events(conn, scope, ordered, event_results(writes, ordered, extra))
+
+
+def claim_events(
+    conn: psycopg.Connection[Any],
+    scope: str,
+    event_ids: Sequence[str],
+    results: Sequence[Mapping[str, Any]],
+) -> set[str]:
+    """Record ``event_ids`` (with their results) as processed under ``scope``; the ids
+    recorded now, leaving out those recorded before."""
+    params = [scope, list(event_ids), [Jsonb(dict(r)) for r in results]]
+    return {row[0] for row in conn.execute(_CLAIM, params).fetchall()}
 
 
 def _upsert(conn: psycopg.Connection[Any], collection: Collection, rows: list[Row]) -> int:
     matrix: Vector = np.stack([row.embedding for row in rows]).astype(np.float32, copy=False)
     with conn.cursor() as cursor:
-        with cursor.copy(_COPY) as copy:
+        with cursor.copy(COPY_STAGING) as copy:
             for chunk in encode_chunks(rows, matrix):
                 copy.write(chunk)
         cursor.execute(_UPSERT.format(table=sql.Identifier(collection.table)))
-        return cursor.rowcount
+        upserted = cursor.rowcount
+        # Emptied now, not only at the commit: the same transaction may stage the rows
+        # of another version of the collection next.
+        cursor.execute(f"DELETE FROM {STAGING_TABLE}")
+        return upserted
 
 
 def _update_metadata(

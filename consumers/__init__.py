@@ -11,12 +11,21 @@ from typing import TYPE_CHECKING
 
 from consumers.feedback import FeedbackHandler
 from consumers.new_data import NewDataHandler
+from consumers.new_data_stream import NewDataStream
 from consumers.once import Once
 from consumers.predict import PredictHandler
+from consumers.reembed import ReembedHandler
 from consumers.retrain import RetrainOnNewData
 from consumers.training import TrainingHandler, progress_publisher
 from forge.embedding.service import EmbeddingService
-from forge.events import Feedback, NewData, PredictRequest, TrainingRequest
+from forge.events import (
+    Feedback,
+    NewData,
+    PredictRequest,
+    Reembed,
+    ReembedBatch,
+    TrainingRequest,
+)
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.retry import Retrier
@@ -41,17 +50,17 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
     new_data = NewDataHandler(ctx.settings, store, embedding)
     versions = Once(lambda: training().versions)
     retraining = RetrainOnNewData(new_data, ctx.keys, versions)
+    stream = NewDataStream(retraining, ReembedHandler(ctx.settings, store, embedding))
     # Several model batches per read, so writing one overlaps embedding the next.
     reads = ctx.settings.embed_read_size
-    handlers.register(
-        HandlerSpec("new-data", NewData, retraining, name="embed", max_batch_size=reads)
-    )
+    also = (Reembed, ReembedBatch)
+    spec = HandlerSpec("new-data", NewData, stream, name="embed", max_batch_size=reads, also=also)
+    handlers.register(spec)
     trainer = TrainingHandler(ctx, store, training)
     # One training at a time: a worker holds no requests it is not working on.
-    spec = HandlerSpec(
-        "training-requests", TrainingRequest, trainer, name="train", max_batch_size=1
+    handlers.register(
+        HandlerSpec("training-requests", TrainingRequest, trainer, name="train", max_batch_size=1)
     )
-    handlers.register(spec)
     # MLflow only once a model under `promote: on-significance` gets feedback.
     feedback = FeedbackHandler(ctx, versions)
     handlers.register(HandlerSpec("feedback", Feedback, feedback, name="feedback"))

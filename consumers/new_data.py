@@ -19,12 +19,14 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from consumers.dual_write import BuildTarget, add_building_writes
 from consumers.once import Once
+from consumers.record_writes import Embedded, Kept, PendingEvent, add_writes, embeds, repeated_ids
 from forge.embedding.model import Embedder
 from forge.embedding.service import EmbeddingService
 from forge.errors import InvalidEvent
@@ -33,48 +35,15 @@ from forge.runtime.deadletter import error_info
 from forge.runtime.handlers import Message, Outcome, Rejected, Succeeded
 from forge.settings import Settings
 from forge.vectorstore import (
-    Delete,
     InvalidWrite,
-    MetadataUpdate,
-    Row,
     VectorStore,
-    Write,
+    VersionWrites,
     text_hash,
 )
 
 PRUNE_INTERVAL_S = 3600.0
 # Vectors are stored as float32; a larger value would silently become infinity.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-@dataclass(slots=True)
-class _PendingEvent:
-    """An event of a collection's batch on its way to the store: its writes, and what
-    its result reports about them."""
-
-    index: int
-    event: NewData
-    writes: list[Write] = field(default_factory=list)
-    from_cache: int = 0
-    embedded: int = 0
-    unchanged: int = 0
-    model: str | None = None
-    model_version: str | None = None
-
-    @property
-    def result(self) -> dict[str, Any]:
-        return {
-            "collection": self.event.collection,
-            "records": len(self.event.records),
-            "upserted": sum(isinstance(w, Row) for w in self.writes),
-            "deleted": sum(isinstance(w, Delete) for w in self.writes),
-            "metadata_updated": sum(isinstance(w, MetadataUpdate) for w in self.writes),
-            "unchanged": self.unchanged,
-            "from_cache": self.from_cache,
-            "embedded": self.embedded,
-            "model": self.model,
-            "model_version": self.model_version,
-        }
 
 
 @dataclass(slots=True)
@@ -86,8 +55,11 @@ class _Chunk:
     collection: str
     model: str
     version: str | None
-    events: list[_PendingEvent]
+    events: list[PendingEvent]
     embed_s: float
+    # The collection's active version the writes are for, and the one being built.
+    collection_version: int | None = None
+    building: BuildTarget | None = None
 
 
 class NewDataHandler:
@@ -103,7 +75,7 @@ class NewDataHandler:
 
     def __call__(self, messages: Sequence[Message[NewData]]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}
-        by_collection: dict[str, list[_PendingEvent]] = {}
+        by_collection: dict[str, list[PendingEvent]] = {}
         # Event ids are unique per input stream; the full stream name (prefix included)
         # keeps deployments that share a database apart.
         scope = messages[0].stream
@@ -118,7 +90,7 @@ class NewDataHandler:
             except InvalidEvent as exc:
                 outcomes[index] = Rejected(error_info(exc))
                 continue
-            by_collection.setdefault(event.collection, []).append(_PendingEvent(index, event))
+            by_collection.setdefault(event.collection, []).append(PendingEvent(index, event))
         for collection, group in by_collection.items():
             outcomes.update(self._write_collection(scope, collection, group))
         self._prune_markers(scope)
@@ -145,22 +117,30 @@ class NewDataHandler:
     # ------------------------------------------------------------------ writing
 
     def _write_collection(
-        self, scope: str, collection: str, pending: list[_PendingEvent]
+        self, scope: str, collection: str, pending: list[PendingEvent]
     ) -> dict[int, Outcome]:
         model = self.embedding.model_for(self.store(), collection, pending[0].event.model)
         outcomes = _reject_other_models(collection, model, pending)
-        repeated = _repeated_ids(pending)
+        active = self.store().collection(collection)
+        building = self._build_target(collection) if active is not None else None
+        if building is not None:
+            outcomes.update(_reject_ready_vectors(collection, building.version, pending))
+        repeated = repeated_ids(pending)
         chunks = list(_chunks(pending, self.settings.max_batch_size))
         writing: futures.Future[dict[int, Outcome]] | None = None
         try:
             for position, events in enumerate(chunks):
                 started = time.perf_counter()
                 version = self._prepare_writes(events, model, repeated)
+                if building is not None:
+                    add_building_writes(events, building, self.embedding)
                 embed_s = time.perf_counter() - started
                 if writing is not None:
                     outcomes.update(writing.result())
                     writing = None
                 chunk = _Chunk(scope, collection, model, version, events, embed_s)
+                chunk.collection_version = active.version if active is not None else None
+                chunk.building = building
                 if position == len(chunks) - 1:  # nothing left to overlap with
                     outcomes.update(self._write_chunk(chunk))
                 else:
@@ -170,6 +150,12 @@ class NewDataHandler:
                 # A failed embed must not leave a write running into the retry.
                 futures.wait([writing])
         return outcomes
+
+    def _build_target(self, collection: str) -> BuildTarget | None:
+        found = self.store().building_version(collection)
+        if found is None or found.model is None:
+            return None
+        return BuildTarget(found.version, self.embedding.embedder(found.model))
 
     def _write_chunk(self, chunk: _Chunk) -> dict[int, Outcome]:
         """Write one chunk in one transaction, leaving out events whose rows are bad."""
@@ -195,22 +181,22 @@ class NewDataHandler:
         return outcomes
 
     def _prepare_writes(
-        self, pending: list[_PendingEvent], model: str, repeated: set[str]
+        self, pending: list[PendingEvent], model: str, repeated: set[str]
     ) -> str | None:
         """Build every event's writes, embedding all the changed texts of the batch at
         once; records whose stored row the model would remake are left as they are."""
-        embeddable = [r for item in pending for r in item.event.records if _embeds(r)]
+        embeddable = [r for item in pending for r in item.event.records if embeds(r)]
         if not embeddable:
-            _add_writes(pending, _Embedded(model, None, {}))
+            add_writes(pending, Embedded(model, None, {}))
             return None
         embedder = self.embedding.embedder(model)
         kept = self._unchanged(pending[0].event.collection, embeddable, embedder, repeated)
         texts = [r.text for r in embeddable if r.id not in kept and r.text is not None]
-        embedded = _Embedded(model, embedder.version, kept)
+        embedded = Embedded(model, embedder.version, kept)
         if texts:
             encoded = self.embedding.encode(embedder, texts)
             embedded.vectors, embedded.cached = list(encoded.vectors), encoded.cached
-        _add_writes(pending, embedded)
+        add_writes(pending, embedded)
         return embedder.version
 
     def _unchanged(
@@ -219,7 +205,7 @@ class NewDataHandler:
         records: list[Record],
         embedder: Embedder,
         repeated: set[str],
-    ) -> dict[str, _Kept]:
+    ) -> dict[str, Kept]:
         """The records whose stored row was made from the same text by the same model
         version, with their text hash and stored fingerprint. A record id written more
         than once in the batch is never among them: an earlier write of the batch may
@@ -229,7 +215,7 @@ class NewDataHandler:
         }
         stored = self.store().fingerprints(collection, hashes)
         return {
-            record_id: _Kept(hashes[record_id], embedder.version, found.metadata)
+            record_id: Kept(hashes[record_id], embedder.version, found.metadata)
             for record_id, found in stored.items()
             if found.matches(hashes[record_id], embedder.name, embedder.version)
         }
@@ -238,6 +224,10 @@ class NewDataHandler:
         """Write the chunk in one transaction; returns events a racing worker wrote first."""
         for item in chunk.events:
             item.model, item.model_version = chunk.model, chunk.version
+        building = None
+        if chunk.building is not None:
+            writes = [w for item in chunk.events for w in item.building_writes]
+            building = VersionWrites(chunk.building.version, writes)
         result = self.store().write_batch(
             chunk.collection,
             [w for item in chunk.events for w in item.writes],
@@ -245,98 +235,32 @@ class NewDataHandler:
             chunk.scope,
             model=chunk.model,
             results={item.event.id: item.result for item in chunk.events},
+            version=chunk.collection_version,
+            building=building,
         )
         return result.duplicates
 
 
-class _Kept(NamedTuple):
-    """A record whose stored row stays: its text hash, the model version that made
-    the row, and the metadata stored with it."""
-
-    text_hash: str
-    model_version: str
-    metadata: dict[str, Any]
-
-
-@dataclass(slots=True)
-class _Embedded:
-    """What embedding a chunk's texts gave: the model, its version (``None`` when it
-    embedded nothing), the records left unchanged, and the vectors of the others in
-    order with whether each came from the cache."""
-
-    model: str
-    version: str | None
-    kept: dict[str, _Kept]
-    vectors: list[np.ndarray[Any, Any]] = field(default_factory=list)
-    cached: list[bool] = field(default_factory=list)
-
-
-def _add_writes(pending: list[_PendingEvent], embedded: _Embedded) -> None:
-    """Give each event its writes: a delete, a metadata update of an unchanged record
-    whose metadata changed, nothing for a wholly unchanged one, else a row."""
-    position = 0
-    for item in pending:
-        for record in item.event.records:
-            if record.deleted:
-                item.writes.append(Delete(record.id, item.event.id))
-                continue
-            if _embeds(record) and record.id in embedded.kept:
-                kept = embedded.kept[record.id]
-                if kept.metadata == record.metadata:
-                    item.unchanged += 1
-                else:
-                    item.writes.append(
-                        MetadataUpdate(
-                            record.id,
-                            item.event.id,
-                            record.metadata,
-                            kept.text_hash,
-                            kept.model_version,
-                        )
-                    )
-                continue
-            # A row names the model that made its vector; a ready vector has none,
-            # so a model trained on it is not offered texts (see training).
-            made_by: str | None = None
-            version: str | None = None
-            if record.vector is not None:
-                vector = np.asarray(record.vector, dtype=np.float32)
-            else:
-                vector, hit = embedded.vectors[position], embedded.cached[position]
-                position += 1
-                item.from_cache += hit
-                item.embedded += not hit
-                made_by, version = embedded.model, embedded.version
-            item.writes.append(
-                Row(
-                    record.id,
-                    vector,
-                    item.event.id,
-                    record.text,
-                    record.metadata,
-                    made_by,
-                    version,
-                )
+def _reject_ready_vectors(
+    collection: str, version: int, pending: list[PendingEvent]
+) -> dict[int, Outcome]:
+    """Take the events with ready vectors out of ``pending``: the version being built
+    holds only vectors its model made. Their rejections (replayable from the dead
+    letters once the new version is active)."""
+    outcomes: dict[int, Outcome] = {}
+    for item in list(pending):
+        if any(r.vector is not None for r in item.event.records):
+            message = (
+                f"collection {collection!r} is being re-embedded (version {version}):"
+                " ready vectors are refused until the switch"
             )
-
-
-def _embeds(record: Record) -> bool:
-    """Whether ``record`` is a text for the model to embed."""
-    return not record.deleted and record.vector is None and record.text is not None
-
-
-def _repeated_ids(pending: list[_PendingEvent]) -> set[str]:
-    """Record ids that more than one record of the batch writes."""
-    seen: set[str] = set()
-    repeated: set[str] = set()
-    for item in pending:
-        for record in item.event.records:
-            (repeated if record.id in seen else seen).add(record.id)
-    return repeated
+            outcomes[item.index] = Rejected(error_info(InvalidEvent(message)))
+            pending.remove(item)
+    return outcomes
 
 
 def _reject_other_models(
-    collection: str, model: str, pending: list[_PendingEvent]
+    collection: str, model: str, pending: list[PendingEvent]
 ) -> dict[int, Outcome]:
     """Take the events that name another model than the collection's out of
     ``pending``; their rejections."""
@@ -349,10 +273,10 @@ def _reject_other_models(
     return outcomes
 
 
-def _chunks(pending: list[_PendingEvent], records_per_chunk: int) -> Iterator[list[_PendingEvent]]:
+def _chunks(pending: list[PendingEvent], records_per_chunk: int) -> Iterator[list[PendingEvent]]:
     """Consecutive runs of whole events with about ``records_per_chunk`` records each
     (an event is never split: its rows and its marker commit together)."""
-    chunk: list[_PendingEvent] = []
+    chunk: list[PendingEvent] = []
     size = 0
     for item in pending:
         records = max(len(item.event.records), 1)

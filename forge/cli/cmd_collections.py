@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,6 +36,42 @@ def run_show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"collection {info.name}: active version {info.active_version}, {info.rows} rows")
     headers = ["version", "state", "rows", "model", "dim", "index", "size", "created"]
     print_table(headers, [_version_row(v) for v in info.versions])
+    return 0
+
+
+def run_reembed(args: argparse.Namespace, settings: Settings) -> int:
+    """Publish a ``reembed`` event on new-data: workers build the new version."""
+    from forge.cli.cmd_streams import run_publish  # Redis only for this command
+    from forge.events import new_id
+
+    validate_name(args.collection)
+    event = {
+        "type": "reembed",
+        "id": f"reembed-{args.collection}-{new_id()[:12]}",
+        "collection": args.collection,
+        "model": args.model,
+        "batch_records": args.batch_records,
+    }
+    source = json.dumps({k: v for k, v in event.items() if v is not None})
+    forward = argparse.Namespace(
+        stream="new-data", source=source, wait=args.wait, timeout=args.timeout
+    )
+    return run_publish(forward, settings)
+
+
+def run_rollback(args: argparse.Namespace, settings: Settings) -> int:
+    validate_name(args.collection)
+    with _store(settings) as store:
+        version = store.rollback(args.collection)
+    print(f"collection {args.collection}: version {version.version} active (model {version.model})")
+    return 0
+
+
+def run_drop_version(args: argparse.Namespace, settings: Settings) -> int:
+    validate_name(args.collection)
+    with _store(settings) as store:
+        version = store.drop_version(args.collection, args.version)
+    print(f"collection {args.collection}: version {version.version} ({version.state}) dropped")
     return 0
 
 

@@ -58,11 +58,11 @@ def parse_events(data: bytes) -> list[dict[str, Any]]:
 
 def validate_for_stream(keys: Keys, stream: str, items: list[dict[str, Any]]) -> list[bytes]:
     short = keys.short(stream)
-    event_type = INPUT_STREAM_EVENTS.get(short)
-    if event_type is None:
+    event_types = INPUT_STREAM_EVENTS.get(short)
+    if event_types is None:
         known = ", ".join(keys.resolve(s) for s in INPUT_STREAM_EVENTS)
         raise ConfigError(f"{stream!r} is not an input stream (known: {known})")
-    decoder = Decoder(event_type)
+    decoder = Decoder(event_types[0], event_types[1:])
     payloads = []
     for index, item in enumerate(items):
         item.setdefault("created_at", utcnow().isoformat())

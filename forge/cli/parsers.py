@@ -172,6 +172,24 @@ def _collections(sub: Any) -> None:
     show.add_argument("collection")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=Lazy("cmd_collections", "run_show"))
+    reembed = commands.add_parser(
+        "reembed", help="build a new version with a model, switch to it when complete"
+    )
+    reembed.add_argument("collection")
+    reembed.add_argument("--model", help="embedding model (default: the collection's)")
+    reembed.add_argument(
+        "--batch-records", type=positive_int, metavar="N", help="records per backfill batch"
+    )
+    reembed.add_argument("--wait", action="store_true", help="wait until the backfill is planned")
+    reembed.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="S")
+    reembed.set_defaults(run=Lazy("cmd_collections", "run_reembed"))
+    rollback = commands.add_parser("rollback", help="switch back to the previous version")
+    rollback.add_argument("collection")
+    rollback.set_defaults(run=Lazy("cmd_collections", "run_rollback"))
+    drop = commands.add_parser("drop-version", help="delete a version that is not active")
+    drop.add_argument("collection")
+    drop.add_argument("version", type=positive_int)
+    drop.set_defaults(run=Lazy("cmd_collections", "run_drop_version"))
 
 
 def _models(sub: Any) -> None:

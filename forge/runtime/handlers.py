@@ -76,7 +76,8 @@ class HandlerSpec(Generic[E]):
     means all succeeded with no result). Raising fails the whole batch: transient
     errors are retried, then the runtime retries message by message so one poison
     event cannot sink its neighbours. ``max_batch_size`` is the most entries one read
-    hands it (default ``MAX_BATCH_SIZE``).
+    hands it (default ``MAX_BATCH_SIZE``). ``also``: other event types the stream
+    carries, told apart by their ``type`` tag; the handler gets those too.
     """
 
     stream: str
@@ -84,6 +85,7 @@ class HandlerSpec(Generic[E]):
     handle: Callable[[Sequence[Message[E]]], Sequence[Outcome] | None]
     name: str = ""
     max_batch_size: int | None = None
+    also: tuple[type[Event], ...] = ()
 
 
 @dataclass(slots=True)

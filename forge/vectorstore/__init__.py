@@ -16,6 +16,7 @@ from forge.vectorstore.types import (
     Row,
     Snapshot,
     StoredRecord,
+    VersionWrites,
     Write,
     WriteResult,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Snapshot",
     "StoredRecord",
     "VectorStore",
+    "VersionWrites",
     "Write",
     "WriteResult",
     "apply_migrations",

@@ -37,6 +37,8 @@ class VersionInfo:
     table: str
     created_at: datetime
     activated_at: datetime | None
+    batches_done: int
+    batches_total: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,8 @@ def _describe_version(conn: psycopg.Connection[Any], version: CollectionVersion)
         table=version.table,
         created_at=version.created_at,
         activated_at=version.activated_at,
+        batches_done=version.batches_done,
+        batches_total=version.batches_total,
     )
 
 

@@ -119,7 +119,8 @@ def begin(
 ) -> Plan:
     """Create the building version of ``name`` embedded by ``model`` and plan its
     backfill; ``PermanentError`` when one is being built already, or when rows have
-    no text to embed. Runs in the caller's transaction."""
+    no text to embed. Runs in the caller's transaction (which may claim the event
+    asking for it, so that it happens once)."""
     active = lock_catalog(conn, name, exclusive=True)
     if active is None:
         raise CollectionNotFound(f"collection {name!r} does not exist")

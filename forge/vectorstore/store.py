@@ -7,7 +7,7 @@ Forge's runtime treats as transient.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -159,14 +159,32 @@ class VectorStore:
             return versions.building(conn, validate_name(name))
 
     def begin_version(
-        self, name: str, model: str, dimension: int, rows_per_batch: int
-    ) -> rebuild.Plan:
+        self,
+        name: str,
+        model: str,
+        dimension: int,
+        rows_per_batch: int,
+        *,
+        claim: tuple[str, str] | None = None,
+        result: Callable[[rebuild.Plan], JsonObject] | None = None,
+    ) -> rebuild.Plan | None:
         """Create a building version of ``name`` for ``model`` (with this store's HNSW
-        parameters) and plan its backfill; see ``rebuild.begin``."""
+        parameters) and plan its backfill; see ``rebuild.begin``. ``claim``: the
+        (scope, event id) asking for it, recorded in the same transaction with
+        ``result(plan)``; ``None`` when that event was recorded before (nothing done)."""
         with self._pool.connection() as conn, conn.transaction():
-            return rebuild.begin(
+            if claim is not None and not writer.claim_events(conn, claim[0], [claim[1]], [{}]):
+                return None
+            plan = rebuild.begin(
                 conn, validate_name(name), model, dimension, self._index, rows_per_batch
             )
+            if claim is not None and result is not None:
+                writer.record_result(conn, claim[0], claim[1], result(plan))
+            return plan
+
+    def version(self, name: str, version: int) -> CollectionVersion | None:
+        with self._pool.connection() as conn:
+            return versions.get_version(conn, validate_name(name), version)
 
     def range_rows(self, name: str, span: rebuild.Range) -> list[tuple[str, str]]:
         """(id, text) of the active version's rows in ``span`` of record ids."""

@@ -223,6 +223,16 @@ def _claim(
     return claim_events(conn, scope, ordered, event_results(writes, ordered, extra))
 
 
+def record_result(
+    conn: psycopg.Connection[Any], scope: str, event_id: str, result: Mapping[str, Any]
+) -> None:
+    """Replace the result stored with a claimed event (known only after its work)."""
+    conn.execute(
+        "UPDATE forge_processed_events SET result = %s WHERE scope = %s AND event_id = %s",
+        [Jsonb(dict(result)), scope, event_id],
+    )
+
+
 def claim_events(
     conn: psycopg.Connection[Any],
     scope: str,

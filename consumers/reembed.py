@@ -100,6 +100,9 @@ class ReembedHandler:
             "batch": event.batch,
             "batches": event.batches,
         }
+        done = store.already_processed(stream, [event.id])
+        if event.id in done:  # written before its worker could ack (it died, say)
+            return Succeeded({**done[event.id], "duplicate": True})
         target = store.version(event.collection, event.collection_version)
         if target is None or target.state != "building" or target.model is None:
             return Succeeded({**base, "abandoned": True, "rows": 0})

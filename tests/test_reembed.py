@@ -6,6 +6,11 @@ and a second model built offline (tests/support/second_model.py)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,7 @@ import msgspec
 import numpy as np
 import pytest
 
+from consumers import register
 from consumers.new_data import NewDataHandler
 from consumers.new_data_stream import NewDataStream
 from consumers.once import Once
@@ -23,10 +29,14 @@ from forge.embedding.search import Searcher
 from forge.embedding.service import EmbeddingService
 from forge.events import NewData, Reembed, ReembedBatch
 from forge.runtime.context import Context
-from forge.runtime.handlers import Message, Outcome, Succeeded
+from forge.runtime.handlers import HandlerRegistry, Message, Outcome, Succeeded
+from forge.runtime.worker import Worker
 from forge.vectorstore import VectorStore
-from tests.support.cli import assert_one_line_error, run_cli
+from tests.support.cli import REPO, assert_one_line_error, run_cli
+from tests.support.events import publish
+from tests.support.redis_helpers import TEST_REDIS_URL, running, wait_for
 from tests.support.second_model import SECOND_DIMENSION, SECOND_MODEL, save_second_model
+from tests.support.workers import completions, pending
 
 pytestmark = pytest.mark.postgres
 
@@ -42,6 +52,8 @@ TEXTS = [
     "The app crashes when I open settings.",
     "Please delete my account and my data.",
 ]
+
+REEMBED = {"type": "reembed", "id": "re1", "model": SECOND_MODEL, "batch_records": 4}
 
 
 @pytest.fixture(scope="session")
@@ -179,3 +191,77 @@ def test_the_cli_shows_rolls_back_and_drops_versions(
     assert (code, out) == (0, f"collection {name}: version 2 (retired) dropped\n")
     code, _, err = run_cli(capsys, "collections", "reembed", name, "--model", "../etc")
     assert_one_line_error(code, err, "model")
+
+
+def test_a_worker_killed_mid_backfill_loses_and_doubles_nothing(
+    stream: NewDataStream,
+    ctx: Context,
+    vector_store: VectorStore,
+    collection_name: str,
+    models_dir: Path,
+    pg_url: str,
+) -> None:
+    name = collection_name
+    records = [{"id": f"r{i:02d}", "text": f"{TEXTS[i % 10]} ({i})"} for i in range(20)]
+    handle(stream, ctx.keys.new_data, new_data("load", name, records))
+    publish(ctx.redis, ctx.keys.new_data, {**REEMBED, "collection": name})
+    live = [{"id": "r00", "text": "changed during the backfill"}, {"id": "r01", "deleted": True}]
+    publish(ctx.redis, ctx.keys.new_data, new_data("live", name, live))
+    env = dict(
+        os.environ,
+        REDIS_URL=TEST_REDIS_URL,
+        POSTGRES_URL=pg_url,
+        FORGE_STREAM_PREFIX=ctx.settings.stream_prefix,
+        FORGE_HOME=str(ctx.settings.home_dir),
+        FORGE_MODEL_DIR=str(models_dir),
+        FORGE_READ_BLOCK_S="0.05",
+        TEST_CRASH_BATCH="2",
+    )
+    crash = "tests.support.consumers:register_crash_in_backfill"
+    argv = [sys.executable, "-m", "forge.cli.main", "worker", "--http-port", "0"]
+    proc = subprocess.run(
+        [*argv, "--consumers", crash],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    building = vector_store.building_version(name)
+    assert building is not None
+    assert (building.batches_done, building.batches_total) == (3, 5)  # 0, 1, 2 committed
+    assert pending(ctx) == 1  # batch 2, never acked
+
+    # Another worker reclaims the dead one's batch and finishes the backfill.
+    settings = ctx.settings.replace(model_dir=models_dir, postgres_url=pg_url, claim_min_idle_s=0.2)
+    worker_ctx = replace(ctx, settings=settings)
+    registry = HandlerRegistry()
+    register(registry, worker_ctx)
+    worker = Worker(worker_ctx, registry, streams=[ctx.keys.new_data])
+    with running(worker):
+        wait_for(lambda: len(completions(ctx)) >= 7, 120)
+    done = {c.source_id: c for c in completions(ctx)}
+    batch_ids = sorted(i for i in done if i and ":" in i)
+    assert len(batch_ids) == 5
+    assert all(done[i].status == "succeeded" for i in done)
+    assert [done[i].result.get("duplicate", False) for i in batch_ids] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert pending(ctx) == 0
+    active = vector_store.collection(name)
+    assert active is not None
+    assert (active.version, active.model) == (2, SECOND_MODEL)
+    info = vector_store.describe(name)
+    assert [(v.state, v.rows, v.batches_done) for v in info.versions] == [
+        ("retired", 19, 0),
+        ("active", 19, 5),
+    ]
+    stored = vector_store.fetch(name, [f"r{i:02d}" for i in range(20)])
+    assert sorted(stored) == [f"r{i:02d}" for i in range(20) if i != 1]
+    assert stored["r00"].text == "changed during the backfill"
+    assert {r.model for r in stored.values()} == {SECOND_MODEL}

@@ -152,7 +152,7 @@ class NewDataHandler:
         return outcomes
 
     def _build_target(self, collection: str) -> BuildTarget | None:
-        found = self.store().building_version(collection)
+        found = self.store().versions.building(collection)
         if found is None or found.model is None:
             return None
         return BuildTarget(found.version, self.embedding.embedder(found.model))

@@ -68,7 +68,7 @@ class ReembedHandler:
             model = event.model or active.model or self.settings.embedding_model
             embedder = self.embedding.embedder(model)
             rows_per_batch = event.batch_records or self.settings.max_batch_size
-            plan = store.begin_version(
+            plan = store.versions.begin(
                 event.collection,
                 model,
                 embedder.dimension,
@@ -103,10 +103,10 @@ class ReembedHandler:
         done = store.already_processed(stream, [event.id])
         if event.id in done:  # written before its worker could ack (it died, say)
             return Succeeded({**done[event.id], "duplicate": True})
-        target = store.version(event.collection, event.collection_version)
+        target = store.versions.get(event.collection, event.collection_version)
         if target is None or target.state != "building" or target.model is None:
             return Succeeded({**base, "abandoned": True, "rows": 0})
-        records = store.range_rows(event.collection, (event.start, event.stop))
+        records = store.versions.range_rows(event.collection, (event.start, event.stop))
         embedder = self.embedding.embedder(target.model)
         texts = [text for _, text in records]
         vectors = self.embedding.encode(embedder, texts).vectors if texts else np.zeros((0, 1))
@@ -114,7 +114,7 @@ class ReembedHandler:
             Row(record_id, vectors[i], event.id, text, {}, target.model, embedder.version)
             for i, (record_id, text) in enumerate(records)
         ]
-        outcome = store.write_backfill(
+        outcome = store.versions.write_backfill(
             event.collection, event.collection_version, rows, event.id, stream, base
         )
         if outcome.duplicate is not None:

@@ -112,7 +112,7 @@ def test_reembedding_with_a_second_model_switches_only_when_complete(
     (again,) = handle(stream, scope, {**reembed, "model": SECOND_MODEL})
     assert succeeded(again).publish == plan.publish  # a redelivery publishes the same
     batches = [event for _, event in plan.publish]
-    assert vector_store.building_version(name).version == 2  # type: ignore[union-attr]
+    assert vector_store.versions.building(name).version == 2  # type: ignore[union-attr]
 
     # During the backfill: writes and deletes go to both versions.
     live = [
@@ -228,7 +228,7 @@ def test_a_worker_killed_mid_backfill_loses_and_doubles_nothing(
         check=False,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    building = vector_store.building_version(name)
+    building = vector_store.versions.building(name)
     assert building is not None
     assert (building.batches_done, building.batches_total) == (3, 5)  # 0, 1, 2 committed
     assert pending(ctx) == 1  # batch 2, never acked

@@ -39,9 +39,9 @@ def backfill(store: VectorStore, name: str, version: int, ranges: list, event: s
     for i, span in enumerate(ranges):
         rows = [
             row(record_id, f"{event}-{i}", text, NEW, "new")
-            for record_id, text in store.range_rows(name, span)
+            for record_id, text in store.versions.range_rows(name, span)
         ]
-        results.append(store.write_backfill(name, version, rows, f"{event}-{i}", name, {}))
+        results.append(store.versions.write_backfill(name, version, rows, f"{event}-{i}", name, {}))
     return results
 
 
@@ -49,7 +49,7 @@ def test_a_backfill_builds_the_new_version_and_switches_when_done(
     vector_store: VectorStore, collection_name: str
 ) -> None:
     load(vector_store, collection_name, 10)
-    plan = vector_store.begin_version(collection_name, "new", DIM, rows_per_batch=3)
+    plan = vector_store.versions.begin(collection_name, "new", DIM, rows_per_batch=3)
     assert (plan.version.version, plan.version.state) == (2, "building")
     assert len(plan.ranges) == 4
     assert vector_store.collection(collection_name).version == 1  # type: ignore[union-attr]
@@ -67,7 +67,9 @@ def test_a_backfill_builds_the_new_version_and_switches_when_done(
         (1, "retired", 10),
         (2, "active", 10),
     ]
-    again = vector_store.write_backfill(collection_name, 2, [], "bf-0", collection_name, {})
+    again = vector_store.versions.write_backfill(
+        collection_name, 2, [], "bf-0", collection_name, {}
+    )
     assert again.duplicate is not None  # a redelivered batch counts once
 
 
@@ -75,9 +77,9 @@ def test_live_writes_go_to_both_versions_and_win_over_the_backfill(
     vector_store: VectorStore, collection_name: str
 ) -> None:
     load(vector_store, collection_name, 4)
-    plan = vector_store.begin_version(collection_name, "new", DIM, rows_per_batch=100)
+    plan = vector_store.versions.begin(collection_name, "new", DIM, rows_per_batch=100)
     (span,) = plan.ranges
-    read = vector_store.range_rows(collection_name, span)  # the backfill reads ...
+    read = vector_store.versions.range_rows(collection_name, span)  # the backfill reads ...
     live = [row("r000", "e1", "changed", OLD, "old"), row("r009", "e1", "added", OLD, "old")]
     built = [row("r000", "e1", "changed", NEW, "new"), row("r009", "e1", "added", NEW, "new")]
     vector_store.write_batch(
@@ -89,7 +91,9 @@ def test_live_writes_go_to_both_versions_and_win_over_the_backfill(
         building=VersionWrites(2, [*built, Delete("r001", "e1")]),
     )
     rows = [row(i, "bf-0", text, NEW, "new") for i, text in read]  # ... then writes
-    result = vector_store.write_backfill(collection_name, 2, rows, "bf-0", collection_name, {})
+    result = vector_store.versions.write_backfill(
+        collection_name, 2, rows, "bf-0", collection_name, {}
+    )
     assert result.switched
     stored = vector_store.fetch(collection_name, ["r000", "r001", "r002", "r009"])
     assert sorted(stored) == ["r000", "r002", "r009"]
@@ -104,7 +108,7 @@ def test_a_write_that_misses_the_building_version_is_refused(
     vector_store: VectorStore, collection_name: str
 ) -> None:
     load(vector_store, collection_name, 2)
-    vector_store.begin_version(collection_name, "new", DIM, rows_per_batch=100)
+    vector_store.versions.begin(collection_name, "new", DIM, rows_per_batch=100)
     write = [row("x", "e1", "x", OLD, "old")]
     with pytest.raises(VersionsChanged):
         vector_store.write_batch(collection_name, write, ["e1"], scope(), version=1)
@@ -113,23 +117,23 @@ def test_a_write_that_misses_the_building_version_is_refused(
     with pytest.raises(VersionsChanged, match="switched"):
         vector_store.write_batch(collection_name, write, ["e1"], scope(), version=7)
     with pytest.raises(PermanentError, match="already building version 2"):
-        vector_store.begin_version(collection_name, "other", DIM, rows_per_batch=100)
+        vector_store.versions.begin(collection_name, "other", DIM, rows_per_batch=100)
 
 
 def test_rollback_and_drop_version(vector_store: VectorStore, collection_name: str) -> None:
     load(vector_store, collection_name, 3)
-    plan = vector_store.begin_version(collection_name, "new", DIM, rows_per_batch=100)
+    plan = vector_store.versions.begin(collection_name, "new", DIM, rows_per_batch=100)
     with pytest.raises(PermanentError, match="drop it first"):
-        vector_store.rollback(collection_name)
+        vector_store.versions.rollback(collection_name)
     backfill(vector_store, collection_name, 2, plan.ranges, "bf")
-    assert vector_store.rollback(collection_name).version == 1
+    assert vector_store.versions.rollback(collection_name).version == 1
     assert vector_store.collection(collection_name).model == "old"  # type: ignore[union-attr]
     assert all(h.score > 0.99 for h in vector_store.search(collection_name, OLD, k=3))
     with pytest.raises(PermanentError, match="active version"):
-        vector_store.drop_version(collection_name, 1)
-    assert vector_store.drop_version(collection_name, 2).version == 2
+        vector_store.versions.drop(collection_name, 1)
+    assert vector_store.versions.drop(collection_name, 2).version == 2
     with pytest.raises(PermanentError, match="no earlier version"):
-        vector_store.rollback(collection_name)
+        vector_store.versions.rollback(collection_name)
     info = vector_store.describe(collection_name)
     assert [(v.version, v.state) for v in info.versions] == [(1, "active")]
 
@@ -139,4 +143,4 @@ def test_rows_without_text_cannot_be_re_embedded(
 ) -> None:
     vector_store.write_batch(collection_name, [Row("v", OLD, "e1")], ["e1"], scope())
     with pytest.raises(PermanentError, match="1 rows without text"):
-        vector_store.begin_version(collection_name, "new", DIM, rows_per_batch=100)
+        vector_store.versions.begin(collection_name, "new", DIM, rows_per_batch=100)

@@ -62,7 +62,7 @@ def run_reembed(args: argparse.Namespace, settings: Settings) -> int:
 def run_rollback(args: argparse.Namespace, settings: Settings) -> int:
     validate_name(args.collection)
     with _store(settings) as store:
-        version = store.rollback(args.collection)
+        version = store.versions.rollback(args.collection)
     print(f"collection {args.collection}: version {version.version} active (model {version.model})")
     return 0
 
@@ -70,8 +70,22 @@ def run_rollback(args: argparse.Namespace, settings: Settings) -> int:
 def run_drop_version(args: argparse.Namespace, settings: Settings) -> int:
     validate_name(args.collection)
     with _store(settings) as store:
-        version = store.drop_version(args.collection, args.version)
+        version = store.versions.drop(args.collection, args.version)
     print(f"collection {args.collection}: version {version.version} ({version.state}) dropped")
+    return 0
+
+
+def run_load(args: argparse.Namespace, settings: Settings) -> int:
+    """Embed a JSON-lines file of records into a new collection, index built once."""
+    from forge.cli.bulk_load import load_file
+
+    validate_name(args.collection)
+    with _store(settings) as store:
+        result = load_file(store, settings, args)
+    print(
+        f"collection {args.collection}: {result.rows} rows loaded in {result.load_s:.1f} s,"
+        f" index built in {result.index_s:.1f} s"
+    )
     return 0
 
 

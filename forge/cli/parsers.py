@@ -183,6 +183,19 @@ def _collections(sub: Any) -> None:
     reembed.add_argument("--wait", action="store_true", help="wait until the backfill is planned")
     reembed.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="S")
     reembed.set_defaults(run=Lazy("cmd_collections", "run_reembed"))
+    load = commands.add_parser(
+        "load", help="a new collection's first load from JSON lines, HNSW index built once"
+    )
+    load.add_argument("collection")
+    load.add_argument(
+        "file", help="JSON lines, one new-data record each ({id, text|vector, metadata})"
+    )
+    load.add_argument("--model", help="embedding model for texts (default FORGE_EMBEDDING_MODEL)")
+    load.add_argument(
+        "--index-memory", type=positive_int, metavar="MB", help="maintenance_work_mem"
+    )
+    load.add_argument("--index-workers", type=positive_int, default=2, metavar="N")
+    load.set_defaults(run=Lazy("cmd_collections", "run_load"))
     rollback = commands.add_parser("rollback", help="switch back to the previous version")
     rollback.add_argument("collection")
     rollback.set_defaults(run=Lazy("cmd_collections", "run_rollback"))

@@ -35,6 +35,8 @@ def ensure_collection(
     dimension: int,
     model: str | None,
     index: IndexOptions = PGVECTOR_DEFAULTS,
+    *,
+    with_index: bool = True,
 ) -> Collection:
     """Return collection ``name``, creating it (table and ``index``) on first use.
 
@@ -52,7 +54,9 @@ def ensure_collection(
             conn.execute(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [COLLECTION_LOCK_CLASS, name]
             )
-            existing = get_collection(conn, name) or _create(conn, name, dimension, model, index)
+            existing = get_collection(conn, name) or _create(
+                conn, name, dimension, model, index, with_index=with_index
+            )
     check_dimension(existing, dimension)
     return existing
 
@@ -91,9 +95,11 @@ def _create(
     dimension: int,
     model: str | None,
     index: IndexOptions,
+    *,
+    with_index: bool = True,
 ) -> Collection:
     collection = Collection(name, table_name(name), dimension, model)
-    create_table(conn, collection.table, dimension, index)
+    create_table(conn, collection.table, dimension, index, with_index=with_index)
     conn.execute(
         "INSERT INTO forge_collections (name, table_name, dimension, model)"
         " VALUES (%s, %s, %s, %s)",
@@ -104,9 +110,15 @@ def _create(
 
 
 def create_table(
-    conn: psycopg.Connection[Any], table_name: str, dimension: int, index: IndexOptions
+    conn: psycopg.Connection[Any],
+    table_name: str,
+    dimension: int,
+    index: IndexOptions,
+    *,
+    with_index: bool = True,
 ) -> None:
-    """A collection version's table and its HNSW cosine index."""
+    """A collection version's table and its HNSW cosine index (built later, once,
+    by ``bulk.build_index`` for a bulk load: ``with_index=False``)."""
     table = sql.Identifier(table_name)
     conn.execute(
         sql.SQL(
@@ -124,14 +136,21 @@ def create_table(
             """
         ).format(table=table, dimension=sql.Literal(dimension))
     )
-    conn.execute(
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {index} ON {table} USING hnsw (embedding vector_cosine_ops)"
-            " WITH (m = {m}, ef_construction = {ef_construction})"
-        ).format(
-            index=sql.Identifier(index_name(table_name)),
-            table=table,
-            m=sql.Literal(index.m),
-            ef_construction=sql.Literal(index.ef_construction),
-        )
+    if with_index:
+        conn.execute(index_statement(table_name, index))
+
+
+def index_statement(
+    table_name: str, index: IndexOptions, *, concurrently: bool = False
+) -> sql.Composed:
+    """``CREATE INDEX`` of a collection table's HNSW cosine index."""
+    return sql.SQL(
+        "CREATE INDEX {how} IF NOT EXISTS {index} ON {table} USING hnsw"
+        " (embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {ef_construction})"
+    ).format(
+        how=sql.SQL("CONCURRENTLY" if concurrently else ""),
+        index=sql.Identifier(index_name(table_name)),
+        table=sql.Identifier(table_name),
+        m=sql.Literal(index.m),
+        ef_construction=sql.Literal(index.ef_construction),
     )

@@ -7,7 +7,9 @@ Forge's runtime treats as transient.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -19,15 +21,25 @@ from psycopg_pool import ConnectionPool
 
 from forge.errors import PermanentError
 from forge.settings import Settings
-from forge.vectorstore import catalog, content, inventory, rebuild, scan, search, versions, writer
+from forge.vectorstore import (
+    bulk,
+    catalog,
+    content,
+    inventory,
+    rebuild,
+    scan,
+    search,
+    versions,
+    writer,
+)
 from forge.vectorstore.inventory import CollectionInfo
+from forge.vectorstore.lifecycle import VersionLifecycle
 from forge.vectorstore.migrations import migrate
 from forge.vectorstore.naming import validate_name
 from forge.vectorstore.rebuild import VersionsChanged
 from forge.vectorstore.types import (
     Collection,
     CollectionNotFound,
-    CollectionVersion,
     Fingerprint,
     Hit,
     IndexOptions,
@@ -43,6 +55,14 @@ from forge.vectorstore.types import (
 )
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BulkLoadResult:
+    rows: int
+    load_s: float
+    index_s: float
+
 
 # pgvector's iterative index scans (filtered search that still returns k rows).
 _ITERATIVE_SCAN_SINCE = (0, 8)
@@ -85,6 +105,7 @@ class VectorStore:
             name="forge-vectorstore",
         )
         self._iterative_scan = False
+        self.versions = VersionLifecycle(self._pool, self._index)
 
     @classmethod
     def from_settings(cls, url: str, settings: Settings, **pool: Any) -> VectorStore:
@@ -151,70 +172,23 @@ class VectorStore:
             found = [catalog.get_collection(conn, name) for name in names]
             return [inventory.describe(conn, c) for c in found if c is not None]
 
-    # ----------------------------------------------------------------- versions
-
-    def building_version(self, name: str) -> CollectionVersion | None:
-        """The version of ``name`` being built (re-embedded), if any."""
-        with self._pool.connection() as conn:
-            return versions.building(conn, validate_name(name))
-
-    def begin_version(
+    def bulk_load(
         self,
         name: str,
-        model: str,
         dimension: int,
-        rows_per_batch: int,
-        *,
-        claim: tuple[str, str] | None = None,
-        result: Callable[[rebuild.Plan], JsonObject] | None = None,
-    ) -> rebuild.Plan | None:
-        """Create a building version of ``name`` for ``model`` (with this store's HNSW
-        parameters) and plan its backfill; see ``rebuild.begin``. ``claim``: the
-        (scope, event id) asking for it, recorded in the same transaction with
-        ``result(plan)``; ``None`` when that event was recorded before (nothing done)."""
-        with self._pool.connection() as conn, conn.transaction():
-            if claim is not None and not writer.claim_events(conn, claim[0], [claim[1]], [{}]):
-                return None
-            plan = rebuild.begin(
-                conn, validate_name(name), model, dimension, self._index, rows_per_batch
-            )
-            if claim is not None and result is not None:
-                writer.record_result(conn, claim[0], claim[1], result(plan))
-            return plan
-
-    def version(self, name: str, version: int) -> CollectionVersion | None:
+        model: str | None,
+        chunks: Iterable[Sequence[Row]],
+        build: bulk.IndexBuild,
+    ) -> BulkLoadResult:
+        """A new collection's first load: rows copied without the HNSW index, which is
+        then built once (see ``bulk``); ``PermanentError`` if it has rows already."""
         with self._pool.connection() as conn:
-            return versions.get_version(conn, validate_name(name), version)
-
-    def range_rows(self, name: str, span: rebuild.Range) -> list[tuple[str, str]]:
-        """(id, text) of the active version's rows in ``span`` of record ids."""
-        with self._pool.connection() as conn:
-            return rebuild.range_rows(conn, validate_name(name), span)
-
-    def write_backfill(
-        self,
-        name: str,
-        version: int,
-        rows: Sequence[Row],
-        event_id: str,
-        scope: str,
-        result: JsonObject,
-    ) -> rebuild.BackfillResult:
-        """Copy one backfill batch into building ``version``; see ``rebuild``."""
-        with self._pool.connection() as conn:
-            return rebuild.write_backfill(
-                conn, validate_name(name), version, rows, event_id, scope, result
-            )
-
-    def rollback(self, name: str) -> CollectionVersion:
-        """Switch ``name`` back to its previous version; returns it."""
-        with self._pool.connection() as conn:
-            return rebuild.rollback(conn, validate_name(name))
-
-    def drop_version(self, name: str, version: int) -> CollectionVersion:
-        """Delete a version that is not active (the building one included)."""
-        with self._pool.connection() as conn:
-            return rebuild.drop_version(conn, validate_name(name), version)
+            target = bulk.create_unindexed(conn, validate_name(name), dimension, model, self._index)
+            started = time.perf_counter()
+            rows = bulk.load(conn, target, chunks)
+            loaded = time.perf_counter()
+            bulk.build_index(conn, target, self._index, build)
+            return BulkLoadResult(rows, loaded - started, time.perf_counter() - loaded)
 
     def drop_collection(self, name: str) -> bool:
         with self._pool.connection() as conn:

@@ -75,6 +75,7 @@ class ReembedHandler:
                 rows_per_batch,
                 claim=(stream, event.id),
                 result=_plan_result,
+                storage=event.storage,
             )
             if plan is not None:
                 log.info(
@@ -145,6 +146,7 @@ def _plan_result(plan: Plan) -> dict[str, Any]:
         "collection": plan.version.collection,
         "collection_version": plan.version.version,
         "model": plan.version.model,
+        "storage": plan.version.storage,
         "batches": len(plan.ranges),
         "run": new_id(),
         "ranges": [list(span) for span in plan.ranges],

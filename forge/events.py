@@ -134,6 +134,8 @@ class Reembed(Event, tag="reembed"):
     model: ModelName | None = None
     # Records per backfill batch (one new-data stream entry each); default MAX_BATCH_SIZE.
     batch_records: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    # The new version's column type (default FORGE_VECTOR_STORAGE): "halfvec" halves it.
+    storage: Literal["vector", "halfvec"] | None = None
 
 
 class ReembedBatch(Event, tag="reembed-batch"):

@@ -37,7 +37,8 @@ def load_file(store: VectorStore, settings: Settings, args: argparse.Namespace) 
     dimension = embedder.dimension if embedder else len(records[0].vector or ())
     build = IndexBuild(args.index_memory, args.index_workers)
     model = embedder.name if embedder else None
-    return store.bulk_load(args.collection, dimension, model, _chunks(records, embedder), build)
+    chunks = _chunks(records, embedder)
+    return store.bulk_load(args.collection, dimension, model, chunks, build, args.storage)
 
 
 def _records(path: Path) -> Iterator[Record]:

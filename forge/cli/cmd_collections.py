@@ -51,6 +51,7 @@ def run_reembed(args: argparse.Namespace, settings: Settings) -> int:
         "collection": args.collection,
         "model": args.model,
         "batch_records": args.batch_records,
+        "storage": args.storage,
     }
     source = json.dumps({k: v for k, v in event.items() if v is not None})
     forward = argparse.Namespace(

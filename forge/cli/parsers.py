@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from forge import __version__
 from forge.cli.argtypes import port, positive_int, positive_seconds, vector, version_number
-from forge.settings import Settings
+from forge.settings import STORAGE_TYPES, Settings
 
 EXIT_USAGE = 2
 
@@ -180,6 +180,7 @@ def _collections(sub: Any) -> None:
     reembed.add_argument(
         "--batch-records", type=positive_int, metavar="N", help="records per backfill batch"
     )
+    reembed.add_argument("--storage", choices=STORAGE_TYPES, help="the new version's column type")
     reembed.add_argument("--wait", action="store_true", help="wait until the backfill is planned")
     reembed.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="S")
     reembed.set_defaults(run=Lazy("cmd_collections", "run_reembed"))
@@ -195,6 +196,9 @@ def _collections(sub: Any) -> None:
         "--index-memory", type=positive_int, metavar="MB", help="maintenance_work_mem"
     )
     load.add_argument("--index-workers", type=positive_int, default=2, metavar="N")
+    load.add_argument(
+        "--storage", choices=STORAGE_TYPES, help="column type (default FORGE_VECTOR_STORAGE)"
+    )
     load.set_defaults(run=Lazy("cmd_collections", "run_load"))
     rollback = commands.add_parser("rollback", help="switch back to the previous version")
     rollback.add_argument("collection")

@@ -19,7 +19,7 @@ MAX_INDEXED_DIMENSION = 2000
 PGVECTOR_DEFAULTS = IndexOptions()
 
 _SELECT = (
-    "SELECT name, table_name, dimension, model, active_version FROM forge_collections"
+    "SELECT name, table_name, dimension, model, active_version, storage FROM forge_collections"
     " WHERE name = %s"
 )
 
@@ -98,12 +98,12 @@ def _create(
     *,
     with_index: bool = True,
 ) -> Collection:
-    collection = Collection(name, table_name(name), dimension, model)
+    collection = Collection(name, table_name(name), dimension, model, 1, index.storage)
     create_table(conn, collection.table, dimension, index, with_index=with_index)
     conn.execute(
-        "INSERT INTO forge_collections (name, table_name, dimension, model)"
-        " VALUES (%s, %s, %s, %s)",
-        [name, collection.table, dimension, model],
+        "INSERT INTO forge_collections (name, table_name, dimension, model, storage)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        [name, collection.table, dimension, model, index.storage],
     )
     versions.insert(conn, collection, index, "active")
     return collection
@@ -127,14 +127,14 @@ def create_table(
                 id text PRIMARY KEY,
                 text text,
                 metadata jsonb NOT NULL DEFAULT '{{}}',
-                embedding vector({dimension}) NOT NULL,
+                embedding {storage}({dimension}) NOT NULL,
                 model text,
                 updated_at timestamptz NOT NULL DEFAULT now(),
                 model_version text,
                 text_hash text
             )
             """
-        ).format(table=table, dimension=sql.Literal(dimension))
+        ).format(table=table, dimension=sql.Literal(dimension), storage=sql.SQL(index.storage))
     )
     if with_index:
         conn.execute(index_statement(table_name, index))
@@ -146,9 +146,10 @@ def index_statement(
     """``CREATE INDEX`` of a collection table's HNSW cosine index."""
     return sql.SQL(
         "CREATE INDEX {how} IF NOT EXISTS {index} ON {table} USING hnsw"
-        " (embedding vector_cosine_ops) WITH (m = {m}, ef_construction = {ef_construction})"
+        " (embedding {operators}) WITH (m = {m}, ef_construction = {ef_construction})"
     ).format(
         how=sql.SQL("CONCURRENTLY" if concurrently else ""),
+        operators=sql.SQL(f"{index.storage}_cosine_ops"),
         index=sql.Identifier(index_name(table_name)),
         table=sql.Identifier(table_name),
         m=sql.Literal(index.m),

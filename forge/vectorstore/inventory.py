@@ -13,9 +13,6 @@ from psycopg import sql
 from forge.vectorstore import versions
 from forge.vectorstore.types import Collection, CollectionVersion, VersionState
 
-# Each version is a table of float32 ``vector``s behind an HNSW cosine index.
-STORAGE = "vector"
-
 
 @dataclass(frozen=True, slots=True)
 class IndexInfo:
@@ -81,7 +78,7 @@ def _describe_version(conn: psycopg.Connection[Any], version: CollectionVersion)
         state=version.state,
         rows=rows,
         dimension=version.dimension,
-        storage=STORAGE,
+        storage=version.storage,
         index=IndexInfo("hnsw", version.hnsw_m, version.hnsw_ef_construction),
         size_bytes=size_bytes,
         table=version.table,

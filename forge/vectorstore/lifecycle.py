@@ -4,6 +4,7 @@ the one being built, its backfill, rollback and drop (see ``rebuild``)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from psycopg_pool import ConnectionPool
@@ -35,17 +36,18 @@ class VersionLifecycle:
         *,
         claim: tuple[str, str] | None = None,
         result: Callable[[rebuild.Plan], JsonObject] | None = None,
+        storage: str | None = None,
     ) -> rebuild.Plan | None:
         """Create a building version of ``name`` for ``model`` (with this store's HNSW
-        parameters) and plan its backfill; see ``rebuild.begin``. ``claim``: the
-        (scope, event id) asking for it, recorded in the same transaction with
-        ``result(plan)``; ``None`` when that event was recorded before (nothing done)."""
+        parameters, and its storage unless ``storage`` is given) and plan its backfill;
+        see ``rebuild.begin``. ``claim``: the (scope, event id) asking for it, recorded
+        in the same transaction with ``result(plan)``; ``None`` when that event was
+        recorded before (nothing done)."""
         with self._pool.connection() as conn, conn.transaction():
             if claim is not None and not writer.claim_events(conn, claim[0], [claim[1]], [{}]):
                 return None
-            plan = rebuild.begin(
-                conn, validate_name(name), model, dimension, self._index, rows_per_batch
-            )
+            index = replace(self._index, storage=storage or self._index.storage)
+            plan = rebuild.begin(conn, validate_name(name), model, dimension, index, rows_per_batch)
             if claim is not None and result is not None:
                 writer.record_result(conn, claim[0], claim[1], result(plan))
             return plan

@@ -116,6 +116,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                 -- A building version's backfill: batches planned and written so far.
                 batches_total integer NOT NULL DEFAULT 0,
                 batches_done integer NOT NULL DEFAULT 0,
+                storage text NOT NULL DEFAULT 'vector' CHECK (storage IN ('vector', 'halfvec')),
                 created_at timestamptz NOT NULL DEFAULT now(),
                 activated_at timestamptz,
                 PRIMARY KEY (collection, version)
@@ -126,7 +127,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             " ON forge_collection_versions (collection) WHERE state = 'active'",
             "CREATE UNIQUE INDEX forge_collection_versions_one_building"
             " ON forge_collection_versions (collection) WHERE state = 'building'",
-            "ALTER TABLE forge_collections ADD COLUMN active_version integer NOT NULL DEFAULT 1",
+            "ALTER TABLE forge_collections ADD COLUMN active_version integer NOT NULL DEFAULT 1,"
+            " ADD COLUMN storage text NOT NULL DEFAULT 'vector'",
             _version_existing_collections,
         ),
     ),

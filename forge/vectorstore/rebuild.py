@@ -44,7 +44,7 @@ from forge.vectorstore.writer import COPY_STAGING, already_processed, claim_even
 Range = tuple[str | None, str | None]
 
 _LOCK = (
-    "SELECT name, table_name, dimension, model, active_version FROM forge_collections"
+    "SELECT name, table_name, dimension, model, active_version, storage FROM forge_collections"
     " WHERE name = %s FOR {}"
 )
 # The staged rows whose active row still holds the same text, locked in id order.
@@ -132,7 +132,8 @@ def begin(
         )
     _require_texts(conn, active)
     number = versions.next_version(conn, name)
-    building = Collection(name, version_table_name(name, number), dimension, model, number)
+    table = version_table_name(name, number)
+    building = Collection(name, table, dimension, model, number, index.storage)
     catalog.create_table(conn, building.table, dimension, index)
     versions.insert(conn, building, index, "building")
     ranges = _ranges(conn, active, rows_per_batch)
@@ -193,8 +194,8 @@ def switch(conn: psycopg.Connection[Any], name: str, version: int) -> Collection
     )
     conn.execute(
         "UPDATE forge_collections SET table_name = %s, dimension = %s, model = %s,"
-        " active_version = %s WHERE name = %s",
-        [target.table, target.dimension, target.model, version, name],
+        " active_version = %s, storage = %s WHERE name = %s",
+        [target.table, target.dimension, target.model, version, target.storage, name],
     )
     return target
 

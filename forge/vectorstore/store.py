@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -179,15 +179,17 @@ class VectorStore:
         model: str | None,
         chunks: Iterable[Sequence[Row]],
         build: bulk.IndexBuild,
+        storage: str | None = None,
     ) -> BulkLoadResult:
         """A new collection's first load: rows copied without the HNSW index, which is
         then built once (see ``bulk``); ``PermanentError`` if it has rows already."""
         with self._pool.connection() as conn:
-            target = bulk.create_unindexed(conn, validate_name(name), dimension, model, self._index)
+            index = replace(self._index, storage=storage or self._index.storage)
+            target = bulk.create_unindexed(conn, validate_name(name), dimension, model, index)
             started = time.perf_counter()
             rows = bulk.load(conn, target, chunks)
             loaded = time.perf_counter()
-            bulk.build_index(conn, target, self._index, build)
+            bulk.build_index(conn, target, index, build)
             return BulkLoadResult(rows, loaded - started, time.perf_counter() - loaded)
 
     def drop_collection(self, name: str) -> bool:
@@ -370,7 +372,9 @@ def _write_building(
         if version is None:
             raise PermanentError(f"{message}: writes must come for both versions")
         raise VersionsChanged(message)
-    target = Collection(name, current.table, current.dimension, current.model, current.version)
+    target = Collection(
+        name, current.table, current.dimension, current.model, current.version, current.storage
+    )
     upserts = [w for w in building.writes if isinstance(w, Row) and w.event_id in processed]
     writer.check_rows(upserts, current.dimension)
     writer.apply_writes(conn, target, building.writes, processed)

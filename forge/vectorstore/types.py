@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from forge.errors import InvalidEvent, PermanentError
-from forge.settings import Settings, check_hnsw
+from forge.settings import Settings, check_hnsw, check_storage
 
 Vector = npt.NDArray[np.float32]
 JsonObject = dict[str, Any]
@@ -97,6 +97,7 @@ class Collection:
     model: str | None
     # The active version, whose table ``table`` is (see ``CollectionVersion``).
     version: int = 1
+    storage: str = "vector"
 
 
 VersionState = Literal["active", "building", "retired"]
@@ -123,6 +124,7 @@ class CollectionVersion:
     activated_at: datetime | None
     batches_total: int = 0
     batches_done: int = 0
+    storage: str = "vector"
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,13 +140,21 @@ class IndexOptions:
     m: int = 16
     ef_construction: int = 64
     ef_search: int = 40
+    # The column type of the collections created: "vector" or "halfvec".
+    storage: str = "vector"
 
     def __post_init__(self) -> None:
         check_hnsw(self.m, self.ef_construction, self.ef_search)
+        check_storage(self.storage)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IndexOptions:
-        return cls(settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search)
+        return cls(
+            settings.hnsw_m,
+            settings.hnsw_ef_construction,
+            settings.hnsw_ef_search,
+            settings.vector_storage,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,12 +16,12 @@ from forge.vectorstore.types import Collection, CollectionVersion, IndexOptions,
 
 _COLUMNS = (
     "collection, version, table_name, model, dimension, hnsw_m, hnsw_ef_construction,"
-    " state, created_at, activated_at, batches_total, batches_done"
+    " state, created_at, activated_at, batches_total, batches_done, storage"
 )
 _INSERT = """
 INSERT INTO forge_collection_versions (collection, version, table_name, model, dimension,
-    hnsw_m, hnsw_ef_construction, state, activated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s = 'active' THEN now() END)
+    hnsw_m, hnsw_ef_construction, state, activated_at, storage)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, CASE WHEN %s = 'active' THEN now() END, %s)
 """
 
 
@@ -41,6 +41,7 @@ def insert(
             index.ef_construction,
             state,
             state,
+            index.storage,
         ],
     )
 

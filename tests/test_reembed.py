@@ -265,3 +265,20 @@ def test_a_worker_killed_mid_backfill_loses_and_doubles_nothing(
     assert sorted(stored) == [f"r{i:02d}" for i in range(20) if i != 1]
     assert stored["r00"].text == "changed during the backfill"
     assert {r.model for r in stored.values()} == {SECOND_MODEL}
+
+
+def test_the_reembed_command_publishes_a_reembed_event(
+    cli_env: Context, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["collections", "reembed", "tickets", "--model", SECOND_MODEL, "--batch-records", "3"]
+    code, out, err = run_cli(capsys, *argv, "--storage", "halfvec")
+    assert code == 0, err
+    ((entry_id, fields),) = cli_env.redis.xrange(cli_env.keys.new_data)
+    assert out == f"{entry_id.decode()}\n"
+    event = msgspec.json.decode(fields[b"event"], type=Reembed)
+    assert (event.collection, event.model, event.batch_records, event.storage) == (
+        "tickets",
+        SECOND_MODEL,
+        3,
+        "halfvec",
+    )

@@ -5,11 +5,15 @@ Real PostgreSQL; vectors made up (the old model writes e0, the new one e1)."""
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
+from psycopg_pool import PoolTimeout
 
 from forge.errors import PermanentError
+from forge.servers.embedded_postgres import start_embedded_postgres
 from forge.vectorstore import Delete, Row, VectorStore, text_hash
 from forge.vectorstore.rebuild import VersionsChanged
 from forge.vectorstore.types import VersionWrites
@@ -144,3 +148,39 @@ def test_rows_without_text_cannot_be_re_embedded(
     vector_store.write_batch(collection_name, [Row("v", OLD, "e1")], ["e1"], scope())
     with pytest.raises(PermanentError, match="1 rows without text"):
         vector_store.versions.begin(collection_name, "new", DIM, rows_per_batch=100)
+
+
+def test_a_postgresql_restart_mid_backfill_loses_and_doubles_nothing(pg_tmp_path: Path) -> None:
+    """A batch that fails while the server is down is simply written again once it is
+    back (its transaction never committed); the backfill then finishes."""
+    pgdata = pg_tmp_path / "postgres"
+    handle = start_embedded_postgres(pgdata)
+    store = VectorStore(handle.url, max_connections=1, timeout_s=2.0)
+    try:
+        store.open()
+        load(store, "restarted", 9)
+        plan = store.versions.begin("restarted", "new", DIM, rows_per_batch=3)
+        assert plan is not None
+        batches = [
+            [
+                row(i, f"bf-{n}", text, NEW, "new")
+                for i, text in store.versions.range_rows("restarted", span)
+            ]
+            for n, span in enumerate(plan.ranges)
+        ]
+        store.versions.write_backfill("restarted", 2, batches[0], "bf-0", "bf", {})
+        handle.stop()
+        with pytest.raises((psycopg.OperationalError, PoolTimeout)):
+            store.versions.write_backfill("restarted", 2, batches[1], "bf-1", "bf", {})
+        handle = start_embedded_postgres(pgdata)
+        for n in (1, 2):
+            result = store.versions.write_backfill("restarted", 2, batches[n], f"bf-{n}", "bf", {})
+        assert result.switched
+        info = store.describe("restarted")
+        assert [(v.state, v.rows, v.batches_done) for v in info.versions] == [
+            ("retired", 9, 0),
+            ("active", 9, 3),
+        ]
+    finally:
+        store.close()
+        handle.stop()

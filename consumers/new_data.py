@@ -11,6 +11,13 @@ dimension, say) is rejected and the rest of its chunk is written without it.
 A batch that fails part-way (the database goes away, say) leaves its earlier chunks
 committed; the retry finds those events in the processed-events table and answers them
 with their stored results, so every event is still written exactly once.
+
+A record whose stored row was made from the same text by the same model version is
+left alone: no model call, no write (``unchanged``), or only its metadata replaced.
+While the collection has a version being built (``consumers.reembed``), every write
+goes to both versions, the texts embedded by both models; a write that finds the
+versions changed under it (a build began, or the switch happened) fails as transient
+and the batch is done again against the new ones.
 """
 
 from __future__ import annotations
@@ -138,9 +145,10 @@ class NewDataHandler:
                 if writing is not None:
                     outcomes.update(writing.result())
                     writing = None
-                chunk = _Chunk(scope, collection, model, version, events, embed_s)
-                chunk.collection_version = active.version if active is not None else None
-                chunk.building = building
+                active_version = active.version if active is not None else None
+                chunk = _Chunk(
+                    scope, collection, model, version, events, embed_s, active_version, building
+                )
                 if position == len(chunks) - 1:  # nothing left to overlap with
                     outcomes.update(self._write_chunk(chunk))
                 else:

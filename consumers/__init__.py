@@ -11,13 +11,23 @@ from typing import TYPE_CHECKING
 
 from consumers.feedback import FeedbackHandler
 from consumers.new_data import NewDataHandler
+from consumers.new_data_stream import NewDataStream
 from consumers.once import Once
 from consumers.predict import PredictHandler
+from consumers.reembed import ReembedHandler
 from consumers.retrain import RetrainOnNewData
 from consumers.training import TrainingHandler, progress_publisher
 from consumers.tuning import TrialHandler, open_tuner
 from forge.embedding.service import EmbeddingService
-from forge.events import Feedback, NewData, PredictRequest, TrainingRequest, TuneTrial
+from forge.events import (
+    Feedback,
+    NewData,
+    PredictRequest,
+    Reembed,
+    ReembedBatch,
+    TrainingRequest,
+    TuneTrial,
+)
 from forge.runtime.context import Context
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.retry import Retrier
@@ -42,11 +52,12 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
     new_data = NewDataHandler(ctx.settings, store, embedding)
     versions = Once(lambda: training().versions)
     retraining = RetrainOnNewData(new_data, ctx.keys, versions)
+    stream = NewDataStream(retraining, ReembedHandler(ctx.settings, store, embedding))
     # Several model batches per read, so writing one overlaps embedding the next.
     reads = ctx.settings.embed_read_size
-    handlers.register(
-        HandlerSpec("new-data", NewData, retraining, name="embed", max_batch_size=reads)
-    )
+    also = (Reembed, ReembedBatch)
+    spec = HandlerSpec("new-data", NewData, stream, name="embed", max_batch_size=reads, also=also)
+    handlers.register(spec)
     tuner = Once(lambda: open_tuner(ctx, store, training))
     trainer = TrainingHandler(ctx, store, training, tuner)
     # One request per batch, FORGE_TRAINING_CONCURRENCY batches at once: a worker holds

@@ -11,6 +11,13 @@ dimension, say) is rejected and the rest of its chunk is written without it.
 A batch that fails part-way (the database goes away, say) leaves its earlier chunks
 committed; the retry finds those events in the processed-events table and answers them
 with their stored results, so every event is still written exactly once.
+
+A record whose stored row was made from the same text by the same model version is
+left alone: no model call, no write (``unchanged``), or only its metadata replaced.
+While the collection has a version being built (``consumers.reembed``), every write
+goes to both versions, the texts embedded by both models; a write that finds the
+versions changed under it (a build began, or the switch happened) fails as transient
+and the batch is done again against the new ones.
 """
 
 from __future__ import annotations
@@ -19,51 +26,31 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from consumers.dual_write import BuildTarget, add_building_writes
 from consumers.once import Once
+from consumers.record_writes import Embedded, Kept, PendingEvent, add_writes, embeds, repeated_ids
+from forge.embedding.model import Embedder
 from forge.embedding.service import EmbeddingService
 from forge.errors import InvalidEvent
 from forge.events import NewData, Record
 from forge.runtime.deadletter import error_info
 from forge.runtime.handlers import Message, Outcome, Rejected, Succeeded
 from forge.settings import Settings
-from forge.vectorstore import Delete, InvalidWrite, Row, VectorStore, Write
+from forge.vectorstore import (
+    InvalidWrite,
+    VectorStore,
+    VersionWrites,
+    text_hash,
+)
 
 PRUNE_INTERVAL_S = 3600.0
 # Vectors are stored as float32; a larger value would silently become infinity.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-@dataclass(slots=True)
-class _PendingEvent:
-    """An event of a collection's batch on its way to the store: its writes, and what
-    its result reports about them."""
-
-    index: int
-    event: NewData
-    writes: list[Write] = field(default_factory=list)
-    from_cache: int = 0
-    embedded: int = 0
-    model: str | None = None
-    model_version: str | None = None
-
-    @property
-    def result(self) -> dict[str, Any]:
-        upserted = sum(isinstance(w, Row) for w in self.writes)
-        return {
-            "collection": self.event.collection,
-            "records": len(self.event.records),
-            "upserted": upserted,
-            "deleted": len(self.writes) - upserted,
-            "from_cache": self.from_cache,
-            "embedded": self.embedded,
-            "model": self.model,
-            "model_version": self.model_version,
-        }
 
 
 @dataclass(slots=True)
@@ -75,8 +62,11 @@ class _Chunk:
     collection: str
     model: str
     version: str | None
-    events: list[_PendingEvent]
+    events: list[PendingEvent]
     embed_s: float
+    # The collection's active version the writes are for, and the one being built.
+    collection_version: int | None = None
+    building: BuildTarget | None = None
 
 
 class NewDataHandler:
@@ -92,7 +82,7 @@ class NewDataHandler:
 
     def __call__(self, messages: Sequence[Message[NewData]]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}
-        by_collection: dict[str, list[_PendingEvent]] = {}
+        by_collection: dict[str, list[PendingEvent]] = {}
         # Event ids are unique per input stream; the full stream name (prefix included)
         # keeps deployments that share a database apart.
         scope = messages[0].stream
@@ -107,7 +97,7 @@ class NewDataHandler:
             except InvalidEvent as exc:
                 outcomes[index] = Rejected(error_info(exc))
                 continue
-            by_collection.setdefault(event.collection, []).append(_PendingEvent(index, event))
+            by_collection.setdefault(event.collection, []).append(PendingEvent(index, event))
         for collection, group in by_collection.items():
             outcomes.update(self._write_collection(scope, collection, group))
         self._prune_markers(scope)
@@ -134,21 +124,31 @@ class NewDataHandler:
     # ------------------------------------------------------------------ writing
 
     def _write_collection(
-        self, scope: str, collection: str, pending: list[_PendingEvent]
+        self, scope: str, collection: str, pending: list[PendingEvent]
     ) -> dict[int, Outcome]:
         model = self.embedding.model_for(self.store(), collection, pending[0].event.model)
         outcomes = _reject_other_models(collection, model, pending)
+        active = self.store().collection(collection)
+        building = self._build_target(collection) if active is not None else None
+        if building is not None:
+            outcomes.update(_reject_ready_vectors(collection, building.version, pending))
+        repeated = repeated_ids(pending)
         chunks = list(_chunks(pending, self.settings.max_batch_size))
         writing: futures.Future[dict[int, Outcome]] | None = None
         try:
             for position, events in enumerate(chunks):
                 started = time.perf_counter()
-                version = self._prepare_writes(events, model)
+                version = self._prepare_writes(events, model, repeated)
+                if building is not None:
+                    add_building_writes(events, building, self.embedding)
                 embed_s = time.perf_counter() - started
                 if writing is not None:
                     outcomes.update(writing.result())
                     writing = None
-                chunk = _Chunk(scope, collection, model, version, events, embed_s)
+                active_version = active.version if active is not None else None
+                chunk = _Chunk(
+                    scope, collection, model, version, events, embed_s, active_version, building
+                )
                 if position == len(chunks) - 1:  # nothing left to overlap with
                     outcomes.update(self._write_chunk(chunk))
                 else:
@@ -158,6 +158,12 @@ class NewDataHandler:
                 # A failed embed must not leave a write running into the retry.
                 futures.wait([writing])
         return outcomes
+
+    def _build_target(self, collection: str) -> BuildTarget | None:
+        found = self.store().versions.building(collection)
+        if found is None or found.model is None:
+            return None
+        return BuildTarget(found.version, self.embedding.embedder(found.model))
 
     def _write_chunk(self, chunk: _Chunk) -> dict[int, Outcome]:
         """Write one chunk in one transaction, leaving out events whose rows are bad."""
@@ -182,48 +188,54 @@ class NewDataHandler:
                 outcomes[item.index] = Succeeded({**item.result, **timings})
         return outcomes
 
-    def _prepare_writes(self, pending: list[_PendingEvent], model: str) -> str | None:
-        """Build every event's writes, embedding all the texts of the batch at once."""
-        texts = [
-            r.text
-            for item in pending
-            for r in item.event.records
-            if not r.deleted and r.vector is None and r.text is not None
-        ]
-        version = None
-        vectors: list[np.ndarray[Any, Any]] = []
-        cached: list[bool] = []
+    def _prepare_writes(
+        self, pending: list[PendingEvent], model: str, repeated: set[str]
+    ) -> str | None:
+        """Build every event's writes, embedding all the changed texts of the batch at
+        once; records whose stored row the model would remake are left as they are."""
+        embeddable = [r for item in pending for r in item.event.records if embeds(r)]
+        if not embeddable:
+            add_writes(pending, Embedded(model, None, {}))
+            return None
+        embedder = self.embedding.embedder(model)
+        kept = self._unchanged(pending[0].event.collection, embeddable, embedder, repeated)
+        texts = [r.text for r in embeddable if r.id not in kept and r.text is not None]
+        embedded = Embedded(model, embedder.version, kept)
         if texts:
-            embedder = self.embedding.embedder(model)
-            version = embedder.version
             encoded = self.embedding.encode(embedder, texts)
-            vectors, cached = list(encoded.vectors), encoded.cached
-        position = 0
-        for item in pending:
-            for record in item.event.records:
-                if record.deleted:
-                    item.writes.append(Delete(record.id, item.event.id))
-                    continue
-                # A row names the model that made its vector; a ready vector has none,
-                # so a model trained on it is not offered texts (see training).
-                made_by: str | None = None
-                if record.vector is not None:
-                    embedding = np.asarray(record.vector, dtype=np.float32)
-                else:
-                    embedding, hit = vectors[position], cached[position]
-                    position += 1
-                    item.from_cache += hit
-                    item.embedded += not hit
-                    made_by = model
-                item.writes.append(
-                    Row(record.id, embedding, item.event.id, record.text, record.metadata, made_by)
-                )
-        return version
+            embedded.vectors, embedded.cached = list(encoded.vectors), encoded.cached
+        add_writes(pending, embedded)
+        return embedder.version
+
+    def _unchanged(
+        self,
+        collection: str,
+        records: list[Record],
+        embedder: Embedder,
+        repeated: set[str],
+    ) -> dict[str, Kept]:
+        """The records whose stored row was made from the same text by the same model
+        version, with their text hash and stored fingerprint. A record id written more
+        than once in the batch is never among them: an earlier write of the batch may
+        change the row after this read."""
+        hashes = {
+            r.id: text_hash(r.text) for r in records if r.id not in repeated and r.text is not None
+        }
+        stored = self.store().fingerprints(collection, hashes)
+        return {
+            record_id: Kept(hashes[record_id], embedder.version, found.metadata)
+            for record_id, found in stored.items()
+            if found.matches(hashes[record_id], embedder.name, embedder.version)
+        }
 
     def _write(self, chunk: _Chunk) -> dict[str, dict[str, Any]]:
         """Write the chunk in one transaction; returns events a racing worker wrote first."""
         for item in chunk.events:
             item.model, item.model_version = chunk.model, chunk.version
+        building = None
+        if chunk.building is not None:
+            writes = [w for item in chunk.events for w in item.building_writes]
+            building = VersionWrites(chunk.building.version, writes)
         result = self.store().write_batch(
             chunk.collection,
             [w for item in chunk.events for w in item.writes],
@@ -231,12 +243,32 @@ class NewDataHandler:
             chunk.scope,
             model=chunk.model,
             results={item.event.id: item.result for item in chunk.events},
+            version=chunk.collection_version,
+            building=building,
         )
         return result.duplicates
 
 
+def _reject_ready_vectors(
+    collection: str, version: int, pending: list[PendingEvent]
+) -> dict[int, Outcome]:
+    """Take the events with ready vectors out of ``pending``: the version being built
+    holds only vectors its model made. Their rejections (replayable from the dead
+    letters once the new version is active)."""
+    outcomes: dict[int, Outcome] = {}
+    for item in list(pending):
+        if any(r.vector is not None for r in item.event.records):
+            message = (
+                f"collection {collection!r} is being re-embedded (version {version}):"
+                " ready vectors are refused until the switch"
+            )
+            outcomes[item.index] = Rejected(error_info(InvalidEvent(message)))
+            pending.remove(item)
+    return outcomes
+
+
 def _reject_other_models(
-    collection: str, model: str, pending: list[_PendingEvent]
+    collection: str, model: str, pending: list[PendingEvent]
 ) -> dict[int, Outcome]:
     """Take the events that name another model than the collection's out of
     ``pending``; their rejections."""
@@ -249,10 +281,10 @@ def _reject_other_models(
     return outcomes
 
 
-def _chunks(pending: list[_PendingEvent], records_per_chunk: int) -> Iterator[list[_PendingEvent]]:
+def _chunks(pending: list[PendingEvent], records_per_chunk: int) -> Iterator[list[PendingEvent]]:
     """Consecutive runs of whole events with about ``records_per_chunk`` records each
     (an event is never split: its rows and its marker commit together)."""
-    chunk: list[_PendingEvent] = []
+    chunk: list[PendingEvent] = []
     size = 0
     for item in pending:
         records = max(len(item.event.records), 1)

@@ -145,6 +145,31 @@ class Tune(msgspec.Struct, kw_only=True):
     space: dict[str, dict[str, Any]] | None = None
 
 
+class Reembed(Event, tag="reembed"):
+    """Re-embed a collection with a model (by default the one it uses) into a new
+    version, in the background, while the active version keeps serving."""
+
+    collection: Name
+    model: ModelName | None = None
+    # Records per backfill batch (one new-data stream entry each); default MAX_BATCH_SIZE.
+    batch_records: Annotated[int, Meta(ge=1, le=100_000)] | None = None
+    # The new version's column type (default FORGE_VECTOR_STORAGE): "halfvec" halves it.
+    storage: Literal["vector", "halfvec"] | None = None
+
+
+class ReembedBatch(Event, tag="reembed-batch"):
+    """One batch of a re-embedding's backfill: the collection's records with ids from
+    ``start`` (inclusive, none: the first) to ``stop`` (exclusive, none: the last).
+    Forge publishes these on ``new-data``; any worker reading it embeds them."""
+
+    collection: Name
+    collection_version: Annotated[int, Meta(ge=2)]
+    batch: Annotated[int, Meta(ge=0)]
+    batches: Annotated[int, Meta(ge=1)]
+    start: str | None = None
+    stop: str | None = None
+
+
 class TrainingRequest(Event, tag="training-request"):
     """Train (or retrain) a model over a collection."""
 
@@ -333,6 +358,8 @@ class DeadLetter(Event, tag="dead-letter"):
 
 INPUT_EVENTS: tuple[type[Event], ...] = (
     NewData,
+    Reembed,
+    ReembedBatch,
     TrainingRequest,
     PredictRequest,
     Feedback,
@@ -346,13 +373,14 @@ OUTPUT_EVENTS: tuple[type[Event], ...] = (
     DeadLetter,
 )
 ALL_EVENTS: tuple[type[Event], ...] = INPUT_EVENTS + OUTPUT_EVENTS
-# Input streams (short names, see forge.keys) and the event type each one carries.
-INPUT_STREAM_EVENTS: dict[str, type[Event]] = {
-    "new-data": NewData,
-    "training-requests": TrainingRequest,
-    "predict-requests": PredictRequest,
-    "feedback": Feedback,
-    "trials": TuneTrial,
+# Input streams (short names, see forge.keys) and the event types each one carries,
+# the main one first (it names the stream's decoding errors).
+INPUT_STREAM_EVENTS: dict[str, tuple[type[Event], ...]] = {
+    "new-data": (NewData, Reembed, ReembedBatch),
+    "training-requests": (TrainingRequest,),
+    "predict-requests": (PredictRequest,),
+    "feedback": (Feedback,),
+    "trials": (TuneTrial,),
 }
 
 _encoder = msgspec.json.Encoder()
@@ -372,11 +400,15 @@ E = TypeVar("E", bound="Event")
 
 
 class Decoder(Generic[E]):
-    """Decodes the ``event`` field of stream entries into one event type."""
+    """Decodes the ``event`` field of stream entries into one event type, or into one
+    of ``event_type`` and ``also`` by the ``type`` tag (errors name ``event_type``)."""
 
-    def __init__(self, event_type: type[E]) -> None:
+    def __init__(self, event_type: type[E], also: tuple[type[Event], ...] = ()) -> None:
         self.event_type = event_type
-        self._decoder = msgspec.json.Decoder(event_type)
+        target: Any = event_type
+        for other in also:
+            target = target | other
+        self._decoder: msgspec.json.Decoder[E] = msgspec.json.Decoder(target)
 
     def decode(self, payload: bytes) -> E:
         try:

@@ -79,6 +79,17 @@ HNSW_EF_CONSTRUCTION_RANGE = (4, 1000)
 HNSW_EF_SEARCH_RANGE = (1, 1000)
 
 
+STORAGE_TYPES = ("vector", "halfvec")
+
+
+def check_storage(storage: str) -> None:
+    """Raise ``ConfigError`` unless ``storage`` is a column type collections can use."""
+    if storage not in STORAGE_TYPES:
+        raise ConfigError(
+            f"vector_storage must be one of {', '.join(STORAGE_TYPES)}, got {storage!r}"
+        )
+
+
 def check_hnsw(m: int, ef_construction: int, ef_search: int) -> None:
     """Raise ``ConfigError`` unless pgvector accepts these HNSW parameters."""
     limits = {
@@ -147,6 +158,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
     hnsw_ef_search: int = 40
+    # The column type of collections created from then on: "vector" (float32) or
+    # "halfvec" (float16, half the size).
+    vector_storage: str = "vector"
 
     # Files. Container images set these to /models, /cache and /var/log/datapunk/forge.
     home_dir: Path = msgspec.field(default_factory=_default_home)
@@ -215,6 +229,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if self.serve_max_wait_ms < 0:
             raise ConfigError(f"serve_max_wait_ms must be 0 or more, got {self.serve_max_wait_ms}")
         check_hnsw(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search)
+        check_storage(self.vector_storage)
 
     @property
     def embed_read_size(self) -> int:
@@ -337,6 +352,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_HNSW_M": ("hnsw_m", int),
     "FORGE_HNSW_EF_CONSTRUCTION": ("hnsw_ef_construction", int),
     "FORGE_HNSW_EF_SEARCH": ("hnsw_ef_search", int),
+    "FORGE_VECTOR_STORAGE": ("vector_storage", _stripped),
     "FORGE_HOME": ("home_dir", Path),
     "FORGE_MODEL_DIR": ("model_dir", Path),
     "FORGE_CACHE_DIR": ("cache_dir", Path),

@@ -84,6 +84,7 @@ def test_models_list_imports_mlflow_but_no_torch_nor_clients(tmp_path: Path) -> 
         ("cmd_serving", set()),
         ("cmd_predict", set()),
         ("cmd_search", CLIENTS),
+        ("cmd_collections", CLIENTS),
         ("cmd_serve", CLIENTS),
         ("cmd_streams", {"redis"}),
         ("cmd_watch", {"redis"}),
@@ -124,7 +125,7 @@ def test_every_command_names_a_function_that_exists() -> None:
         for action in current._actions:
             if action.choices and isinstance(action.choices, dict):
                 stack.extend(action.choices.values())
-    assert len(found) == 25
+    assert len(found) == 31
     for lazy in found:
         assert callable(lazy.resolve()), lazy
 

@@ -146,6 +146,32 @@ def test_cache_hits_avoid_the_model(
     assert hits == 4
 
 
+def test_an_unchanged_batch_makes_no_encoder_call(
+    ctx: Context,
+    worker: Callable[[], Worker],
+    service: EmbeddingService,
+    vector_store: VectorStore,
+    collection: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    texts = [{"id": f"r{i}", "text": f"unchanged sentence {i} {collection}"} for i in range(4)]
+    publish(ctx.redis, ctx.keys.new_data, event("e1", collection, texts))
+    run_until(worker, ctx, 1)
+    ctx.redis.delete(*ctx.redis.keys(ctx.keys.embedding_cache("*", "*")))  # no cache help
+    calls: list[int] = []
+    embedder = service.embedder()
+    original = embedder.encode
+    monkeypatch.setattr(embedder, "encode", lambda t, b: calls.append(len(t)) or original(t, b))
+    publish(ctx.redis, ctx.keys.new_data, event("e2", collection, texts))
+    run_until(worker, ctx, 2)
+    result = by_source(ctx)["e2"].result
+    assert result["unchanged"] == 4
+    assert (result["embedded"], result["from_cache"], result["upserted"]) == (0, 0, 0)
+    assert calls == []
+    stored = vector_store.fetch(collection, ["r0"])["r0"]
+    assert (stored.model, stored.model_version) == ("all-MiniLM-L6-v2", embedder.version)
+
+
 def test_upsert_replaces_and_delete_removes(
     ctx: Context, worker: Callable[[], Worker], vector_store: VectorStore, collection: str
 ) -> None:

@@ -70,3 +70,20 @@ def test_migrations_must_be_ordered(empty_db_url: str) -> None:
     shuffled = (Migration(2, "b", ()), Migration(1, "a", ()))
     with psycopg.connect(empty_db_url) as conn, pytest.raises(ValueError, match="ascending"):
         apply_migrations(conn, shuffled)
+
+
+def test_migration_2_gives_existing_collections_row_fingerprints(empty_db_url: str) -> None:
+    with psycopg.connect(empty_db_url) as conn:
+        apply_migrations(conn, MIGRATIONS[:1])
+        # A collection table as Forge created them before migration 2.
+        conn.execute(
+            "CREATE TABLE coll_old (id text PRIMARY KEY, text text, metadata jsonb NOT NULL"
+            " DEFAULT '{}', embedding vector(3) NOT NULL, model text,"
+            " updated_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute("INSERT INTO forge_collections VALUES ('old', 'coll_old', 3, 'm')")
+        conn.execute("INSERT INTO coll_old (id, text, embedding) VALUES ('a', 'x', '[1,0,0]')")
+        conn.commit()
+        assert 2 in apply_migrations(conn)
+        row = conn.execute("SELECT id, model_version, text_hash FROM coll_old").fetchone()
+    assert row == ("a", None, None)

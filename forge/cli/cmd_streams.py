@@ -60,11 +60,11 @@ def parse_events(data: bytes) -> list[dict[str, Any]]:
 def validate_for_stream(keys: Keys, stream: str, items: list[dict[str, Any]]) -> list[bytes]:
     """Each item as a validated payload for ``stream`` (or a priority lane of it)."""
     short = keys.short(keys.lane_of(stream)[0])
-    event_type = INPUT_STREAM_EVENTS.get(short)
-    if event_type is None:
+    event_types = INPUT_STREAM_EVENTS.get(short)
+    if event_types is None:
         known = ", ".join(keys.resolve(s) for s in INPUT_STREAM_EVENTS)
         raise ConfigError(f"{stream!r} is not an input stream (known: {known})")
-    decoder = Decoder(event_type)
+    decoder = Decoder(event_types[0], event_types[1:])
     payloads = []
     for index, item in enumerate(items):
         item.setdefault("created_at", utcnow().isoformat())

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from forge import __version__
 from forge.cli.argtypes import port, positive_int, positive_seconds, vector, version_number
-from forge.settings import Settings
+from forge.settings import STORAGE_TYPES, Settings
 
 EXIT_USAGE = 2
 # The stores ``forge backup`` covers (``forge.backup.manifest.PART_NAMES``, not imported:
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         _status,
         _dlq,
         _search,
+        _collections,
         _models,
         _tune,
         _predict,
@@ -164,6 +165,53 @@ def _search(sub: Any) -> None:
     search.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE")
     search.add_argument("--json", action="store_true")
     search.set_defaults(run=Lazy("cmd_search", "run_search"))
+
+
+def _collections(sub: Any) -> None:
+    collections = sub.add_parser("collections", help="vector store collections and versions")
+    commands = collections.add_subparsers(dest="collections_command", required=True)
+    listing = commands.add_parser("list", help="each collection: versions, rows, model, size")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=Lazy("cmd_collections", "run_list"))
+    show = commands.add_parser("show", help="a collection's versions in full")
+    show.add_argument("collection")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=Lazy("cmd_collections", "run_show"))
+    reembed = commands.add_parser(
+        "reembed", help="build a new version with a model, switch to it when complete"
+    )
+    reembed.add_argument("collection")
+    reembed.add_argument("--model", help="embedding model (default: the collection's)")
+    reembed.add_argument(
+        "--batch-records", type=positive_int, metavar="N", help="records per backfill batch"
+    )
+    reembed.add_argument("--storage", choices=STORAGE_TYPES, help="the new version's column type")
+    reembed.add_argument("--wait", action="store_true", help="wait until the backfill is planned")
+    reembed.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="S")
+    reembed.set_defaults(run=Lazy("cmd_collections", "run_reembed"))
+    load = commands.add_parser(
+        "load", help="a new collection's first load from JSON lines, HNSW index built once"
+    )
+    load.add_argument("collection")
+    load.add_argument(
+        "file", help="JSON lines, one new-data record each ({id, text|vector, metadata})"
+    )
+    load.add_argument("--model", help="embedding model for texts (default FORGE_EMBEDDING_MODEL)")
+    load.add_argument(
+        "--index-memory", type=positive_int, metavar="MB", help="maintenance_work_mem"
+    )
+    load.add_argument("--index-workers", type=positive_int, default=2, metavar="N")
+    load.add_argument(
+        "--storage", choices=STORAGE_TYPES, help="column type (default FORGE_VECTOR_STORAGE)"
+    )
+    load.set_defaults(run=Lazy("cmd_collections", "run_load"))
+    rollback = commands.add_parser("rollback", help="switch back to the previous version")
+    rollback.add_argument("collection")
+    rollback.set_defaults(run=Lazy("cmd_collections", "run_rollback"))
+    drop = commands.add_parser("drop-version", help="delete a version that is not active")
+    drop.add_argument("collection")
+    drop.add_argument("version", type=positive_int)
+    drop.set_defaults(run=Lazy("cmd_collections", "run_drop_version"))
 
 
 def _models(sub: Any) -> None:

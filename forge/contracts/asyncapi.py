@@ -27,12 +27,12 @@ from forge.keys import Keys
 
 ASYNCAPI_VERSION = "3.1.0"
 # Output streams (short names) and the event type each carries; inputs are in events.py.
-OUTPUT_STREAM_EVENTS: dict[str, type[Event]] = {
-    "completions": Completion,
-    "model-versions": ModelVersion,
-    "dead-letter": DeadLetter,
-    "training-progress": TrainingProgress,
-    "predictions": Prediction,
+OUTPUT_STREAM_EVENTS: dict[str, tuple[type[Event], ...]] = {
+    "completions": (Completion,),
+    "model-versions": (ModelVersion,),
+    "dead-letter": (DeadLetter,),
+    "training-progress": (TrainingProgress,),
+    "predictions": (Prediction,),
 }
 
 _DESCRIPTION = """\
@@ -47,7 +47,8 @@ their own consumer group. Stream names start with a configurable prefix
 """
 
 _CHANNEL_DESCRIPTIONS = {
-    "new-data": "Records to embed and upsert into a collection.",
+    "new-data": "Records to embed and upsert into a collection; requests to re-embed "
+    "one, and the batches of its backfill.",
     "training-requests": "Requests to train (or retrain) a model over a collection. This "
     "stream is the `normal` lane of the training queue; `training-requests:high` and "
     "`training-requests:low` are the other two, carrying the same messages. Workers take "
@@ -74,8 +75,8 @@ def _camel(name: str) -> str:
     return head + "".join(part.capitalize() for part in rest)
 
 
-def stream_events(keys: Keys) -> dict[str, type[Event]]:
-    """Full stream name -> the event type it carries, inputs first."""
+def stream_events(keys: Keys) -> dict[str, tuple[type[Event], ...]]:
+    """Full stream name -> the event types it carries, inputs first."""
     by_short = {**INPUT_STREAM_EVENTS, **OUTPUT_STREAM_EVENTS}
     streams = (*keys.input_streams, *keys.output_streams)
     return {stream: by_short[keys.short(stream)] for stream in streams}
@@ -92,7 +93,7 @@ def _message(cls: type[Event]) -> dict[str, Any]:
     }
 
 
-def _channel(keys: Keys, stream: str, cls: type[Event]) -> dict[str, Any]:
+def _channel(keys: Keys, stream: str, classes: tuple[type[Event], ...]) -> dict[str, Any]:
     short = keys.short(stream)
     return {
         "address": stream,
@@ -100,11 +101,14 @@ def _channel(keys: Keys, stream: str, cls: type[Event]) -> dict[str, Any]:
         "description": _CHANNEL_DESCRIPTIONS[short],
         "messages": {
             _camel(event_type_name(cls)): {"$ref": f"#/components/messages/{cls.__name__}"}
+            for cls in classes
         },
     }
 
 
-def _operation(keys: Keys, stream: str, cls: type[Event]) -> tuple[str, dict[str, Any]]:
+def _operation(
+    keys: Keys, stream: str, classes: tuple[type[Event], ...]
+) -> tuple[str, dict[str, Any]]:
     short = keys.short(stream)
     channel = _camel(short)
     inbound = stream in keys.input_streams
@@ -118,7 +122,10 @@ def _operation(keys: Keys, stream: str, cls: type[Event]) -> tuple[str, dict[str
         "action": action,
         "channel": {"$ref": f"#/channels/{channel}"},
         "summary": how,
-        "messages": [{"$ref": f"#/channels/{channel}/messages/{_camel(event_type_name(cls))}"}],
+        "messages": [
+            {"$ref": f"#/channels/{channel}/messages/{_camel(event_type_name(cls))}"}
+            for cls in classes
+        ],
     }
     return f"{action}{channel[0].upper()}{channel[1:]}", operation
 

@@ -79,6 +79,10 @@ DESCRIPTIONS: dict[str, str] = {
     "hnsw_ef_search": "HNSW candidate list of a search (pgvector `hnsw.ef_search`, 1-1000), "
     "raised to k for larger k. Higher: better recall, slower searches; applies to every "
     "collection.",
+    "vector_storage": "Column type of collections created from then on: `vector` "
+    "(float32) or `halfvec` (float16: half the size on disk and in memory, recall about "
+    "the same; see docs/benchmarks.md). Existing collections keep theirs; re-embed one "
+    "to change it.",
     "home_dir": "Forge's data folder: embedded servers' data, and the default for the "
     "folders below.",
     "model_dir": "Downloaded and trained models.",

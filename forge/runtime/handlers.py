@@ -79,6 +79,8 @@ class HandlerSpec(Generic[E]):
     hands it (default ``MAX_BATCH_SIZE``). ``concurrency`` above 1 runs that many of
     its batches at once, each in a thread of its own beside the worker loop
     (``forge.runtime.slots``): ``handle`` must then be safe to call from several threads.
+    ``also``: other event types the stream carries, told apart by their ``type``
+    tag; the handler gets those too.
     """
 
     stream: str
@@ -87,6 +89,7 @@ class HandlerSpec(Generic[E]):
     name: str = ""
     max_batch_size: int | None = None
     concurrency: int = 1
+    also: tuple[type[Event], ...] = ()
 
 
 @dataclass(slots=True)

@@ -74,7 +74,7 @@ class BatchProcessor:
         self.ctx = ctx
         self.spec = spec
         self.retrier = retrier
-        self.decoder: Decoder[Any] = Decoder(spec.event_type)
+        self.decoder: Decoder[Any] = Decoder(spec.event_type, spec.also)
         self.settler = Settler(ctx)
         self._clock = clock
         self._observer = ctx.observer if observer is None else observer

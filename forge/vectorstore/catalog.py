@@ -9,6 +9,7 @@ import psycopg
 from psycopg import sql
 
 from forge.errors import InvalidEvent
+from forge.vectorstore import versions
 from forge.vectorstore.migrations import COLLECTION_LOCK_CLASS
 from forge.vectorstore.naming import index_name, table_name, validate_name
 from forge.vectorstore.types import Collection, IndexOptions
@@ -17,7 +18,10 @@ from forge.vectorstore.types import Collection, IndexOptions
 MAX_INDEXED_DIMENSION = 2000
 PGVECTOR_DEFAULTS = IndexOptions()
 
-_SELECT = "SELECT name, table_name, dimension, model FROM forge_collections WHERE name = %s"
+_SELECT = (
+    "SELECT name, table_name, dimension, model, active_version, storage FROM forge_collections"
+    " WHERE name = %s"
+)
 
 
 def get_collection(conn: psycopg.Connection[Any], name: str) -> Collection | None:
@@ -31,6 +35,8 @@ def ensure_collection(
     dimension: int,
     model: str | None,
     index: IndexOptions = PGVECTOR_DEFAULTS,
+    *,
+    with_index: bool = True,
 ) -> Collection:
     """Return collection ``name``, creating it (table and ``index``) on first use.
 
@@ -48,7 +54,9 @@ def ensure_collection(
             conn.execute(
                 "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", [COLLECTION_LOCK_CLASS, name]
             )
-            existing = get_collection(conn, name) or _create(conn, name, dimension, model, index)
+            existing = get_collection(conn, name) or _create(
+                conn, name, dimension, model, index, with_index=with_index
+            )
     check_dimension(existing, dimension)
     return existing
 
@@ -67,7 +75,9 @@ def drop_collection(conn: psycopg.Connection[Any], name: str) -> bool:
         existing = get_collection(conn, name)
         if existing is None:
             return False
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(existing.table)))
+        tables = {existing.table, *(v.table for v in versions.list_versions(conn, name))}
+        for table in sorted(tables):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
         conn.execute("DELETE FROM forge_collections WHERE name = %s", [name])
     return True
 
@@ -85,9 +95,31 @@ def _create(
     dimension: int,
     model: str | None,
     index: IndexOptions,
+    *,
+    with_index: bool = True,
 ) -> Collection:
-    collection = Collection(name, table_name(name), dimension, model)
-    table = sql.Identifier(collection.table)
+    collection = Collection(name, table_name(name), dimension, model, 1, index.storage)
+    create_table(conn, collection.table, dimension, index, with_index=with_index)
+    conn.execute(
+        "INSERT INTO forge_collections (name, table_name, dimension, model, storage)"
+        " VALUES (%s, %s, %s, %s, %s)",
+        [name, collection.table, dimension, model, index.storage],
+    )
+    versions.insert(conn, collection, index, "active")
+    return collection
+
+
+def create_table(
+    conn: psycopg.Connection[Any],
+    table_name: str,
+    dimension: int,
+    index: IndexOptions,
+    *,
+    with_index: bool = True,
+) -> None:
+    """A collection version's table and its HNSW cosine index (built later, once,
+    by ``bulk.build_index`` for a bulk load: ``with_index=False``)."""
+    table = sql.Identifier(table_name)
     conn.execute(
         sql.SQL(
             """
@@ -95,27 +127,31 @@ def _create(
                 id text PRIMARY KEY,
                 text text,
                 metadata jsonb NOT NULL DEFAULT '{{}}',
-                embedding vector({dimension}) NOT NULL,
+                embedding {storage}({dimension}) NOT NULL,
                 model text,
-                updated_at timestamptz NOT NULL DEFAULT now()
+                updated_at timestamptz NOT NULL DEFAULT now(),
+                model_version text,
+                text_hash text
             )
             """
-        ).format(table=table, dimension=sql.Literal(dimension))
+        ).format(table=table, dimension=sql.Literal(dimension), storage=sql.SQL(index.storage))
     )
-    conn.execute(
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {index} ON {table} USING hnsw (embedding vector_cosine_ops)"
-            " WITH (m = {m}, ef_construction = {ef_construction})"
-        ).format(
-            index=sql.Identifier(index_name(collection.table)),
-            table=table,
-            m=sql.Literal(index.m),
-            ef_construction=sql.Literal(index.ef_construction),
-        )
+    if with_index:
+        conn.execute(index_statement(table_name, index))
+
+
+def index_statement(
+    table_name: str, index: IndexOptions, *, concurrently: bool = False
+) -> sql.Composed:
+    """``CREATE INDEX`` of a collection table's HNSW cosine index."""
+    return sql.SQL(
+        "CREATE INDEX {how} IF NOT EXISTS {index} ON {table} USING hnsw"
+        " (embedding {operators}) WITH (m = {m}, ef_construction = {ef_construction})"
+    ).format(
+        how=sql.SQL("CONCURRENTLY" if concurrently else ""),
+        operators=sql.SQL(f"{index.storage}_cosine_ops"),
+        index=sql.Identifier(index_name(table_name)),
+        table=sql.Identifier(table_name),
+        m=sql.Literal(index.m),
+        ef_construction=sql.Literal(index.ef_construction),
     )
-    conn.execute(
-        "INSERT INTO forge_collections (name, table_name, dimension, model)"
-        " VALUES (%s, %s, %s, %s)",
-        [name, collection.table, dimension, model],
-    )
-    return collection

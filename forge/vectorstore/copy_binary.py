@@ -8,16 +8,18 @@ and each row only concatenates ready-made pieces.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import msgspec
 import numpy as np
 import numpy.typing as npt
 
+from forge.vectorstore.content import hash_bytes
 from forge.vectorstore.types import InvalidWrite, Row, Vector
 
 # Column order of the staging table (see ``STAGING_COLUMNS``).
-STAGING_COLUMNS = ("id", "text", "metadata", "embedding", "model")
+STAGING_COLUMNS = ("id", "text", "metadata", "embedding", "model", "model_version", "text_hash")
 _SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + struct.pack("!ii", 0, 0)
 _TRAILER = struct.pack("!h", -1)
 _FIELD_COUNT = struct.pack("!h", len(STAGING_COLUMNS))
@@ -65,14 +67,27 @@ def _encode_range(
     for offset, row in enumerate(rows[start:stop]):
         append(_FIELD_COUNT)
         append(_text(row.id, row))
-        append(_NULL if row.text is None else _text(row.text, row))
+        if row.text is None:
+            text_field = digest = _NULL
+        else:
+            data = _utf8(row.text, row)
+            text_field = _length.pack(len(data)) + data
+            digest = _text(hash_bytes(data), row)
+        append(text_field)
         append(_jsonb(row))
         append(block[offset * width : (offset + 1) * width])
         append(_NULL if row.model is None else _text(row.model, row))
+        append(_NULL if row.model_version is None else _text(row.model_version, row))
+        append(digest)
     return b"".join(parts)
 
 
 def _text(value: str, row: Row) -> bytes:
+    data = _utf8(value, row)
+    return _length.pack(len(data)) + data
+
+
+def _utf8(value: str, row: Row) -> bytes:
     try:
         data = value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -80,23 +95,32 @@ def _text(value: str, row: Row) -> bytes:
     if b"\x00" in data:
         # PostgreSQL text cannot hold NUL; name the event so the caller can drop it.
         raise InvalidWrite.of_row(row, "NUL character in text")
-    return _length.pack(len(data)) + data
+    return data
 
 
 def _jsonb(row: Row) -> bytes:
     if not row.metadata:
         return _EMPTY_JSONB
+    data = metadata_json(row.metadata, row.id, row.event_id)
+    return _length.pack(len(data) + 1) + _JSONB_VERSION + data
+
+
+def metadata_json(metadata: Mapping[str, Any], record_id: str, event_id: str) -> bytes:
+    """``metadata`` as JSON; ``InvalidWrite`` naming the record when PostgreSQL (or a
+    later reader) could not take it."""
     try:
-        data = _json.encode(row.metadata)
+        data = _json.encode(metadata)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidWrite.of_row(row, f"metadata is not JSON: {exc}") from exc
+        raise InvalidWrite.of_record(record_id, event_id, f"metadata is not JSON: {exc}") from exc
     if b"\\u0000" in data:
-        raise InvalidWrite.of_row(row, "NUL character in metadata")
+        raise InvalidWrite.of_record(record_id, event_id, "NUL character in metadata")
     # Counting brackets is cheap and bounds the depth from above; only then walk it.
     nesting = data.count(b"[") + data.count(b"{")
-    if nesting > MAX_METADATA_DEPTH and _depth(row.metadata) > MAX_METADATA_DEPTH:
-        raise InvalidWrite.of_row(row, f"metadata nested deeper than {MAX_METADATA_DEPTH} levels")
-    return _length.pack(len(data) + 1) + _JSONB_VERSION + data
+    if nesting > MAX_METADATA_DEPTH and _depth(metadata) > MAX_METADATA_DEPTH:
+        raise InvalidWrite.of_record(
+            record_id, event_id, f"metadata nested deeper than {MAX_METADATA_DEPTH} levels"
+        )
+    return data
 
 
 def _depth(value: object) -> int:

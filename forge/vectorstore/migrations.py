@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import structlog
+from psycopg import sql
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +33,39 @@ class Migration:
     version: int
     name: str
     steps: tuple[Step, ...]
+
+
+def _add_row_fingerprints(conn: psycopg.Connection[Any]) -> None:
+    """Give every collection table the model version and text hash columns. Rows
+    written before have neither (NULL): they are embedded again on their next upsert,
+    rather than having this migration hash every text of every collection."""
+    for (table,) in conn.execute("SELECT table_name FROM forge_collections").fetchall():
+        conn.execute(
+            sql.SQL(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS model_version text,"
+                " ADD COLUMN IF NOT EXISTS text_hash text"
+            ).format(sql.Identifier(table))
+        )
+
+
+def _version_existing_collections(conn: psycopg.Connection[Any]) -> None:
+    """Record each collection's table as its version 1, the active one, with the HNSW
+    parameters its index was built with (pgvector's defaults where none were set)."""
+    rows = conn.execute("SELECT name, table_name, dimension, model FROM forge_collections")
+    for name, table, dimension, model in rows.fetchall():
+        m, ef_construction = _index_parameters(conn, f"{table}_embedding_hnsw")
+        conn.execute(
+            "INSERT INTO forge_collection_versions (collection, version, table_name, model,"
+            " dimension, hnsw_m, hnsw_ef_construction, state, activated_at)"
+            " VALUES (%s, 1, %s, %s, %s, %s, %s, 'active', now())",
+            [name, table, model, dimension, m, ef_construction],
+        )
+
+
+def _index_parameters(conn: psycopg.Connection[Any], index: str) -> tuple[int, int]:
+    row = conn.execute("SELECT reloptions FROM pg_class WHERE relname = %s", [index]).fetchone()
+    options = dict(o.split("=", 1) for o in (row[0] if row and row[0] else []))
+    return int(options.get("m", 16)), int(options.get("ef_construction", 64))
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -64,7 +98,42 @@ MIGRATIONS: tuple[Migration, ...] = (
             " ON forge_processed_events (processed_at)",
         ),
     ),
+    Migration(2, "row model versions and text hashes", (_add_row_fingerprints,)),
+    Migration(
+        3,
+        "collection versions",
+        (
+            """
+            CREATE TABLE forge_collection_versions (
+                collection text NOT NULL REFERENCES forge_collections (name) ON DELETE CASCADE,
+                version integer NOT NULL CHECK (version > 0),
+                table_name text NOT NULL UNIQUE,
+                model text,
+                dimension integer NOT NULL CHECK (dimension > 0),
+                hnsw_m integer NOT NULL,
+                hnsw_ef_construction integer NOT NULL,
+                state text NOT NULL CHECK (state IN ('active', 'building', 'retired')),
+                -- A building version's backfill: batches planned and written so far.
+                batches_total integer NOT NULL DEFAULT 0,
+                batches_done integer NOT NULL DEFAULT 0,
+                storage text NOT NULL DEFAULT 'vector' CHECK (storage IN ('vector', 'halfvec')),
+                created_at timestamptz NOT NULL DEFAULT now(),
+                activated_at timestamptz,
+                PRIMARY KEY (collection, version)
+            )
+            """,
+            # One active and at most one building version per collection.
+            "CREATE UNIQUE INDEX forge_collection_versions_one_active"
+            " ON forge_collection_versions (collection) WHERE state = 'active'",
+            "CREATE UNIQUE INDEX forge_collection_versions_one_building"
+            " ON forge_collection_versions (collection) WHERE state = 'building'",
+            "ALTER TABLE forge_collections ADD COLUMN active_version integer NOT NULL DEFAULT 1,"
+            " ADD COLUMN storage text NOT NULL DEFAULT 'vector'",
+            _version_existing_collections,
+        ),
+    ),
 )
+
 
 _CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS forge_schema_migrations (

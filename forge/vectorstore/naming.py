@@ -21,6 +21,9 @@ TABLE_PREFIX = "coll_"
 _MAX_PLAIN_NAME = 40
 _SANITISED_PART = 30
 _HASH_CHARS = 10
+# "coll_" + 24 + "_" + 8 + "_v" + up to 6 digits + "_embedding_hnsw" <= 63 bytes.
+_VERSIONED_PART = 24
+_VERSION_HASH_CHARS = 8
 _PLAIN = re.compile(r"[a-z_][a-z0-9_]*")
 # The contract's pattern ends in "$", which also matches before a trailing newline;
 # full-matching it here closes that gap.
@@ -52,6 +55,17 @@ def table_name(name: str) -> str:
     sanitised = _UNSAFE.sub("_", name.lower())[:_SANITISED_PART]
     digest = hashlib.sha256(name.encode()).hexdigest()[:_HASH_CHARS]
     return f"{TABLE_PREFIX}{sanitised}_{digest}"
+
+
+def version_table_name(name: str, version: int) -> str:
+    """The table holding version ``version`` of collection ``name``: version 1 is the
+    collection's first table (``table_name``); later ones carry the version and a hash
+    of the exact name, kept short enough for the index name's 63 bytes."""
+    if version == 1:
+        return table_name(name)
+    sanitised = _UNSAFE.sub("_", name.lower())[:_VERSIONED_PART]
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_VERSION_HASH_CHARS]
+    return f"{TABLE_PREFIX}{sanitised}_{digest}_v{version}"
 
 
 def index_name(table: str) -> str:

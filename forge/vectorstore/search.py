@@ -18,10 +18,10 @@ DEFAULT_EF_SEARCH = 40
 _MAX_EF_SEARCH = 1000
 
 _SEARCH = """
-SELECT id, text, metadata, 1 - (embedding <=> %(query)s) AS score
+SELECT id, text, metadata, 1 - (embedding <=> %(query)s::{storage}) AS score
 FROM {table}
 {where}
-ORDER BY embedding <=> %(query)s
+ORDER BY embedding <=> %(query)s::{storage}
 LIMIT %(k)s
 """
 
@@ -44,7 +44,12 @@ def search(
     filtering only its first candidates.
     """
     where = sql.SQL("WHERE metadata @> %(filters)s") if filters else sql.SQL("")
-    query = sql.SQL(_SEARCH).format(table=sql.Identifier(collection.table), where=where)
+    query = sql.SQL(_SEARCH).format(
+        table=sql.Identifier(collection.table),
+        where=where,
+        # The column's own type, so that the index serves the ordering.
+        storage=sql.SQL("halfvec" if collection.storage == "halfvec" else "vector"),
+    )
     params = {"query": np.asarray(vector, dtype=np.float32), "k": k, "filters": Jsonb(filters)}
     with conn.transaction():
         candidates = ef_search_for(k, ef_search)
@@ -64,10 +69,13 @@ def fetch(
     conn: psycopg.Connection[Any], collection: Collection, ids: Iterable[str]
 ) -> dict[str, StoredRecord]:
     query = sql.SQL(
-        "SELECT id, text, metadata, embedding, model, updated_at FROM {} WHERE id = ANY(%s)"
+        "SELECT id, text, metadata, embedding, model, updated_at, model_version, text_hash"
+        " FROM {} WHERE id = ANY(%s)"
     ).format(sql.Identifier(collection.table))
     rows = conn.execute(query, [list(ids)]).fetchall()
-    return {r[0]: StoredRecord(r[0], r[1], r[2], _as_array(r[3]), r[4], r[5]) for r in rows}
+    return {
+        r[0]: StoredRecord(r[0], r[1], r[2], _as_array(r[3]), r[4], r[5], r[6], r[7]) for r in rows
+    }
 
 
 def count(conn: psycopg.Connection[Any], collection: Collection) -> int:

@@ -7,8 +7,9 @@ Forge's runtime treats as transient.
 
 from __future__ import annotations
 
-import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any
 
@@ -18,13 +19,28 @@ import structlog
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
+from forge.errors import PermanentError
 from forge.settings import Settings
-from forge.vectorstore import catalog, scan, search, writer
+from forge.vectorstore import (
+    bulk,
+    catalog,
+    content,
+    inventory,
+    rebuild,
+    scan,
+    search,
+    versions,
+    writer,
+)
+from forge.vectorstore.inventory import CollectionInfo
+from forge.vectorstore.lifecycle import VersionLifecycle
 from forge.vectorstore.migrations import migrate
 from forge.vectorstore.naming import validate_name
+from forge.vectorstore.rebuild import VersionsChanged
 from forge.vectorstore.types import (
     Collection,
     CollectionNotFound,
+    Fingerprint,
     Hit,
     IndexOptions,
     InvalidWrite,
@@ -33,11 +49,20 @@ from forge.vectorstore.types import (
     Snapshot,
     StoredRecord,
     Vector,
+    VersionWrites,
     Write,
     WriteResult,
 )
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BulkLoadResult:
+    rows: int
+    load_s: float
+    index_s: float
+
 
 # pgvector's iterative index scans (filtered search that still returns k rows).
 _ITERATIVE_SCAN_SINCE = (0, 8)
@@ -79,9 +104,8 @@ class VectorStore:
             kwargs={"autocommit": True, "connect_timeout": connect_timeout_s},
             name="forge-vectorstore",
         )
-        self._collections: dict[str, Collection] = {}
-        self._lock = threading.Lock()
         self._iterative_scan = False
+        self.versions = VersionLifecycle(self._pool, self._index)
 
     @classmethod
     def from_settings(cls, url: str, settings: Settings, **pool: Any) -> VectorStore:
@@ -128,25 +152,52 @@ class VectorStore:
 
     def ensure_collection(self, name: str, dimension: int, model: str | None = None) -> Collection:
         """Create collection ``name`` if needed; ``InvalidEvent`` on a dimension clash."""
-        cached = self._cached(name)
-        if cached is not None:
-            catalog.check_dimension(cached, dimension)
-            return cached
         with self._pool.connection() as conn:
-            created = catalog.ensure_collection(conn, name, dimension, model, self._index)
-            return self._remember(created)
+            return catalog.ensure_collection(conn, name, dimension, model, self._index)
 
     def collection(self, name: str) -> Collection | None:
-        cached = self._cached(validate_name(name))
-        if cached is not None:
-            return cached
+        # Read every time, never cached: a re-embedding switches the active version
+        # under every process at once.
         with self._pool.connection() as conn:
-            found = catalog.get_collection(conn, name)
-        return self._remember(found) if found else None
+            return catalog.get_collection(conn, validate_name(name))
+
+    def describe(self, name: str) -> CollectionInfo:
+        """Collection ``name``'s versions, rows, model, index and size on disk;
+        ``CollectionNotFound`` when there is none."""
+        with self._pool.connection() as conn:
+            found = catalog.get_collection(conn, validate_name(name))
+            if found is None:
+                raise CollectionNotFound(f"collection {name!r} does not exist")
+            return inventory.describe(conn, found)
+
+    def describe_all(self) -> list[CollectionInfo]:
+        """Every collection, as ``describe`` tells it, by name."""
+        with self._pool.connection() as conn:
+            names = inventory.collection_names(conn)
+            found = [catalog.get_collection(conn, name) for name in names]
+            return [inventory.describe(conn, c) for c in found if c is not None]
+
+    def bulk_load(
+        self,
+        name: str,
+        dimension: int,
+        model: str | None,
+        chunks: Iterable[Sequence[Row]],
+        build: bulk.IndexBuild,
+        storage: str | None = None,
+    ) -> BulkLoadResult:
+        """A new collection's first load: rows copied without the HNSW index, which is
+        then built once (see ``bulk``); ``PermanentError`` if it has rows already."""
+        with self._pool.connection() as conn:
+            index = replace(self._index, storage=storage or self._index.storage)
+            target = bulk.create_unindexed(conn, validate_name(name), dimension, model, index)
+            started = time.perf_counter()
+            rows = bulk.load(conn, target, chunks)
+            loaded = time.perf_counter()
+            bulk.build_index(conn, target, index, build)
+            return BulkLoadResult(rows, loaded - started, time.perf_counter() - loaded)
 
     def drop_collection(self, name: str) -> bool:
-        with self._lock:
-            self._collections.pop(name, None)
         with self._pool.connection() as conn:
             return catalog.drop_collection(conn, validate_name(name))
 
@@ -170,6 +221,8 @@ class VectorStore:
         *,
         model: str | None = None,
         results: Mapping[str, Mapping[str, Any]] | None = None,
+        version: int | None = None,
+        building: VersionWrites | None = None,
     ) -> WriteResult:
         """Apply ``writes`` (upserts and deletes, in order) exactly once per event.
 
@@ -180,24 +233,32 @@ class VectorStore:
         from the vector, ``model`` or the row's model recorded). Raises
         ``InvalidWrite`` (an ``InvalidEvent``) naming the offending event; nothing
         of the batch is written then.
+
+        ``version``: the active version ``writes`` were made for; ``building``: the
+        same writes for the version being built (embedded by its model). While a
+        version is being built every write goes to both; ``VersionsChanged`` (a
+        transient error) when the versions are no longer those, so the caller makes
+        its writes again for the new ones.
         """
         name = validate_name(collection)
         writer.check_batch(writes, event_ids)
         if not event_ids:
             return WriteResult(processed=[], duplicates={}, upserted=0, deleted=0)
         rows = [write for write in writes if isinstance(write, Row)]
-        with self._pool.connection() as conn:
-            existing = self._existing(conn, name)
+        with self._pool.connection() as conn, conn.transaction():
+            # Held to the commit: a version is not created or switched meanwhile.
+            existing = rebuild.lock_catalog(conn, name)
+            if existing is not None and version is not None and existing.version != version:
+                raise VersionsChanged(f"collection {name!r} switched to version {existing.version}")
             if rows:
                 dimension = existing.dimension if existing else _dimension_of(rows[0])
                 writer.check_rows(rows, dimension)
-            with conn.transaction():
-                # Created in the write's transaction: a batch rejected while it is
-                # written (a NUL in a text) must not leave an empty collection behind.
-                target = existing or self._create_for(conn, name, rows, model)
-                result = writer.write_claimed(conn, target, writes, event_ids, scope, results)
-        if target is not None:
-            self._remember(target)  # only once committed: a rollback undid the creation
+            # Created in the write's transaction: a batch rejected while it is
+            # written (a NUL in a text) must not leave an empty collection behind.
+            target = existing or self._create_for(conn, name, rows, model)
+            result = writer.write_claimed(conn, target, writes, event_ids, scope, results)
+            if existing is not None:
+                _write_building(conn, name, building, set(result.processed), version)
         return result
 
     def prune_processed(self, older_than_s: float, scope: str | None = None) -> int:
@@ -222,20 +283,36 @@ class VectorStore:
         """Up to ``k`` records nearest to ``vector`` (cosine), best first; see ``search``."""
         if k <= 0:
             return []
+        for attempt in (1, 2):
+            target = self.collection(collection)
+            if target is None:
+                return []
+            catalog.check_dimension(target, int(np.size(vector)))
+            try:
+                with self._pool.connection() as conn:
+                    return search.search(
+                        conn,
+                        target,
+                        vector,
+                        k,
+                        filters,
+                        ef_search=self._index.ef_search,
+                        iterative_scan=self._iterative_scan,
+                    )
+            except psycopg.errors.UndefinedTable:
+                # The version read was dropped after a switch: read the catalog again.
+                if attempt == 2:
+                    raise
+        return []
+
+    def fingerprints(self, collection: str, ids: Iterable[str]) -> dict[str, Fingerprint]:
+        """What the stored rows among ``ids`` were made from (text hash, model, metadata);
+        ids not stored, or an unknown collection, are left out."""
         target = self.collection(collection)
         if target is None:
-            return []
-        catalog.check_dimension(target, int(np.size(vector)))
+            return {}
         with self._pool.connection() as conn:
-            return search.search(
-                conn,
-                target,
-                vector,
-                k,
-                filters,
-                ef_search=self._index.ef_search,
-                iterative_scan=self._iterative_scan,
-            )
+            return content.fingerprints(conn, target, ids)
 
     def fetch(self, collection: str, ids: Iterable[str]) -> dict[str, StoredRecord]:
         target = self.collection(collection)
@@ -272,13 +349,6 @@ class VectorStore:
             raise CollectionNotFound(f"collection {name!r} does not exist")
         return target
 
-    def _existing(self, conn: psycopg.Connection[Any], name: str) -> Collection | None:
-        cached = self._cached(name)
-        if cached is not None:
-            return cached
-        found = catalog.get_collection(conn, name)
-        return self._remember(found) if found else None
-
     def _create_for(
         self, conn: psycopg.Connection[Any], name: str, rows: Sequence[Row], model: str | None
     ) -> Collection | None:
@@ -290,14 +360,29 @@ class VectorStore:
         model = model or rows[0].model
         return catalog.ensure_collection(conn, name, dimension, model, self._index)
 
-    def _cached(self, name: str) -> Collection | None:
-        with self._lock:
-            return self._collections.get(name)
 
-    def _remember(self, collection: Collection) -> Collection:
-        with self._lock:
-            self._collections[collection.name] = collection
-        return collection
+def _write_building(
+    conn: psycopg.Connection[Any],
+    name: str,
+    building: VersionWrites | None,
+    processed: set[str],
+    version: int | None,
+) -> None:
+    """Apply the writes of the version being built, if there is one."""
+    current = versions.building(conn, name)
+    if current is None:
+        return  # none, or the one written for was dropped
+    if building is None or building.version != current.version:
+        message = f"collection {name!r} is building version {current.version}"
+        if version is None:
+            raise PermanentError(f"{message}: writes must come for both versions")
+        raise VersionsChanged(message)
+    target = Collection(
+        name, current.table, current.dimension, current.model, current.version, current.storage
+    )
+    upserts = [w for w in building.writes if isinstance(w, Row) and w.event_id in processed]
+    writer.check_rows(upserts, current.dimension)
+    writer.apply_writes(conn, target, building.writes, processed)
 
 
 def _dimension_of(row: Row) -> int:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from forge.errors import InvalidEvent, PermanentError
-from forge.settings import Settings, check_hnsw
+from forge.settings import Settings, check_hnsw, check_storage
 
 Vector = npt.NDArray[np.float32]
 JsonObject = dict[str, Any]
@@ -19,7 +19,12 @@ JsonObject = dict[str, Any]
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """Insert or replace record ``id`` on behalf of input event ``event_id``."""
+    """Insert or replace record ``id`` on behalf of input event ``event_id``.
+
+    ``model`` and ``model_version`` name the embedding model (and the hash of its
+    weights) that made the vector from ``text``; the store records them with a hash of
+    the text, so that an unchanged record can be recognised later (``Fingerprint``).
+    """
 
     id: str
     embedding: Vector
@@ -27,6 +32,7 @@ class Row:
     text: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     model: str | None = None
+    model_version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +43,48 @@ class Delete:
     event_id: str
 
 
-Write = Row | Delete
+@dataclass(frozen=True, slots=True)
+class MetadataUpdate:
+    """Replace record ``id``'s metadata, leaving its text and vector alone, on behalf of
+    input event ``event_id``; only while the row is still made from a text with hash
+    ``text_hash`` by model version ``model_version`` (else a racing write replaced it)."""
+
+    id: str
+    event_id: str
+    metadata: Mapping[str, Any]
+    text_hash: str
+    model_version: str
+
+
+Write = Row | Delete | MetadataUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class VersionWrites:
+    """A batch's writes for collection version ``version``, made with its model."""
+
+    version: int
+    writes: Sequence[Write]
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What a stored row was made from: a hash of its text (``None`` without one), the
+    model and its version (``None`` for a ready vector or a row written before they
+    were recorded), and its metadata."""
+
+    text_hash: str | None
+    model: str | None
+    model_version: str | None
+    metadata: JsonObject
+
+    def matches(self, text_hash: str, model: str, model_version: str) -> bool:
+        """Whether embedding a text with ``text_hash`` by that model would remake it."""
+        return (
+            self.text_hash == text_hash
+            and self.model == model
+            and self.model_version == model_version
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +95,36 @@ class Collection:
     table: str
     dimension: int
     model: str | None
+    # The active version, whose table ``table`` is (see ``CollectionVersion``).
+    version: int = 1
+    storage: str = "vector"
+
+
+VersionState = Literal["active", "building", "retired"]
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionVersion:
+    """One version of a collection: its own table of rows embedded by ``model``.
+
+    A collection has one ``active`` version (the one searches and training read), at
+    most one ``building`` (being re-embedded, written beside the active one), and any
+    number of ``retired`` ones (earlier versions kept for a rollback).
+    """
+
+    collection: str
+    version: int
+    table: str
+    model: str | None
+    dimension: int
+    hnsw_m: int
+    hnsw_ef_construction: int
+    state: VersionState
+    created_at: datetime
+    activated_at: datetime | None
+    batches_total: int = 0
+    batches_done: int = 0
+    storage: str = "vector"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +140,21 @@ class IndexOptions:
     m: int = 16
     ef_construction: int = 64
     ef_search: int = 40
+    # The column type of the collections created: "vector" or "halfvec".
+    storage: str = "vector"
 
     def __post_init__(self) -> None:
         check_hnsw(self.m, self.ef_construction, self.ef_search)
+        check_storage(self.storage)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IndexOptions:
-        return cls(settings.hnsw_m, settings.hnsw_ef_construction, settings.hnsw_ef_search)
+        return cls(
+            settings.hnsw_m,
+            settings.hnsw_ef_construction,
+            settings.hnsw_ef_search,
+            settings.vector_storage,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,12 +164,14 @@ class WriteResult:
     ``processed``: event ids whose writes were applied by this call.
     ``duplicates``: event ids that were already recorded for the scope (by an earlier
     call or a racing worker), with the result stored then; their writes were skipped.
+    ``metadata_updated``: rows whose metadata alone was replaced (``MetadataUpdate``).
     """
 
     processed: list[str]
     duplicates: dict[str, JsonObject]
     upserted: int
     deleted: int
+    metadata_updated: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +199,15 @@ class InvalidWrite(InvalidEvent):
     @classmethod
     def of_row(cls, row: Row, problem: str) -> InvalidWrite:
         """``problem`` with ``row``, naming its record and event."""
+        return cls.of_record(row.id, row.event_id, problem)
+
+    @classmethod
+    def of_record(cls, record_id: str, event_id: str, problem: str) -> InvalidWrite:
+        """``problem`` with record ``record_id`` of event ``event_id``."""
         return cls(
-            f"record {row.id!r} of event {row.event_id!r}: {problem}",
-            event_id=row.event_id,
-            record_id=row.id,
+            f"record {record_id!r} of event {event_id!r}: {problem}",
+            event_id=event_id,
+            record_id=record_id,
         )
 
 
@@ -129,6 +221,8 @@ class StoredRecord:
     embedding: Vector
     model: str | None
     updated_at: datetime
+    model_version: str | None = None
+    text_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

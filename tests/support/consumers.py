@@ -65,3 +65,28 @@ def register_crash_after_register(registry: HandlerRegistry, ctx: Context) -> No
 
     spec = HandlerSpec("training-requests", TrainingRequest, handle, max_batch_size=1)
     registry.register(spec)
+
+
+def register_crash_in_backfill(registry: HandlerRegistry, ctx: Context) -> None:
+    """The real handlers, one new-data entry per read, but the process dies right after
+    re-embedding batch ``TEST_CRASH_BATCH`` is committed and before the runtime can ack
+    it: a worker killed mid-backfill, in the window where a batch could count twice."""
+    import signal
+
+    from consumers import register
+    from forge.events import ReembedBatch
+
+    inner = HandlerRegistry()
+    register(inner, ctx)
+    real = inner.get("new-data")
+    crash_at = int(os.environ["TEST_CRASH_BATCH"])
+
+    def handle(messages: Sequence[Message[NewData]]) -> Sequence[Outcome] | None:
+        outcomes = real.handle(messages)
+        batches = [m.event for m in messages if isinstance(m.event, ReembedBatch)]
+        if any(batch.batch == crash_at for batch in batches):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return outcomes
+
+    spec = HandlerSpec("new-data", NewData, handle, max_batch_size=1, also=real.also)
+    registry.register(spec)

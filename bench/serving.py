@@ -17,8 +17,10 @@ versions as a worker would: ``digits`` on scikit-learn's digits (64-d vectors) a
   --stream predict-requests`` (decode, route, batch, predict, one prediction event and
   completion each, markers and acks in one transaction), against a hand-written
   raw redis-py loop doing the least the job needs (XREADGROUP 32, decode, one
-  ``model.predict`` per read, XADD the answers, XACK) with the same model. Target
-  >= 0.8x.
+  ``model.predict`` per read, XADD the answers, XACK) with the same model, and against
+  the same loop also doing the Redis writes Forge makes per request (done marker,
+  completion, prediction record and counters). Target >= 0.8x of the first. Run for
+  ``digits`` (vectors) and then ``tickets`` (``--text-rows`` texts, embedded per read).
 * **Text**: 32-text bodies to ``forge serve`` (embedding + predict in the engine)
   against bare ``embedder.encode`` + ``model.predict`` on 32-text batches in this
   process. Target >= 0.9x rows/s.
@@ -186,105 +188,143 @@ def _bare_text_rows_s(settings: Settings, warm: list[str], batches: list[list[st
 def stream_comparison(
     settings: Settings, folder: Path, args: argparse.Namespace
 ) -> list[list[str]]:
+    """Vector requests (``digits``: a model call of 32 rows takes tens of microseconds,
+    so Redis work dominates), then text requests (``tickets``: the embedding model does
+    real work per request, as most served models do)."""
     client = redis.Redis.from_url(str(settings.redis_url))
     vectors, _ = digits_rows()
-    raw = _raw_loop_rows_s(settings, client, vectors, args.stream_requests)
-    same = _raw_loop_rows_s(settings, client, vectors, args.stream_requests, same_work=True)
-    forge = _forge_stream_rows_s(settings, client, vectors, args.stream_requests, folder)
-    return [
-        ["raw redis-py loop + model.predict", f"{raw:,.0f} predictions/s", "", "", ""],
-        ["raw loop doing Forge's Redis work", f"{same:,.0f} predictions/s", "", "", ""],
-        ["forge worker --stream predict-requests", f"{forge:,.0f} predictions/s", "", "", ""],
-        ["ratio (stream)", f"{forge / raw:.2f}x", "", "", ""],
-        ["ratio (stream, same work)", f"{forge / same:.2f}x", "", "", ""],
-    ]
+    digits = [{"vector": v} for v in vectors.tolist()]
+    texts, _ = ticket_texts(args.text_rows)
+    tickets = [{"text": t} for t in texts]
+    rows: list[list[str]] = []
+    for model, inputs, n in ((VECTOR_MODEL, digits, args.stream_requests),
+                             (TEXT_MODEL, tickets, len(tickets))):  # fmt: skip
+        stream = _Stream(settings, client, model, inputs)
+        raw = stream.raw_rows_s(n, "raw")
+        same = stream.raw_rows_s(n, "same")
+        forge = stream.forge_rows_s(n, folder)
+        rows += [
+            [f"raw redis-py loop + predict ({model})", f"{raw:,.0f} predictions/s"],
+            [f"raw loop doing Forge's Redis work ({model})", f"{same:,.0f} predictions/s"],
+            [f"forge worker --stream predict-requests ({model})", f"{forge:,.0f} predictions/s"],
+            [f"ratio (stream, {model})", f"{forge / raw:.2f}x"],
+            [f"ratio (stream, {model}, same work)", f"{forge / same:.2f}x"],
+        ]
+        rows = [row + [""] * (5 - len(row)) for row in rows]
+    return rows
 
 
-def _request(i: int, vector: list[float]) -> bytes:
-    return msgspec.json.encode({"type": "predict-request", "id": f"r{i}", "model": VECTOR_MODEL,
-                                "inputs": [{"vector": vector}]})  # fmt: skip
+class _Stream:
+    """One model's predict-requests, through a raw loop or a Forge worker."""
 
+    def __init__(
+        self, settings: Settings, client: redis.Redis, model: str, inputs: list[dict[str, Any]]
+    ) -> None:
+        self.settings, self.client, self.model, self.inputs = settings, client, model, inputs
+        self.run = 0
 
-def _publish(client: redis.Redis, stream: str, vectors: np.ndarray, n: int, start: int = 0) -> None:
-    """All ``n`` requests in one MULTI: they appear at once, so both consumers read full
-    batches from the start instead of racing the publisher."""
-    pipe = client.pipeline(transaction=True)
-    for i in range(start, start + n):
-        pipe.xadd(stream, {"event": _request(i, vectors[i % len(vectors)].tolist())})
-    pipe.execute()
+    def publish(self, stream: str, n: int, start: int = 0) -> None:
+        """All ``n`` requests in one MULTI: they appear at once, so both consumers read
+        full batches from the start instead of racing the publisher. Ids are new per
+        run, so that no embedding cache or done marker answers for the model."""
+        self.run += 1
+        pipe = self.client.pipeline(transaction=True)
+        for i in range(start, start + n):
+            event = {
+                "type": "predict-request",
+                "id": f"{self.model}-{self.run}-{i}",
+                "model": self.model,
+                "inputs": [self.inputs[i % len(self.inputs)]],
+            }
+            pipe.xadd(stream, {"event": msgspec.json.encode(event)})
+        pipe.execute()
 
+    def raw_rows_s(self, n: int, kind: str) -> float:
+        """``raw``: the least the job needs. ``same``: also the Redis writes Forge makes
+        per request (a done marker looked up and set, a completion beside the prediction,
+        the prediction kept for the feedback join and its counters), as hand-written code
+        would: pipelines of redis-py commands, the answers in one MULTI."""
+        from forge.embedding.service import EmbeddingService
+        from forge.training.service import TrainingService
 
-def _raw_loop_rows_s(
-    settings: Settings, client: redis.Redis, vectors: np.ndarray, n: int, same_work: bool = False
-) -> float:
-    """The least the job needs; with ``same_work``, also the Redis writes Forge makes per
-    request (a done marker looked up and set, a completion beside the prediction, the
-    prediction kept for the feedback join and its counters), written as hand-written
-    code would: pipelines of redis-py commands, the answers in one MULTI."""
-    from forge.training.service import TrainingService
+        model, version = TrainingService.from_settings(self.settings).load(self.model)
+        embed = None
+        if version.embedding_model is not None:
+            service = EmbeddingService.from_settings(self.settings, None)
+            embedder = service.embedder(version.embedding_model)
+            embed = embedder.encode
+        prefix = f"{self.settings.stream_prefix}{kind}-{self.model}"
+        stream, out = f"{prefix}-requests", f"{prefix}-out"
+        self.client.xgroup_create(stream, "raw", id="0", mkstream=True)
+        self.publish(stream, n)
+        decoder = msgspec.json.Decoder()
+        started, done = time.perf_counter(), 0
+        while done < n:
+            entries = self.client.xreadgroup("raw", "c1", {stream: ">"}, count=32, block=1000)
+            for _, batch in entries:
+                events = [decoder.decode(fields[b"event"]) for _, fields in batch]
+                if kind == "same":
+                    self.client.mget([f"{out}:done:{e['id']}" for e in events])
+                first = [e["inputs"][0] for e in events]
+                if embed is not None:
+                    x = embed([i["text"] for i in first], 32)
+                else:
+                    x = np.asarray([i["vector"] for i in first], dtype=np.float32)
+                answers = model.predict(x)
+                if kind == "same":
+                    _record_same_work(self.client, out, self.model, events, answers)
+                self._answer(stream, out, batch, events, answers, same_work=kind == "same")
+                done += len(batch)
+        return n / (time.perf_counter() - started)
 
-    model, _ = TrainingService.from_settings(settings).load(VECTOR_MODEL)
-    name = "same" if same_work else "raw"
-    stream, out = f"{settings.stream_prefix}{name}-requests", f"{settings.stream_prefix}{name}-out"
-    client.xgroup_create(stream, "raw", id="0", mkstream=True)
-    _publish(client, stream, vectors, n)
-    decoder = msgspec.json.Decoder()
-    started, done = time.perf_counter(), 0
-    while done < n:
-        entries = client.xreadgroup("raw", "c1", {stream: ">"}, count=32, block=1000)
-        for _, batch in entries:
-            events = [decoder.decode(fields[b"event"]) for _, fields in batch]
+    def _answer(
+        self, stream: str, out: str, batch: Any, events: list[Any], answers: Any, *,
+        same_work: bool,
+    ) -> None:  # fmt: skip
+        pipe = self.client.pipeline(transaction=True)
+        for event, answer in zip(events, answers, strict=True):
+            answer_event = msgspec.json.encode(
+                {"id": event["id"], "label": answer.label, "score": answer.score}
+            )
+            pipe.xadd(out, {"event": answer_event}, maxlen=100_000, approximate=True)
             if same_work:
-                client.mget([f"{out}:done:{e['id']}" for e in events])
-            x = np.asarray([e["inputs"][0]["vector"] for e in events], dtype=np.float32)
-            answers = model.predict(x)
-            if same_work:
-                _record_same_work(client, out, events, answers)
-            pipe = client.pipeline(transaction=True)
-            for event, answer in zip(events, answers, strict=True):
-                answer_event = msgspec.json.encode(
-                    {"id": event["id"], "label": answer.label, "score": answer.score}
-                )
-                pipe.xadd(out, {"event": answer_event}, maxlen=100_000, approximate=True)
-                if same_work:
-                    pipe.xadd(f"{out}:completions", {"event": answer_event}, maxlen=100_000,
-                              approximate=True)  # fmt: skip
-                    pipe.set(f"{out}:done:{event['id']}", answer_event, ex=86_400)
-            pipe.xack(stream, "raw", *[entry_id for entry_id, _ in batch])
-            pipe.execute()
-            done += len(batch)
-    return n / (time.perf_counter() - started)
+                pipe.xadd(f"{out}:completions", {"event": answer_event}, maxlen=100_000,
+                          approximate=True)  # fmt: skip
+                pipe.set(f"{out}:done:{event['id']}", answer_event, ex=86_400)
+        pipe.xack(stream, "raw", *[entry_id for entry_id, _ in batch])
+        pipe.execute()
+
+    def forge_rows_s(self, n: int, folder: Path) -> float:
+        keys = Keys.from_settings(self.settings)
+        args = [sys.executable, "-m", "forge", "worker", "--stream", "predict-requests",
+                "--http-port", "0"]  # fmt: skip
+        done = self.client.xlen(keys.predictions)
+        with (folder / f"worker-{self.model}.log").open("wb") as out:
+            env = forge_env(self.settings)
+            proc = subprocess.Popen(args, env=env, stdout=out, stderr=out)
+            try:
+                self.publish(keys.predict_requests, 1, start=n)  # warm-up: loads
+                _wait_len(self.client, keys.predictions, done + 1, proc)
+                started = time.perf_counter()
+                self.publish(keys.predict_requests, n)
+                _wait_len(self.client, keys.predictions, done + n + 1, proc)
+                return n / (time.perf_counter() - started)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
 
 
-def _record_same_work(client: redis.Redis, out: str, events: list[Any], answers: Any) -> None:
+def _record_same_work(
+    client: redis.Redis, out: str, model: str, events: list[Any], answers: Any
+) -> None:
     pipe = client.pipeline(transaction=False)
     for event, answer in zip(events, answers, strict=True):
         key = f"{out}:prediction:{event['id']}"
         record = msgspec.json.encode({"variant": "champion", "labels": [answer.label]})
-        pipe.hset(key, mapping={"model": VECTOR_MODEL, "1": record})
+        pipe.hset(key, mapping={"model": model, "1": record})
         pipe.expire(key, 86_400)
     pipe.hincrby(f"{out}:stats", "predictions", len(events))
     pipe.execute()
-
-
-def _forge_stream_rows_s(
-    settings: Settings, client: redis.Redis, vectors: np.ndarray, n: int, folder: Path
-) -> float:
-    keys = Keys.from_settings(settings)
-    args = [sys.executable, "-m", "forge", "worker", "--stream", "predict-requests",
-            "--http-port", "0"]  # fmt: skip
-    with (folder / "worker.log").open("wb") as out:
-        proc = subprocess.Popen(args, env=forge_env(settings), stdout=out, stderr=out)
-        try:
-            _publish(client, keys.predict_requests, vectors, 1, start=n)  # warm-up: loads
-            _wait_len(client, keys.predictions, 1, proc)
-            started = time.perf_counter()
-            _publish(client, keys.predict_requests, vectors, n)
-            _wait_len(client, keys.predictions, n + 1, proc)
-            return n / (time.perf_counter() - started)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
 
 
 def _wait_len(client: redis.Redis, stream: str, n: int, proc: subprocess.Popen[bytes]) -> None:

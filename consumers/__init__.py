@@ -56,8 +56,8 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
     # Several model batches per read, so writing one overlaps embedding the next.
     reads = ctx.settings.embed_read_size
     also = (Reembed, ReembedBatch)
-    spec = HandlerSpec("new-data", NewData, stream, name="embed", max_batch_size=reads, also=also)
-    handlers.register(spec)
+    embed = HandlerSpec("new-data", NewData, stream, name="embed", max_batch_size=reads, also=also)
+    handlers.register(embed)
     tuner = Once(lambda: open_tuner(ctx, store, training))
     trainer = TrainingHandler(ctx, store, training, tuner)
     # One request per batch, FORGE_TRAINING_CONCURRENCY batches at once: a worker holds

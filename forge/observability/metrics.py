@@ -41,7 +41,6 @@ whether instruments keep their values in memory or in per-process mmap files und
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -63,6 +62,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from forge.keys import Keys
+from forge.observability.nvml import Nvml
 from forge.observability.serving_metrics import ServingMetrics
 from forge.observability.status import Snapshot, snapshot
 from forge.observability.training_metrics import TrainingQueueMetrics
@@ -294,19 +294,15 @@ class StreamStatsCollector:
 class GpuCollector:
     """GPU utilisation and memory via NVML; emits nothing where NVML is unavailable.
 
-    NVML is initialised on the first scrape. If that fails (no driver, no GPU) it is
-    not tried again: GPUs do not appear in a running process, and retrying would cost
-    a failed library load and a log line on every scrape.
+    NVML is initialised on the first scrape, and tried once (``Nvml``).
     """
 
     def __init__(self, nvml: Any = None) -> None:
         # ``nvml`` replaces the ``pynvml`` module in tests.
-        self._nvml = nvml
-        self._state: Literal["new", "ready", "unavailable"] = "new"
-        self._lock = threading.Lock()
+        self._nvml = Nvml(nvml, "GPU metrics")
 
     def collect(self) -> Iterator[Metric]:
-        nvml = self._ready()
+        nvml = self._nvml.get()
         if nvml is None:
             return
         util = GaugeMetricFamily("forge_gpu_utilization_ratio", "GPU busy ratio.", labels=["gpu"])
@@ -324,21 +320,6 @@ class GpuCollector:
             log.debug("gpu stats unavailable", error=f"{type(exc).__name__}: {exc}")
             return
         yield from (util, used, total)
-
-    def _ready(self) -> Any:
-        with self._lock:
-            if self._state == "new":
-                self._state = "unavailable"
-                try:
-                    if self._nvml is None:
-                        import pynvml
-
-                        self._nvml = pynvml
-                    self._nvml.nvmlInit()
-                    self._state = "ready"
-                except Exception as exc:
-                    log.debug("no GPU metrics: NVML unavailable", error=type(exc).__name__)
-            return self._nvml if self._state == "ready" else None
 
 
 # ------------------------------------------------------------------ multi-process mode

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from forge.observability.nvml import Nvml
 from forge.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -86,7 +87,8 @@ class GpuAdmission:
         self._headroom_bytes = settings.gpu_admission_headroom_bytes
         self._poll_s = settings.gpu_admission_poll_s
         self._cpu_fallback = settings.gpu_admission_cpu_fallback
-        self._nvml = nvml
+        self._nvml_start = Nvml(nvml, "GPU admission")
+        self._nvml: Any = None
         self._cuda_available = cuda_available
         self._sleep = sleep
         self._state: Literal["new", "ready", "unavailable"] = "new"
@@ -165,18 +167,17 @@ class GpuAdmission:
         """NVML answers, lists a GPU, and torch can use CUDA; decided once."""
         with self._lock:
             if self._state == "new":
-                self._state = "unavailable"
-                try:
-                    if self._nvml is None:
-                        import pynvml
-
-                        self._nvml = pynvml
-                    self._nvml.nvmlInit()
-                    if self._nvml.nvmlDeviceGetCount() > 0 and self._cuda_available():
-                        self._state = "ready"
-                except Exception as exc:  # no driver, no GPU: nothing to admit to
-                    log.debug("no GPU admission: NVML unavailable", error=type(exc).__name__)
+                self._nvml = self._nvml_start.get()
+                usable = self._nvml is not None and self._gpus_and_cuda(self._nvml)
+                self._state = "ready" if usable else "unavailable"
             return self._state == "ready"
+
+    def _gpus_and_cuda(self, nvml: Any) -> bool:
+        try:
+            return int(nvml.nvmlDeviceGetCount()) > 0 and self._cuda_available()
+        except Exception as exc:  # NVML started, yet cannot count: nothing to admit to
+            log.debug("no GPU admission: NVML lists no GPU", error=type(exc).__name__)
+            return False
 
 
 def _fields(wait: AdmissionWait) -> dict[str, Any]:

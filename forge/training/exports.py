@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -101,7 +102,10 @@ def export_onnx(net: MLPHead, input_dim: int, path: Path) -> None:
     """``net`` (an ``MLPHead``) as an ONNX graph taking any number of rows."""
     head = _MatMulHead(net).eval()
     example = torch.zeros((1, input_dim), dtype=torch.float32)
-    with torch.inference_mode(False), torch.no_grad():
+    # The TorchScript exporter says it is deprecated; it is what exports without
+    # onnxscript, and the graph is checked against torch on every export.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             head,
             (example,),

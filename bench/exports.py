@@ -63,7 +63,7 @@ def build(args: argparse.Namespace, folder: Path) -> tuple[dict[str, TrainedMode
         data, params, warm_start=None, on_epoch=lambda r: None, deadline=Deadline.after(3600)
     )
     validation, truth = exports.validation_rows(data, params)
-    exports.attach(model, ["onnx"], validation, truth).save(folder)
+    exports.attach(model, validation, truth).save(folder)
     manifest = exports.read_manifest(folder)
     assert manifest is not None
     torch_model = ClassifierModel.load(folder)

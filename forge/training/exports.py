@@ -215,14 +215,10 @@ class ExportedModel:
         }
 
 
-def attach(
-    model: TrainedModel, formats: list[str], validation: Dataset, truth: list[str]
-) -> TrainedModel:
-    """``model`` with the exports ``formats`` asks for (``model`` itself when none):
-    built, measured on ``validation`` (whose labels are ``truth``) and logged as
-    metrics (``onnx_accuracy_delta``, ``onnx_int8_accuracy_delta``, ...)."""
-    if not formats:
-        return model
+def attach(model: TrainedModel, validation: Dataset, truth: list[str]) -> ExportedModel:
+    """``model`` with its ONNX exports: built, measured on ``validation`` (whose labels
+    are ``truth``) and logged as metrics (``onnx_accuracy_delta``,
+    ``onnx_int8_accuracy_delta``, ...)."""
     from forge.training.classifier_model import ClassifierModel
 
     if not isinstance(model, ClassifierModel):

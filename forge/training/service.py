@@ -351,8 +351,8 @@ def with_exports(
     from forge.training import exports  # torch: imported with the trainers, on first use
 
     validation, truth = exports.validation_rows(data, params)
-    exported = exports.attach(model, list(request.export), validation, truth)
-    return exported, exported.tags() if isinstance(exported, exports.ExportedModel) else {}
+    exported = exports.attach(model, validation, truth)  # "onnx" is the only format
+    return exported, exported.tags()
 
 
 def _progress(

@@ -13,16 +13,22 @@ from pathlib import Path
 
 import mlflow
 import msgspec
+import numpy as np
 import pytest
+import redis
 
 from forge.errors import ConfigError, InvalidEvent, PermanentError
 from forge.events import TrainingRequest, decode_as, encode
+from forge.observability.metrics import Metrics
+from forge.serving.calls import PredictAnswer
+from forge.serving.engine import PredictionEngine
 from forge.settings import Settings
 from forge.training import artifacts, exports
 from forge.training.base import Dataset
 from forge.training.classifier_model import ClassifierModel
 from forge.training.onnx_runtime import OnnxClassifier, choose, serving_model
 from forge.training.service import TrainingService
+from tests.support import serving
 
 CLASSIFIER = {"label_field": "digit", "hidden_dim": 64, "epochs": 20, "learning_rate": 0.01}
 HUGE_BOUND = 1.0
@@ -48,7 +54,7 @@ def exported(service: TrainingService, digits: Dataset) -> TrainingRequest:
     return asked
 
 
-def serving(store: Settings, bound: float) -> TrainingService:
+def bounded(store: Settings, bound: float) -> TrainingService:
     """A service of its own (its own model cache) serving under ``bound``."""
     return TrainingService.from_settings(store.replace(onnx_max_accuracy_delta=bound))
 
@@ -132,7 +138,7 @@ def test_a_request_without_export_logs_none(service: TrainingService, digits: Da
 def test_serving_runs_int8_within_the_bound_with_torch_labels(
     store: Settings, exported: TrainingRequest, digits: Dataset
 ) -> None:
-    served, _ = serving(store, HUGE_BOUND).load(exported.model)
+    served, _ = bounded(store, HUGE_BOUND).load(exported.model)
     assert isinstance(served, OnnxClassifier)
     assert served.runtime == exports.INT8_FILE
     assert isinstance(served.original, ClassifierModel)
@@ -207,12 +213,42 @@ def test_choose_prefers_int8_then_float32_then_torch() -> None:
 def test_a_warm_start_from_an_onnx_served_version_continues_the_torch_model(
     store: Settings, exported: TrainingRequest, digits: Dataset
 ) -> None:
-    service = serving(store, HUGE_BOUND)
+    service = bounded(store, HUGE_BOUND)
     again = msgspec.structs.replace(
         exported, id=f"r-{uuid.uuid4().hex[:8]}", warm_start_from="latest", export=[]
     )
     _, registered = service.train(again, digits)
     assert registered.result["metrics"]["warm_start_classes"] == 10
+
+
+def test_the_prediction_engine_answers_through_onnx_with_torchs_labels(
+    serving_settings: Settings, redis_client: redis.Redis, model_name: str
+) -> None:
+    settings = serving_settings.replace(onnx_max_accuracy_delta=HUGE_BOUND)
+    training = TrainingService.from_settings(settings)
+    trained = TrainingRequest(
+        id=f"r-{uuid.uuid4().hex[:8]}",
+        model=model_name,
+        task="classifier",
+        collection="rows",
+        params={**serving.PARAMS, "epochs": 30},
+        export=["onnx"],
+    )
+    training.train(trained, serving.dataset(200))
+    engine = PredictionEngine.from_settings(
+        settings, redis_client, Metrics(gpu=False).serving, training=training
+    )
+    (answer,) = engine.predict([serving.call(model_name, 20)])
+    assert isinstance(answer, PredictAnswer), answer
+    served, _ = training.load(model_name)
+    assert isinstance(served, OnnxClassifier)
+    rows = np.asarray(serving.vectors(20), dtype=np.float32)
+    expected = served.predict(rows)
+    assert [p.label for p in answer.predictions] == [p.label for p in expected]
+    assert [p.score for p in answer.predictions] == pytest.approx([p.score for p in expected])
+    by_torch = exports.unwrap(served).predict(rows)
+    sure = [i for i, p in enumerate(by_torch) if p.score > 0.6]
+    assert [expected[i].label for i in sure] == [by_torch[i].label for i in sure]
 
 
 # ---------------------------------------------------------------------- pyfunc

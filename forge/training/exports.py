@@ -119,13 +119,23 @@ def export_onnx(net: MLPHead, input_dim: int, path: Path) -> None:
 
 
 def quantize_int8(source: Path, target: Path) -> None:
-    """``source`` with its MatMul weights as int8 and activations quantized per batch."""
+    """``source`` with its MatMul weights as int8 and activations quantized per batch,
+    after ONNX Runtime's pre-processing (shape inference, graph optimization), which
+    its quantizer asks for."""
     from onnxruntime.quantization import (  # type: ignore[import-untyped]  # no stubs
         QuantType,
         quantize_dynamic,
     )
+    from onnxruntime.quantization.shape_inference import (  # type: ignore[import-untyped]
+        quant_pre_process,
+    )
 
-    quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+    prepared = target.with_name(f".{target.name}.prepared")
+    try:
+        quant_pre_process(str(source), str(prepared))
+        quantize_dynamic(prepared, target, weight_type=QuantType.QInt8)
+    finally:
+        prepared.unlink(missing_ok=True)
 
 
 def accuracy(predictions: list[Prediction], truth: list[str]) -> float:

@@ -61,6 +61,8 @@ Timestamp = Annotated[
     ),
 ]
 Status = Literal["succeeded", "failed", "dead-lettered"]
+# What a training request may ask to export its version to.
+ExportFormat = Literal["onnx"]
 
 
 def utcnow() -> datetime:
@@ -196,6 +198,11 @@ class TrainingRequest(Event, tag="training-request"):
     # Search the hyperparameters instead of training ``params`` once: the best trial
     # is registered (``params`` fixes what the search leaves alone).
     tune: Tune | None = None
+    # Optimized exports of the registered version: "onnx" adds an ONNX export of the
+    # classifier and a dynamically int8-quantized one, each with its accuracy delta
+    # against the torch model on the validation split; serving runs one when within
+    # FORGE_ONNX_MAX_ACCURACY_DELTA.
+    export: Annotated[list[ExportFormat], Meta(max_length=8)] = msgspec.field(default_factory=list)
 
 
 class TuneTrial(Event, tag="tune-trial"):

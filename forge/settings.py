@@ -150,6 +150,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     gpu_admission_headroom_bytes: int = 512 * 2**20
     gpu_admission_poll_s: float = 5.0
     gpu_admission_cpu_fallback: bool = False
+    # A version exported to ONNX serves through ONNX Runtime (int8 first, then float32)
+    # when the export's validation accuracy is at most this far below the torch model's.
+    onnx_max_accuracy_delta: float = 0.005
     embedding_model: str = "all-MiniLM-L6-v2"
     embed_pipeline_depth: int = 8
 
@@ -225,6 +228,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(
                 f"gpu_admission_headroom_bytes must be 0 or more, got "
                 f"{self.gpu_admission_headroom_bytes}"
+            )
+        if not self.onnx_max_accuracy_delta >= 0:  # NaN too
+            raise ConfigError(
+                f"onnx_max_accuracy_delta must be 0 or more, got {self.onnx_max_accuracy_delta}"
             )
         if self.serve_max_wait_ms < 0:
             raise ConfigError(f"serve_max_wait_ms must be 0 or more, got {self.serve_max_wait_ms}")
@@ -347,6 +354,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_GPU_ADMISSION_HEADROOM": ("gpu_admission_headroom_bytes", parse_size),
     "FORGE_GPU_ADMISSION_POLL_S": ("gpu_admission_poll_s", float),
     "FORGE_GPU_ADMISSION_CPU_FALLBACK": ("gpu_admission_cpu_fallback", parse_bool),
+    "FORGE_ONNX_MAX_ACCURACY_DELTA": ("onnx_max_accuracy_delta", float),
     "FORGE_EMBEDDING_MODEL": ("embedding_model", str),
     "FORGE_EMBED_PIPELINE_DEPTH": ("embed_pipeline_depth", int),
     "FORGE_HNSW_M": ("hnsw_m", int),

@@ -429,3 +429,37 @@ def test_one_worker_draws_the_same_parameters_for_the_same_seed(
         drawn.append([t.params for t in study.trials])
     assert drawn[0] == drawn[1]
     assert len({json.dumps(p, sort_keys=True) for p in drawn[0]}) == 3
+
+
+def test_a_search_with_export_registers_the_best_trials_exports(
+    ctx: Context, collection: str, model: str, versions: ModelVersions
+) -> None:
+    from forge.training import artifacts, exports
+
+    event = {**tune_request("x1", model, collection, trials=2), "export": ["onnx"]}
+    refused = {
+        **tune_request("x2", model, collection),
+        "task": "clustering",
+        "params": {},
+        "tune": {"trials": 2},
+        "export": ["onnx"],
+    }
+    publish(ctx.redis, ctx.keys.training_requests, event)
+    publish(ctx.redis, ctx.keys.training_requests, refused)
+    with running(worker(ctx)):
+        wait_for(lambda: {c.source_id for c in completions(ctx)} >= {"x1", "x2"}, 300)
+    done = {c.source_id: c for c in completions(ctx) if c.source_id in {"x1", "x2"}}
+    assert done["x2"].status == "failed"
+    assert done["x2"].error is not None
+    assert "classifier" in done["x2"].error.message
+    assert done["x1"].status == "succeeded", done["x1"].error
+    (version,) = versions.all(model)
+    assert version.tags["forge.trial"] == str(done["x1"].result["tune"]["best_trial"])
+    assert version.tags[exports.TAG_EXPORTS] == "onnx"
+    metrics = versions.metrics(version)
+    assert float(version.tags[exports.TAG_INT8_DELTA]) == metrics["onnx_int8_accuracy_delta"]
+    service = TrainingService.from_settings(ctx.settings)
+    files = artifacts.model_files(service._download(version))
+    manifest = exports.read_manifest(files)
+    assert manifest is not None
+    assert manifest.int8.accuracy_delta == metrics["onnx_int8_accuracy_delta"]

@@ -66,6 +66,10 @@ DESCRIPTIONS: dict[str, str] = {
     "memory again; it keeps its lease and its delivery meanwhile.",
     "gpu_admission_cpu_fallback": "A training that does not fit on any GPU runs on the CPU "
     "at once instead of waiting for GPU memory.",
+    "onnx_max_accuracy_delta": 'A version trained with `"export": ["onnx"]` serves '
+    "through ONNX Runtime, its int8 export first, else its float32 one, when that export's "
+    "validation accuracy is at most this much below the torch model's (0.005: half a point); "
+    "else torch serves it.",
     "embedding_model": "Default sentence-transformers model for `new-data` events.",
     "embed_pipeline_depth": "Model batches one `new-data` read may hold: each batch's rows are "
     "written while the next batch is embedded, so the model does not wait for the database. "

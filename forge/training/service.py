@@ -137,10 +137,12 @@ class TrainingService:
         redelivery, runs an earlier delivery left unfinished are marked killed. A task
         that can use a GPU waits for GPU admission first, before its run starts
         (``admission`` hears of the wait)."""
+        from forge.training import exports
         from forge.training.tasks import get_trainer, parse_params
 
         trainer = get_trainer(request.task)
         params = parse_params(trainer, request.params)
+        exports.check_exportable(request.task, list(request.export))
         warm_start = self._warm_start(request)
         if redelivery and kill_stale_runs(self.client, request.model, request.id):
             log.info("marked runs of an earlier delivery killed", request_id=request.id)
@@ -155,10 +157,11 @@ class TrainingService:
                 model = self.train_model(
                     request, data, trainer, params, warm_start, run.log_epoch, device=device
                 )
-                tags[TAG_PRIMARY_METRIC] = model.primary_metric
+                model, export_tags = with_exports(request, data, params, model)
+                tags.update({TAG_PRIMARY_METRIC: model.primary_metric, **export_tags})
                 run.finish(
                     model,
-                    {TAG_PRIMARY_METRIC: model.primary_metric},
+                    {TAG_PRIMARY_METRIC: model.primary_metric, **export_tags},
                     model_tags=tags,
                     embedding_model=embedding_model or None,
                 )
@@ -264,22 +267,28 @@ class TrainingService:
     def load_version(self, version: VersionInfo) -> TrainedModel:
         """``version`` (resolved already), loaded through the byte-bounded model cache:
         a cache hit asks the registry nothing."""
+        from forge.training.onnx_runtime import serving_model
         from forge.training.tasks import get_trainer
 
         trainer = get_trainer(version.task)
         key = f"trained:{self.client.tracking_uri}:{version.model}:{version.version}"
-        return self.models.get_or_load(
-            key,
-            lambda: trainer.load(artifacts.model_files(self._download(version))),
-            lambda m: m.size_bytes,
-        )
+
+        def load() -> TrainedModel:
+            files = artifacts.model_files(self._download(version))
+            bound = self.settings.onnx_max_accuracy_delta
+            return serving_model(trainer.load(files), files, bound)
+
+        return self.models.get_or_load(key, load, lambda m: m.size_bytes)
 
     # ------------------------------------------------------------------ helpers
 
     def _warm_start(self, request: TrainingRequest) -> TrainedModel | None:
         if request.warm_start_from is None:
             return None
-        model, version = self.load(request.model, request.warm_start_from)
+        from forge.training import exports
+
+        served, version = self.load(request.model, request.warm_start_from)
+        model = exports.unwrap(served)  # the torch model, where ONNX serves it
         if version.task != request.task:
             raise PermanentError(
                 f"cannot warm-start a {request.task} model from version {version.version}"
@@ -330,6 +339,20 @@ def request_tags(
     if embedding_model:
         tags[TAG_EMBEDDING_MODEL] = embedding_model
     return tags
+
+
+def with_exports(
+    request: TrainingRequest, data: Dataset, params: msgspec.Struct, model: TrainedModel
+) -> tuple[TrainedModel, dict[str, str]]:
+    """``model`` with the exports ``request`` asks for, measured on the validation split
+    of ``data``, and the tags they add (none without exports)."""
+    if not request.export:
+        return model, {}
+    from forge.training import exports  # torch: imported with the trainers, on first use
+
+    validation, truth = exports.validation_rows(data, params)
+    exported = exports.attach(model, validation, truth)  # "onnx" is the only format
+    return exported, exported.tags()
 
 
 def _progress(

@@ -79,6 +79,9 @@ class TuneService:
             raise PermanentError(
                 "a search trains every trial from scratch: leave out `warm_start_from`"
             )
+        from forge.training import exports
+
+        exports.check_exportable(request.task, list(request.export))
         return plan_search(get_trainer(request.task), request.params, request.tune)
 
     def search(
@@ -196,6 +199,11 @@ class TuneService:
             TAG_STUDY: study.name,
             TAG_TRIAL: str(best.number),
         }
+        if request.export:
+            from forge.training import exports
+
+            trial_tags = self.training.client.get_run(str(attrs[TRIAL_RUN])).data.tags
+            tags.update(exports.tags_of(trial_tags))
         registered = self.training.register_model(
             request,
             str(attrs[TRIAL_MODEL_URI]),

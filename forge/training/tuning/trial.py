@@ -19,7 +19,7 @@ import structlog
 from forge.errors import PermanentError
 from forge.events import TrainingRequest
 from forge.training.base import Dataset, EpochReport, Trainer
-from forge.training.service import TrainingService, request_tags
+from forge.training.service import TrainingService, request_tags, with_exports
 from forge.training.tasks import parse_params
 from forge.training.tracking import TrainingRun
 from forge.training.tuning.space import suggest
@@ -124,8 +124,15 @@ def _train(
                 after_epoch=_pruner(trial, plan.prunes_on_epoch_metric),
             )
         value = float(model.metrics[plan.metric])
-        tags[TAG_PRIMARY_METRIC] = model.primary_metric
-        finals = {TAG_PRIMARY_METRIC: model.primary_metric, TAG_TRIAL_STATE: "complete"}
+        # Every trial exports: any one of them may turn out the best, and the version
+        # is the best trial's logged model as it stands.
+        model, export_tags = with_exports(job.request, job.data, parsed, model)
+        tags.update({TAG_PRIMARY_METRIC: model.primary_metric, **export_tags})
+        finals = {
+            TAG_PRIMARY_METRIC: model.primary_metric,
+            TAG_TRIAL_STATE: "complete",
+            **export_tags,
+        }
         run.finish(model, finals, model_tags=tags, embedding_model=job.embedding_model)
         trial.set_user_attr(TRIAL_MODEL_URI, run.model_uri)
         trial.set_user_attr(TRIAL_MODEL_ID, run.model_id)

@@ -145,6 +145,21 @@ class Tune(msgspec.Struct, kw_only=True):
     space: dict[str, dict[str, Any]] | None = None
 
 
+class Resources(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a training runs on: ``processes`` CPU ranks (gloo) or ``gpus`` GPU ranks
+    (NCCL) of one DistributedDataParallel training, launched by torch's elastic launch.
+    At most one of the two; 1 (or neither) trains in the worker's own process. The
+    worker checks the count against its CPU cores or visible GPUs: more is a
+    ``failed`` completion with the reason."""
+
+    processes: Annotated[int, Meta(ge=1, le=1024)] | None = None
+    gpus: Annotated[int, Meta(ge=1, le=1024)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.processes is not None and self.gpus is not None:
+            raise ValueError("give `processes` or `gpus`, not both")
+
+
 class TrainingRequest(Event, tag="training-request"):
     """Train (or retrain) a model over a collection."""
 
@@ -171,6 +186,8 @@ class TrainingRequest(Event, tag="training-request"):
     # Search the hyperparameters instead of training ``params`` once: the best trial
     # is registered (``params`` fixes what the search leaves alone).
     tune: Tune | None = None
+    # Train data-parallel over several processes or GPUs (the classifier task only).
+    resources: Resources | None = None
 
 
 class TuneTrial(Event, tag="tune-trial"):

@@ -1,0 +1,115 @@
+"""Benchmark: data-parallel classifier training (``resources``) on N processes against
+the one-process trainer, same rows, same parameters.
+
+    .venv/bin/python bench/distributed.py [--rows 50000] [--epochs 5] [--batch-size 256]
+        [--hidden-dim 256] [--processes 2] [--repeat 3] [--gpus]
+
+Data and model as in bench/training.py (digits upsampled to ``--rows`` noisy rows, an
+MLP head, early stopping off). Variants, interleaved within each repeat (best counts):
+
+* ``1 process``: ``ClassifierTrainer.train`` in this process, with the torch threads
+  it has (``--threads``, default: one per rank below, so both use the same cores).
+* ``N processes``: ``forge.training.distributed.train``: N ranks started by torch's
+  elastic launcher, gloo (or NCCL with ``--gpus``), each on its DistributedSampler
+  shard. Timed twice: the whole call (launch, rendezvous, spawn and import in every
+  rank included: what a request pays) and the epochs alone (from rank 0's first to
+  its last epoch report, scaled to all epochs).
+
+Samples/s = training rows x epochs / seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
+
+from bench.training import make_dataset, params, train_rows
+from forge.training.base import Dataset, Deadline, EpochReport
+from forge.training.distributed import Ranks, train
+from forge.training.tasks import get_trainer, parse_params
+
+
+def one_process(data: Dataset, args: argparse.Namespace) -> tuple[float, float]:
+    trainer = get_trainer("classifier")
+    started = time.perf_counter()
+    trainer.train(
+        data,
+        parse_params(trainer, params(args)),
+        warm_start=None,
+        on_epoch=lambda report: None,
+        deadline=Deadline.after(3600),
+    )
+    seconds = time.perf_counter() - started
+    return seconds, seconds
+
+
+def ranks(data: Dataset, args: argparse.Namespace) -> tuple[float, float]:
+    """Seconds of the whole call, and of the epochs alone."""
+    reported: list[float] = []
+
+    def on_epoch(report: EpochReport) -> None:
+        reported.append(time.perf_counter())
+
+    started = time.perf_counter()
+    train(
+        data,
+        params(args),
+        ranks=Ranks(args.processes, gpus=args.gpus),
+        warm_start=None,
+        on_epoch=on_epoch,
+        deadline=Deadline.after(3600),
+    )
+    whole = time.perf_counter() - started
+    # First to last report spans epochs - 1 epochs.
+    per_epoch = (reported[-1] - reported[0]) / max(len(reported) - 1, 1)
+    return whole, per_epoch * args.epochs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=50_000)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--hidden-dim", type=int, default=256)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="1-process torch threads")
+    parser.add_argument("--gpus", action="store_true", help="ranks on GPUs (NCCL)")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(args.threads or max(1, cores // args.processes))
+
+    data = make_dataset(args.rows)
+    samples = train_rows(data) * args.epochs
+    print(
+        f"torch={torch.__version__} cores={cores} threads(1 process)={torch.get_num_threads()}"
+        f" rows={args.rows} train_rows={train_rows(data)} epochs={args.epochs}"
+        f" batch={args.batch_size} hidden={args.hidden_dim} processes={args.processes}"
+    )
+    variants = {"1 process": one_process, f"{args.processes} processes": ranks}
+    best = {name: (float("inf"), float("inf")) for name in variants}
+    for repeat in range(args.repeat):
+        for name, run in variants.items():
+            whole, epochs = run(data, args)
+            best[name] = (min(best[name][0], whole), min(best[name][1], epochs))
+            print(f"  repeat {repeat + 1} {name:12s} call {whole:7.2f}s epochs {epochs:7.2f}s")
+    base_whole, base_epochs = best["1 process"]
+    print(
+        f"\n{'variant':12s} {'call samples/s':>15s} {'ratio':>6s} {'epochs samples/s':>17s} {'ratio':>6s}"
+    )
+    for name, (whole, epochs) in best.items():
+        print(
+            f"{name:12s} {samples / whole:15,.0f} {base_whole / whole:6.2f}"
+            f" {samples / epochs:17,.0f} {base_epochs / epochs:6.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

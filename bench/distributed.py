@@ -101,9 +101,8 @@ def main() -> None:
             best[name] = (min(best[name][0], whole), min(best[name][1], epochs))
             print(f"  repeat {repeat + 1} {name:12s} call {whole:7.2f}s epochs {epochs:7.2f}s")
     base_whole, base_epochs = best["1 process"]
-    print(
-        f"\n{'variant':12s} {'call samples/s':>15s} {'ratio':>6s} {'epochs samples/s':>17s} {'ratio':>6s}"
-    )
+    header = f"{'call samples/s':>15s} {'ratio':>6s} {'epochs samples/s':>17s} {'ratio':>6s}"
+    print(f"\n{'variant':12s} {header}")
     for name, (whole, epochs) in best.items():
         print(
             f"{name:12s} {samples / whole:15,.0f} {base_whole / whole:6.2f}"

@@ -8,12 +8,15 @@ Data and model as in bench/training.py (digits upsampled to ``--rows`` noisy row
 MLP head, early stopping off). Variants, interleaved within each repeat (best counts):
 
 * ``1 process``: ``ClassifierTrainer.train`` in this process, with the torch threads
-  it has (``--threads``, default: one per rank below, so both use the same cores).
+  it has (``--threads``; default torch's own, one per core, as a worker trains today).
 * ``N processes``: ``forge.training.distributed.train``: N ranks started by torch's
   elastic launcher, gloo (or NCCL with ``--gpus``), each on its DistributedSampler
-  shard. Timed twice: the whole call (launch, rendezvous, spawn and import in every
-  rank included: what a request pays) and the epochs alone (from rank 0's first to
-  its last epoch report, scaled to all epochs).
+  shard, each with ``cores / N`` torch threads.
+
+Both are timed twice: the whole call (for the ranks: launch, rendezvous, spawn and
+torch import in every rank included, what a request pays) and the epochs alone (first
+to last epoch report, scaled to all epochs), which leaves out the split, the final
+metrics and the launch.
 
 Samples/s = training rows x epochs / seconds.
 """
@@ -36,40 +39,48 @@ from forge.training.distributed import Ranks, train
 from forge.training.tasks import get_trainer, parse_params
 
 
+class _Epochs:
+    """When each epoch was reported: the epochs' seconds, without what comes before the
+    first and after the last (launch, split, metrics)."""
+
+    def __init__(self) -> None:
+        self.at: list[float] = []
+
+    def __call__(self, report: EpochReport) -> None:
+        self.at.append(time.perf_counter())
+
+    def seconds(self, epochs: int) -> float:
+        # First to last report spans epochs - 1 epochs.
+        return (self.at[-1] - self.at[0]) / max(len(self.at) - 1, 1) * epochs
+
+
 def one_process(data: Dataset, args: argparse.Namespace) -> tuple[float, float]:
-    trainer = get_trainer("classifier")
+    """Seconds of the whole call, and of the epochs alone."""
+    trainer, epochs = get_trainer("classifier"), _Epochs()
     started = time.perf_counter()
     trainer.train(
         data,
         parse_params(trainer, params(args)),
         warm_start=None,
-        on_epoch=lambda report: None,
+        on_epoch=epochs,
         deadline=Deadline.after(3600),
     )
-    seconds = time.perf_counter() - started
-    return seconds, seconds
+    return time.perf_counter() - started, epochs.seconds(args.epochs)
 
 
 def ranks(data: Dataset, args: argparse.Namespace) -> tuple[float, float]:
     """Seconds of the whole call, and of the epochs alone."""
-    reported: list[float] = []
-
-    def on_epoch(report: EpochReport) -> None:
-        reported.append(time.perf_counter())
-
+    epochs = _Epochs()
     started = time.perf_counter()
     train(
         data,
         params(args),
         ranks=Ranks(args.processes, gpus=args.gpus),
         warm_start=None,
-        on_epoch=on_epoch,
+        on_epoch=epochs,
         deadline=Deadline.after(3600),
     )
-    whole = time.perf_counter() - started
-    # First to last report spans epochs - 1 epochs.
-    per_epoch = (reported[-1] - reported[0]) / max(len(reported) - 1, 1)
-    return whole, per_epoch * args.epochs
+    return time.perf_counter() - started, epochs.seconds(args.epochs)
 
 
 def main() -> None:
@@ -84,7 +95,8 @@ def main() -> None:
     parser.add_argument("--gpus", action="store_true", help="ranks on GPUs (NCCL)")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
-    torch.set_num_threads(args.threads or max(1, cores // args.processes))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     data = make_dataset(args.rows)
     samples = train_rows(data) * args.epochs

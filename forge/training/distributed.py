@@ -148,10 +148,20 @@ def train(
         target=_launch, args=(ranks, job, reports, outcome), name="forge-ddp-launcher"
     )
     launcher.start()
+    failed: BaseException | None = None
+    # Drained to the end whatever happens: rank 0 cannot exit while its reports are
+    # unread, and the ranks end by themselves (finished, failed, past the deadline).
     while (report := reports.get()) != _DONE:
         assert isinstance(report, EpochReport)
-        on_epoch(report)
+        if failed is None:
+            try:
+                on_epoch(report)
+            except BaseException as exc:
+                failed = exc
     launcher.join()
+    reports.close()
+    if failed is not None:
+        raise failed
     return _result(outcome)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
@@ -22,7 +22,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from forge.errors import PermanentError, TransientError, is_transient
-from forge.events import Resources, TrainingProgress, TrainingRequest
+from forge.events import Resources, TrainingProgress, TrainingRequest, Tune
 from forge.runtime.context import Context
 from forge.settings import Settings
 from forge.training.base import Dataset
@@ -100,6 +100,23 @@ def test_bad_resources_do_not_decode(resources: dict[str, Any], match: str) -> N
     event = {"model": "m", "task": "classifier", "collection": "c", "resources": resources}
     with pytest.raises(msgspec.ValidationError, match=match):
         msgspec.convert(event, TrainingRequest)
+
+
+def test_a_search_refuses_several_ranks() -> None:
+    from forge.training.tuning.search import TuneService
+
+    search = TuneService(Settings(), cast(Any, None), cast(Any, None))
+    event = TrainingRequest(
+        id="r1",
+        model="m",
+        task="classifier",
+        collection="c",
+        params={"label_field": "digit"},
+        tune=Tune(trials=2),
+        resources=Resources(processes=2),
+    )
+    with pytest.raises(PermanentError, match="leave out `resources`"):
+        search.plan(event)
 
 
 # ---------------------------------------------------------------------- ranks

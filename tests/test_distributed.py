@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from typing import Any, cast
 
 import msgspec
@@ -34,6 +37,7 @@ from forge.vectorstore import VectorStore
 from tests.test_training import CLASSIFIER, load_rows, model_versions, read, request, train
 
 ACCURACY_TOLERANCE = 0.05
+REPO = Path(__file__).resolve().parents[1]
 TWO = {"processes": 2}
 
 
@@ -196,3 +200,29 @@ def test_a_killed_rank_fails_the_attempt_leaves_no_rank_and_a_retry_registers(
     assert registered.version.version == 1
     assert len(service.versions.all(model)) == 1
     assert service.client.get_run(fitted.run.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_no_rank_behind() -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.ddp_worker"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        pids = [int(pid) for pid in worker.stdout.readline().split()]
+        assert len(pids) == 2, pids
+        ranks = [psutil.Process(pid) for pid in pids]
+        worker.send_signal(signal.SIGKILL)  # no cleanup code of the worker runs
+        worker.wait()
+        # The kernel kills the ranks when their launcher thread dies (PR_SET_PDEATHSIG);
+        # the timeout only bounds the test if that failed.
+        _, alive = psutil.wait_procs(ranks, timeout=60)
+        assert alive == []
+    finally:
+        worker.kill()
+        worker.wait()

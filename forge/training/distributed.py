@@ -227,7 +227,9 @@ def _run_rank(job: _Job, reports: Queue[EpochReport | str]) -> ClassifierModel |
 
 
 def _die_with_launcher() -> None:
-    """Ask Linux to kill this rank when the launcher thread ends, even by SIGKILL."""
+    """Ask Linux to SIGKILL this rank when the launcher thread ends (the worker killed
+    included). torch's spawn asks for SIGINT, which a rank blocked in a collective
+    (waiting on a peer, up to the process group's timeout) does not act on."""
     try:
         import ctypes
         import signal

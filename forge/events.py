@@ -172,6 +172,21 @@ class ReembedBatch(Event, tag="reembed-batch"):
     stop: str | None = None
 
 
+class Resources(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What a training runs on: ``processes`` CPU ranks (gloo) or ``gpus`` GPU ranks
+    (NCCL) of one DistributedDataParallel training, launched by torch's elastic launch.
+    At most one of the two; 1 (or neither) trains in the worker's own process. The
+    worker checks the count against its CPU cores or visible GPUs: more is a
+    ``failed`` completion with the reason."""
+
+    processes: Annotated[int, Meta(ge=1, le=1024)] | None = None
+    gpus: Annotated[int, Meta(ge=1, le=1024)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.processes is not None and self.gpus is not None:
+            raise ValueError("give `processes` or `gpus`, not both")
+
+
 class TrainingRequest(Event, tag="training-request"):
     """Train (or retrain) a model over a collection."""
 
@@ -203,6 +218,8 @@ class TrainingRequest(Event, tag="training-request"):
     # against the torch model on the validation split; serving runs one when within
     # FORGE_ONNX_MAX_ACCURACY_DELTA.
     export: Annotated[list[ExportFormat], Meta(max_length=8)] = msgspec.field(default_factory=list)
+    # Train data-parallel over several processes or GPUs (the classifier task only).
+    resources: Resources | None = None
 
 
 class TuneTrial(Event, tag="tune-trial"):

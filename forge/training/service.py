@@ -54,6 +54,8 @@ from forge.training.versions import (
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from forge.training.distributed import Ranks
+
 log = structlog.get_logger(__name__)
 
 ProgressFn = Callable[[TrainingProgress], None]
@@ -245,6 +247,17 @@ class TrainingService:
                 after_epoch(report)
 
         try:
+            if trial is None and (ranks := _ranks(request)) is not None:
+                from forge.training import distributed
+
+                return distributed.train(
+                    data,
+                    params,
+                    ranks=ranks,
+                    warm_start=warm_start,
+                    on_epoch=epoch_done,
+                    deadline=deadline,
+                )
             return trainer.train(
                 data,
                 params,
@@ -353,6 +366,15 @@ def with_exports(
     validation, truth = exports.validation_rows(data, params)
     exported = exports.attach(model, validation, truth)  # "onnx" is the only format
     return exported, exported.tags()
+
+
+def _ranks(request: TrainingRequest) -> Ranks | None:
+    """The ranks the request's ``resources`` asks for; None: train in this process."""
+    if request.resources is None:
+        return None
+    from forge.training.distributed import plan
+
+    return plan(request.task, request.resources)
 
 
 def _progress(

@@ -82,6 +82,12 @@ class TuneService:
         from forge.training import exports
 
         exports.check_exportable(request.task, list(request.export))
+        ranks = request.resources and (request.resources.processes or request.resources.gpus)
+        if ranks and ranks > 1:
+            raise PermanentError(
+                "a search trains each trial in one process (its trials spread over the"
+                " workers): leave out `resources`"
+            )
         return plan_search(get_trainer(request.task), request.params, request.tune)
 
     def search(

@@ -96,7 +96,7 @@ def memory_need_bytes(input_dim: int, hidden_dim: int, classes: int, batch_size:
 
 
 @dataclass
-class _Split:
+class Split:
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_val: torch.Tensor
@@ -104,7 +104,7 @@ class _Split:
 
 
 @dataclass
-class _Fit:
+class FitResult:
     """The best epoch so far (by validation loss) and how training went."""
 
     state: dict[str, torch.Tensor]
@@ -114,7 +114,7 @@ class _Fit:
     epochs_run: int = 0
 
 
-class _Loop:
+class TrainLoop:
     """One training run's optimiser state; mixed precision on CUDA only."""
 
     def __init__(
@@ -171,15 +171,15 @@ class ClassifierTrainer(TaskTrainer[ClassifierParams, Labelled, ClassifierModel]
     ) -> ClassifierModel:
         labelled, labels = rows
         classes = sorted(set(labels))
-        split = _split(labelled, labels, classes, p)
+        split = split_rows(labelled, labels, classes, p)
         device = torch.device(controls.device) if controls.device else default_device()
         with torch.random.fork_rng(devices=_rng_devices(device)):
             torch.manual_seed(p.seed)
             net = MLPHead(labelled.dim, p.hidden_dim, len(classes), p.dropout)
             carried = self._warm_start(net, classes, p, controls.warm_start)
-            criterion = get_loss(p.loss, _loss_options(p, split.y_train, len(classes)))
-            loop = _Loop(net.to(device), criterion.to(device), p, device)
-            fit = _fit(loop, split, controls.on_epoch, controls.deadline)
+            criterion = get_loss(p.loss, loss_options(p, split.y_train, len(classes)))
+            loop = TrainLoop(net.to(device), criterion.to(device), p, device)
+            fit = fit_epochs(loop, split, controls.on_epoch, controls.deadline)
             net.load_state_dict(fit.state)
         config = ClassifierConfig(
             input_dim=labelled.dim,
@@ -187,7 +187,7 @@ class ClassifierTrainer(TaskTrainer[ClassifierParams, Labelled, ClassifierModel]
             dropout=p.dropout,
             labels=classes,
             label_field=p.label_field,
-            metrics=_metrics(loop, split, fit, classes, carried),
+            metrics=validation_metrics(loop, split, fit, classes, carried),
         )
         return ClassifierModel(net, config)
 
@@ -212,13 +212,13 @@ class ClassifierTrainer(TaskTrainer[ClassifierParams, Labelled, ClassifierModel]
         return carried
 
 
-def _split(data: Dataset, labels: list[str], classes: list[str], p: ClassifierParams) -> _Split:
+def split_rows(data: Dataset, labels: list[str], classes: list[str], p: ClassifierParams) -> Split:
     train, val = stratified_split(labels, p.validation_fraction, p.seed)
     index = {label: i for i, label in enumerate(classes)}
     x = torch.from_numpy(np.ascontiguousarray(data.vectors, dtype=np.float32))
     y = torch.tensor([index[label] for label in labels], dtype=torch.long)
     t, v = torch.from_numpy(train), torch.from_numpy(val)
-    return _Split(x[t], y[t], x[v], y[v])
+    return Split(x[t], y[t], x[v], y[v])
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -227,7 +227,7 @@ def _rng_devices(device: torch.device) -> list[int]:
     return [torch.cuda.current_device()] if device.type == "cuda" else []
 
 
-def _loss_options(p: ClassifierParams, y_train: torch.Tensor, n_classes: int) -> LossOptions:
+def loss_options(p: ClassifierParams, y_train: torch.Tensor, n_classes: int) -> LossOptions:
     weights = None
     if p.class_weights == "balanced":
         counts = torch.bincount(y_train, minlength=n_classes).float().clamp(min=1)
@@ -237,10 +237,12 @@ def _loss_options(p: ClassifierParams, y_train: torch.Tensor, n_classes: int) ->
     )
 
 
-def _fit(loop: _Loop, split: _Split, on_epoch: EpochCallback, deadline: Deadline) -> _Fit:
+def fit_epochs(
+    loop: TrainLoop, split: Split, on_epoch: EpochCallback, deadline: Deadline
+) -> FitResult:
     """Train until ``epochs`` or ``patience`` epochs without a better validation loss."""
     p, started_s = loop.params, time.monotonic()
-    fit = _Fit(state=_snapshot(loop.net))
+    fit = FitResult(state=_snapshot(loop.net))
     for epoch in range(1, p.epochs + 1):
         deadline.check()
         train_loss = loop.train_epoch(split.x_train, split.y_train, deadline)
@@ -266,8 +268,8 @@ def _snapshot(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
 
-def _metrics(
-    loop: _Loop, split: _Split, fit: _Fit, classes: list[str], carried: int | None
+def validation_metrics(
+    loop: TrainLoop, split: Split, fit: FitResult, classes: list[str], carried: int | None
 ) -> dict[str, float]:
     val_loss, predicted = loop.evaluate(split.x_val, split.y_val)
     truth = [classes[i] for i in split.y_val.tolist()]

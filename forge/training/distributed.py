@@ -48,11 +48,11 @@ from forge.training.base import (
 from forge.training.classifier import (
     ClassifierParams,
     ClassifierTrainer,
-    _fit,
-    _Loop,
-    _loss_options,
-    _metrics,
-    _split,
+    TrainLoop,
+    fit_epochs,
+    loss_options,
+    split_rows,
+    validation_metrics,
 )
 from forge.training.classifier_model import ClassifierConfig, ClassifierModel, MLPHead
 from forge.training.losses import get_loss
@@ -245,18 +245,18 @@ def _train_rank(
 ) -> ClassifierModel:
     p = job.params
     classes = sorted(set(job.labels))
-    split = _split(job.rows, job.labels, classes, p)
+    split = split_rows(job.rows, job.labels, classes, p)
     torch.manual_seed(p.seed)
     net = MLPHead(job.rows.dim, p.hidden_dim, len(classes), p.dropout)
     carried = ClassifierTrainer._warm_start(net, classes, p, job.warm_start)
-    criterion = get_loss(p.loss, _loss_options(p, split.y_train, len(classes)))
+    criterion = get_loss(p.loss, loss_options(p, split.y_train, len(classes)))
     loop = _RankLoop(net.to(device), criterion.to(device), p, device, job)
 
     def on_epoch(report: EpochReport) -> None:
         if reports is not None:
             reports.put(report)
 
-    fit = _fit(loop, split, on_epoch, _NEVER)
+    fit = fit_epochs(loop, split, on_epoch, _NEVER)
     net.load_state_dict(fit.state)
     loop.in_step = False
     config = ClassifierConfig(
@@ -265,13 +265,13 @@ def _train_rank(
         dropout=p.dropout,
         labels=classes,
         label_field=p.label_field,
-        metrics=_metrics(loop, split, fit, classes, carried),
+        metrics=validation_metrics(loop, split, fit, classes, carried),
     )
     return ClassifierModel(net, config)
 
 
-class _RankLoop(_Loop):
-    """``_Loop`` for one rank: steps through DDP on this rank's shard, and agrees with
+class _RankLoop(TrainLoop):
+    """``TrainLoop`` for one rank: steps through DDP on this rank's shard, and agrees with
     the other ranks on the loss, the deadline and the validation predictions."""
 
     def __init__(

@@ -31,7 +31,7 @@ from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plain script
 
-from forge.training import exports
+from forge.training import export_format, exports
 from forge.training.base import Dataset, Deadline, TrainedModel
 from forge.training.classifier import ClassifierParams, ClassifierTrainer
 from forge.training.classifier_model import ClassifierModel
@@ -64,7 +64,7 @@ def build(args: argparse.Namespace, folder: Path) -> tuple[dict[str, TrainedMode
     )
     validation, truth = exports.validation_rows(data, params)
     exports.attach(model, validation, truth).save(folder)
-    manifest = exports.read_manifest(folder)
+    manifest = export_format.read_manifest(folder)
     assert manifest is not None
     torch_model = ClassifierModel.load(folder)
     runtimes: dict[str, TrainedModel] = {"torch": torch_model}

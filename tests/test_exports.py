@@ -23,7 +23,7 @@ from forge.observability.metrics import Metrics
 from forge.serving.calls import PredictAnswer
 from forge.serving.engine import PredictionEngine
 from forge.settings import Settings
-from forge.training import artifacts, exports
+from forge.training import artifacts, export_format, exports
 from forge.training.base import Dataset
 from forge.training.classifier_model import ClassifierModel
 from forge.training.onnx_runtime import OnnxClassifier, choose, serving_model
@@ -104,7 +104,7 @@ def test_both_exports_are_artifacts_of_the_version_with_their_accuracy_deltas(
     files = local_files(service, exported.model)
     names = sorted(p.name for p in (files / exports.EXPORT_DIR).iterdir())
     assert names == [exports.MANIFEST_FILE, exports.INT8_FILE, exports.ONNX_FILE]
-    manifest = exports.read_manifest(files)
+    manifest = export_format.read_manifest(files)
     assert manifest is not None
     assert manifest.validation_rows > 0
     run = service.client.get_run(version.run_id).data
@@ -127,7 +127,7 @@ def test_both_exports_are_artifacts_of_the_version_with_their_accuracy_deltas(
 def test_a_request_without_export_logs_none(service: TrainingService, digits: Dataset) -> None:
     plain = msgspec.structs.replace(request(), export=[])
     _, registered = service.train(plain, digits)
-    assert exports.read_manifest(local_files(service, plain.model)) is None
+    assert export_format.read_manifest(local_files(service, plain.model)) is None
     assert exports.TAG_EXPORTS not in registered.version.tags
     assert "onnx_accuracy_delta" not in registered.result["metrics"]
 
@@ -174,7 +174,7 @@ def test_serving_keeps_torch_when_the_exports_are_beyond_the_bound(
     service: TrainingService, exported: TrainingRequest, tmp_path: Path
 ) -> None:
     files = local_files(service, exported.model)
-    manifest = exports.read_manifest(files)
+    manifest = export_format.read_manifest(files)
     assert manifest is not None
     worse = msgspec.structs.replace(
         manifest,

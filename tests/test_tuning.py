@@ -434,7 +434,7 @@ def test_one_worker_draws_the_same_parameters_for_the_same_seed(
 def test_a_search_with_export_registers_the_best_trials_exports(
     ctx: Context, collection: str, model: str, versions: ModelVersions
 ) -> None:
-    from forge.training import artifacts, exports
+    from forge.training import artifacts, export_format, exports
 
     event = {**tune_request("x1", model, collection, trials=2), "export": ["onnx"]}
     refused = {
@@ -460,6 +460,6 @@ def test_a_search_with_export_registers_the_best_trials_exports(
     assert float(version.tags[exports.TAG_INT8_DELTA]) == metrics["onnx_int8_accuracy_delta"]
     service = TrainingService.from_settings(ctx.settings)
     files = artifacts.model_files(service._download(version))
-    manifest = exports.read_manifest(files)
+    manifest = export_format.read_manifest(files)
     assert manifest is not None
     assert manifest.int8.accuracy_delta == metrics["onnx_int8_accuracy_delta"]

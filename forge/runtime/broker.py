@@ -23,7 +23,7 @@ import redis
 
 from forge.events import EVENT_FIELD, Event, encode
 from forge.keys import Keys, Priority
-from forge.runtime.settle_script import SETTLE_LUA, settle_call
+from forge.runtime.settle_script import SETTLE_LUA
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +255,7 @@ class StreamBroker:
         """
         if not settlement:
             return
-        keys, args = settle_call(settlement, self.keys.group, self.maxlen)
+        keys, args = _settle_call(settlement, self.keys.group, self.maxlen)
         self._settle(keys=keys, args=args)
 
     def acked_any(self, settlement: Settlement) -> bool:
@@ -365,3 +365,27 @@ def is_entry_id(text: str) -> bool:
 def _id_key(entry_id: str) -> tuple[int, int]:
     ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _settle_call(
+    settlement: Settlement, group: str, maxlen: int
+) -> tuple[list[str], list[str | bytes | int]]:
+    """The script's KEYS and ARGV for ``settlement``."""
+    keys: list[str] = [stream for stream, _ in settlement.publishes]
+    keys += [key for key, _, _ in settlement.writes]
+    keys += list(settlement.acks)
+    args: list[str | bytes | int] = [
+        len(settlement.publishes),
+        len(settlement.writes),
+        len(settlement.acks),
+        group,
+        maxlen,
+        EVENT_FIELD,
+    ]
+    args += [payload for _, payload in settlement.publishes]
+    for _, value, ttl_s in settlement.writes:
+        args += [value, ttl_s]
+    for ids in settlement.acks.values():
+        args.append(len(ids))
+        args += ids
+    return keys, args

@@ -4,13 +4,6 @@ client to pack and one reply to parse."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from forge.events import EVENT_FIELD
-
-if TYPE_CHECKING:
-    from forge.runtime.broker import Settlement
-
 # One settlement, atomically (a script runs alone, as a MULTI does). Each command runs
 # under pcall, so one that fails (a key of the wrong type, say) does not keep the rest
 # from running, as in a MULTI; the first error is then the reply.
@@ -45,27 +38,3 @@ end
 if failed then return failed end
 return 1
 """
-
-
-def settle_call(
-    settlement: Settlement, group: str, maxlen: int
-) -> tuple[list[str], list[str | bytes | int]]:
-    """The script's KEYS and ARGV for ``settlement``."""
-    keys: list[str] = [stream for stream, _ in settlement.publishes]
-    keys += [key for key, _, _ in settlement.writes]
-    keys += list(settlement.acks)
-    args: list[str | bytes | int] = [
-        len(settlement.publishes),
-        len(settlement.writes),
-        len(settlement.acks),
-        group,
-        maxlen,
-        EVENT_FIELD,
-    ]
-    args += [payload for _, payload in settlement.publishes]
-    for _, value, ttl_s in settlement.writes:
-        args += [value, ttl_s]
-    for ids in settlement.acks.values():
-        args.append(len(ids))
-        args += ids
-    return keys, args

@@ -21,10 +21,8 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import msgspec
-import numpy as np
 import structlog
 import torch
 from torch import nn
@@ -32,45 +30,23 @@ from torch import nn
 from forge.errors import PermanentError
 from forge.training.base import Dataset, Prediction, TrainedModel, Vectors, read_json, write_json
 from forge.training.classifier_model import MLPHead
+from forge.training.export_format import (
+    EXPORT_DIR,
+    EXPORTABLE_TASKS,
+    INPUT_NAME,
+    INT8_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    OPSET,
+    OUTPUT_NAME,
+    TAG_EXPORTS,
+    TAG_INT8_DELTA,
+    TAG_ONNX_DELTA,
+    ExportManifest,
+    ExportRecord,
+)
 
 log = structlog.get_logger(__name__)
-
-EXPORT_DIR = "exports"
-MANIFEST_FILE = "exports.json"
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-INPUT_NAME = "vectors"
-OUTPUT_NAME = "logits"
-# Opset 17: every ONNX Runtime release Forge admits runs it.
-OPSET = 17
-# Tags a version with exports carries (on its run, its LoggedModel and the version).
-TAG_EXPORTS = "forge.exports"
-TAG_ONNX_DELTA = "forge.onnx.accuracy_delta"
-TAG_INT8_DELTA = "forge.onnx_int8.accuracy_delta"
-EXPORTABLE_TASKS = frozenset({"classifier"})
-
-Variant = Literal["onnx", "int8"]
-
-
-class ExportRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One exported file and how it does on the validation split."""
-
-    file: str
-    accuracy: float
-    accuracy_delta: float
-
-
-class ExportManifest(msgspec.Struct, frozen=True, kw_only=True):
-    """``exports.json``: the torch model's validation accuracy and each export's."""
-
-    validation_rows: int
-    torch_accuracy: float
-    onnx: ExportRecord
-    int8: ExportRecord
-    opset: int = OPSET
-
-    def record(self, variant: Variant) -> ExportRecord:
-        return self.onnx if variant == "onnx" else self.int8
 
 
 class _MatMulHead(nn.Module):
@@ -175,17 +151,6 @@ def build(model: TrainedModel, net: MLPHead, validation: Dataset, truth: list[st
     return folder
 
 
-def read_manifest(files: Path) -> ExportManifest | None:
-    """The manifest among a saved model's ``files``; None for a version without exports."""
-    path = files / EXPORT_DIR / MANIFEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        return msgspec.convert(read_json(path), ExportManifest)
-    except msgspec.ValidationError as exc:
-        raise PermanentError(f"unreadable export manifest {path}: {exc}") from None
-
-
 class ExportedModel:
     """A trained model and its exports (``files``: name -> content, a head's graph is
     small): saves both, predicts and reports as the model. ``metrics`` is the model's
@@ -276,8 +241,3 @@ def unwrap(model: TrainedModel) -> TrainedModel:
     """The torch model behind a model served through ONNX (for warm starts)."""
     original = getattr(model, "original", None)
     return original if original is not None else model
-
-
-def vectors_of(rows: Vectors) -> np.ndarray:
-    """``rows`` as the contiguous float32 array ONNX Runtime takes."""
-    return np.ascontiguousarray(rows, dtype=np.float32)

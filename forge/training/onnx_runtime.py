@@ -17,7 +17,7 @@ import numpy as np
 import structlog
 
 from forge.errors import PermanentError
-from forge.training import exports
+from forge.training import export_format
 from forge.training.base import Prediction, TrainedModel, Vectors
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class OnnxClassifier:
 
     def predict(self, vectors: Vectors) -> list[Prediction]:
         """The most probable label of each row and its softmax probability."""
-        x = exports.vectors_of(vectors)
+        x = export_format.vectors_of(vectors)
         if x.ndim != 2 or x.shape[1] != self.input_dim:
             raise PermanentError(
                 f"expected vectors of dimension {self.input_dim}, got shape {tuple(x.shape)}"
@@ -77,7 +77,9 @@ class OnnxClassifier:
         predictions: list[Prediction] = []
         for start in range(0, len(x), _PREDICT_BATCH_ROWS):
             chunk = x[start : start + _PREDICT_BATCH_ROWS]
-            (logits,) = self.session.run([exports.OUTPUT_NAME], {exports.INPUT_NAME: chunk})
+            (logits,) = self.session.run(
+                [export_format.OUTPUT_NAME], {export_format.INPUT_NAME: chunk}
+            )
             index, score = _top(np.asarray(logits, dtype=np.float32))
             predictions.extend(
                 Prediction(self.labels[i], s)
@@ -87,7 +89,7 @@ class OnnxClassifier:
 
     def save(self, directory: Path) -> None:
         self.original.save(directory)
-        shutil.copytree(self.path.parent, directory / exports.EXPORT_DIR, dirs_exist_ok=True)
+        shutil.copytree(self.path.parent, directory / export_format.EXPORT_DIR, dirs_exist_ok=True)
 
 
 def _top(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +101,9 @@ def _top(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return index, probs[np.arange(len(probs)), index]
 
 
-def choose(manifest: exports.ExportManifest, max_accuracy_delta: float) -> exports.Variant | None:
+def choose(
+    manifest: export_format.ExportManifest, max_accuracy_delta: float
+) -> export_format.Variant | None:
     """The export to serve: int8 if within the bound, else float32 if within, else
     None (torch)."""
     for variant in ("int8", "onnx"):
@@ -111,7 +115,7 @@ def choose(manifest: exports.ExportManifest, max_accuracy_delta: float) -> expor
 def serving_model(model: TrainedModel, files: Path, max_accuracy_delta: float) -> TrainedModel:
     """What serves the version whose saved ``files`` gave ``model``: an ONNX Runtime
     model when the version has exports within the bound, else ``model`` itself."""
-    manifest = exports.read_manifest(files)
+    manifest = export_format.read_manifest(files)
     if manifest is None:
         return model
     variant = choose(manifest, max_accuracy_delta)
@@ -124,4 +128,4 @@ def serving_model(model: TrainedModel, files: Path, max_accuracy_delta: float) -
         )
         return model
     record = manifest.record(variant)
-    return OnnxClassifier.open(model, files / exports.EXPORT_DIR / record.file)
+    return OnnxClassifier.open(model, files / export_format.EXPORT_DIR / record.file)

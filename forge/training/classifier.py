@@ -181,15 +181,8 @@ class ClassifierTrainer(TaskTrainer[ClassifierParams, Labelled, ClassifierModel]
             loop = TrainLoop(net.to(device), criterion.to(device), p, device)
             fit = fit_epochs(loop, split, controls.on_epoch, controls.deadline)
             net.load_state_dict(fit.state)
-        config = ClassifierConfig(
-            input_dim=labelled.dim,
-            hidden_dim=p.hidden_dim,
-            dropout=p.dropout,
-            labels=classes,
-            label_field=p.label_field,
-            metrics=validation_metrics(loop, split, fit, classes, carried),
-        )
-        return ClassifierModel(net, config)
+        metrics = validation_metrics(loop, split, fit, classes, carried)
+        return trained_model(net, labelled.dim, p, classes, metrics)
 
     def load(self, directory: Path) -> ClassifierModel:
         return ClassifierModel.load(directory)
@@ -210,6 +203,21 @@ class ClassifierTrainer(TaskTrainer[ClassifierParams, Labelled, ClassifierModel]
         carried = transfer_weights(previous, net, classes)
         log.info("warm start", classes_carried=carried, classes=len(classes))
         return carried
+
+
+def trained_model(
+    net: MLPHead, input_dim: int, p: ClassifierParams, classes: list[str], metrics: dict[str, float]
+) -> ClassifierModel:
+    """The model a training made: ``net`` with the config that loads it again."""
+    config = ClassifierConfig(
+        input_dim=input_dim,
+        hidden_dim=p.hidden_dim,
+        dropout=p.dropout,
+        labels=classes,
+        label_field=p.label_field,
+        metrics=metrics,
+    )
+    return ClassifierModel(net, config)
 
 
 def split_rows(data: Dataset, labels: list[str], classes: list[str], p: ClassifierParams) -> Split:

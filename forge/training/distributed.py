@@ -52,9 +52,10 @@ from forge.training.classifier import (
     fit_epochs,
     loss_options,
     split_rows,
+    trained_model,
     validation_metrics,
 )
-from forge.training.classifier_model import ClassifierConfig, ClassifierModel, MLPHead
+from forge.training.classifier_model import ClassifierModel, MLPHead
 from forge.training.losses import get_loss
 
 if TYPE_CHECKING:
@@ -259,15 +260,8 @@ def _train_rank(
     fit = fit_epochs(loop, split, on_epoch, _NEVER)
     net.load_state_dict(fit.state)
     loop.in_step = False
-    config = ClassifierConfig(
-        input_dim=job.rows.dim,
-        hidden_dim=p.hidden_dim,
-        dropout=p.dropout,
-        labels=classes,
-        label_field=p.label_field,
-        metrics=validation_metrics(loop, split, fit, classes, carried),
-    )
-    return ClassifierModel(net, config)
+    metrics = validation_metrics(loop, split, fit, classes, carried)
+    return trained_model(net, job.rows.dim, p, classes, metrics)
 
 
 class _RankLoop(TrainLoop):

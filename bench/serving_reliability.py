@@ -241,8 +241,10 @@ def _report(
           f"wrong version: {len(wrong)}")  # fmt: skip
     for a in wrong[:5]:  # when they were sent, against the changes' ends
         ends = ", ".join(f"{end:.3f}" for _, end, _ in timeline.changes)
-        print(f"  wrong: version {a.version} from server {a.server}, sent {a.sent_s:.3f}s,"
-              f" answered {a.done_s:.3f}s (changes ended at {ends})")
+        print(
+            f"  wrong: version {a.version} from server {a.server}, sent {a.sent_s:.3f}s,"
+            f" answered {a.done_s:.3f}s (changes ended at {ends})"
+        )
     print(f"server RSS: {rss['rss_first'] / 2**20:.0f} MiB at 10 %, "
           f"{rss['rss_last'] / 2**20:.0f} MiB at 90 % ({growth:+.1%})")  # fmt: skip
     print(f"restart to ready: {rss['restart_ready_s']:.1f}s")

@@ -23,15 +23,19 @@ In order:
   answered ``unchanged``, with no model call and no write.
 * ``re-embed``: ``ReembedHandler`` takes a ``reembed`` event (same model: what a
   library upgrade asks for) and then every ``reembed-batch`` it publishes, in order,
-  until the switch to version 2. Meanwhile a thread searches the collection (k=10)
-  every ``--search-interval-ms``; the same thread searched for ``--search-before-s``
-  before the re-embedding began: search latency p50/p99 before against during.
+  until the switch to version 2, the batches in reads of ``--depth`` x ``--batch-size``
+  entries as a worker reads them (each batch written while the next is embedded).
+  Then ``re-embed, 1 batch per read``: the same again (to version 3), one batch per
+  handler call, so every write waits: the overlap's baseline. During the first, a
+  thread searches the collection (k=10) every ``--search-interval-ms``; the same
+  thread searched for ``--search-before-s`` before the re-embedding began: search
+  latency p50/p99 before against during.
 
 Each round runs every step once, into a fresh collection; ``--repeat`` rounds, and the
 best round of each step is reported (the machine is shared: bursts of other work slow
 single steps), with the search latencies of all rounds together. Records/s of each step
-and their ratios to the ceiling are printed; the checks (every
-record answered, unchanged, the switch done, the row count) fail the run if broken.
+and their ratios to the ceiling are printed; the checks (every record answered,
+unchanged, the switch done, the row count) fail the run if broken.
 """
 
 from __future__ import annotations

@@ -9,11 +9,17 @@ the new model and writes them to the building version, exactly once (see
 ``forge.vectorstore.rebuild``); the last one switches the collection to it. Batches
 are ordinary entries, so a worker that dies leaves its batch to be reclaimed, leases
 are renewed while it runs, and each batch's completion reports the progress.
+
+Within one read, each batch's rows are written on a writer thread while the next
+batch is embedded, so the model does not wait for the new version's HNSW inserts; the
+read's outcomes come back once every write has settled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent import futures
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +38,18 @@ from forge.vectorstore.rebuild import Plan
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class _Backfill:
+    """One batch's embedded rows, ready to write to the version being built."""
+
+    event: ReembedBatch
+    stream: str
+    base: dict[str, Any]
+    rows: list[Row]
+    model: str
+    model_version: str
+
+
 class ReembedHandler:
     """Handles ``reembed`` and ``reembed-batch`` events."""
 
@@ -41,11 +59,31 @@ class ReembedHandler:
         self.settings = settings
         self.store = store
         self.embedding = embedding
+        self._writer = Once(lambda: futures.ThreadPoolExecutor(1, "forge-reembed-writer"))
 
     def __call__(self, messages: Sequence[Message[Event]]) -> list[Outcome]:
-        return [self._handle(message) for message in messages]
+        outcomes: list[Outcome | futures.Future[Outcome]] = []
+        writing: futures.Future[Outcome] | None = None
+        try:
+            for message in messages:
+                if isinstance(message.event, Reembed) and writing is not None:
+                    # A plan reads the versions a pending write (a switch) may change.
+                    futures.wait([writing])
+                handled = self._handle(message)
+                if isinstance(handled, _Backfill):
+                    if writing is not None:
+                        writing.result()  # one write in flight, beside the model
+                    writing = self._writer().submit(self._write_backfill, handled)
+                    outcomes.append(writing)
+                else:
+                    outcomes.append(handled)
+        finally:
+            if writing is not None:
+                # A failed embed must not leave a write running into the retry.
+                futures.wait([writing])
+        return [o.result() if isinstance(o, futures.Future) else o for o in outcomes]
 
-    def _handle(self, message: Message[Event]) -> Outcome:
+    def _handle(self, message: Message[Event]) -> Outcome | _Backfill:
         event = message.event
         try:
             if isinstance(event, Reembed):
@@ -93,7 +131,7 @@ class ReembedHandler:
 
     # ------------------------------------------------------------------ backfill
 
-    def _backfill(self, event: ReembedBatch, stream: str) -> Outcome:
+    def _backfill(self, event: ReembedBatch, stream: str) -> Outcome | _Backfill:
         store = self.store()
         base = {
             "collection": event.collection,
@@ -115,8 +153,23 @@ class ReembedHandler:
             Row(record_id, vectors[i], event.id, text, {}, target.model, embedder.version)
             for i, (record_id, text) in enumerate(records)
         ]
-        outcome = store.versions.write_backfill(
-            event.collection, event.collection_version, rows, event.id, stream, base
+        return _Backfill(event, stream, base, rows, target.model, embedder.version)
+
+    def _write_backfill(self, batch: _Backfill) -> Outcome:
+        try:
+            return self._write_rows(batch)
+        except PermanentError as exc:
+            return Failed(error_info(exc))
+
+    def _write_rows(self, batch: _Backfill) -> Outcome:
+        event = batch.event
+        outcome = self.store().versions.write_backfill(
+            event.collection,
+            event.collection_version,
+            batch.rows,
+            event.id,
+            batch.stream,
+            batch.base,
         )
         if outcome.duplicate is not None:
             return Succeeded({**outcome.duplicate, "duplicate": True})
@@ -128,13 +181,13 @@ class ReembedHandler:
             )
         return Succeeded(
             {
-                **base,
+                **batch.base,
                 "rows": outcome.rows,
                 "abandoned": outcome.abandoned,
                 "batches_done": outcome.batches_done,
                 "switched": outcome.switched,
-                "model": target.model,
-                "model_version": embedder.version,
+                "model": batch.model,
+                "model_version": batch.model_version,
             }
         )
 

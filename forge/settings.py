@@ -155,6 +155,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     onnx_max_accuracy_delta: float = 0.005
     embedding_model: str = "all-MiniLM-L6-v2"
     embed_pipeline_depth: int = 8
+    # Padded tokens one model batch may hold (texts times the longest one's tokens).
+    embed_batch_tokens: int = 4096
 
     # Vector store: HNSW index parameters. m and ef_construction apply to collections
     # created from then on; ef_search to every search.
@@ -203,6 +205,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         positive = {
             "max_batch_size": self.max_batch_size,
             "embed_pipeline_depth": self.embed_pipeline_depth,
+            "embed_batch_tokens": self.embed_batch_tokens,
             "retry_attempts": self.retry_attempts,
             "max_deliveries": self.max_deliveries,
             "claim_min_idle_s": self.claim_min_idle_s,
@@ -357,6 +360,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_ONNX_MAX_ACCURACY_DELTA": ("onnx_max_accuracy_delta", float),
     "FORGE_EMBEDDING_MODEL": ("embedding_model", str),
     "FORGE_EMBED_PIPELINE_DEPTH": ("embed_pipeline_depth", int),
+    "FORGE_EMBED_BATCH_TOKENS": ("embed_batch_tokens", int),
     "FORGE_HNSW_M": ("hnsw_m", int),
     "FORGE_HNSW_EF_CONSTRUCTION": ("hnsw_ef_construction", int),
     "FORGE_HNSW_EF_SEARCH": ("hnsw_ef_search", int),

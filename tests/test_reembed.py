@@ -282,3 +282,30 @@ def test_the_reembed_command_publishes_a_reembed_event(
         3,
         "halfvec",
     )
+
+
+def test_a_read_of_several_backfill_batches_answers_each_in_order(
+    stream: NewDataStream, vector_store: VectorStore, collection_name: str
+) -> None:
+    """Each batch's write runs beside the next batch's embedding; the read's outcomes
+    still name their own batch, and only the last switches."""
+    name, scope = collection_name, f"test:{collection_name}:new-data"
+    records = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]
+    handle(stream, scope, new_data("load", name, records))
+    reembed = {"type": "reembed", "id": "re-many", "collection": name, "batch_records": 3}
+    plan = succeeded(handle(stream, scope, {**reembed, "model": SECOND_MODEL})[0])
+    batches = [msgspec.to_builtins(event) for _, event in plan.publish]
+    assert len(batches) == 4
+
+    results = [succeeded(o).result for o in handle(stream, scope, *batches)]
+    assert [r["batch"] for r in results] == [0, 1, 2, 3]
+    assert [r["switched"] for r in results] == [False, False, False, True]
+    assert sum(r["rows"] for r in results) == len(TEXTS)
+    active = vector_store.collection(name)
+    assert active is not None
+    assert (active.version, active.model) == (2, SECOND_MODEL)
+    assert vector_store.count(name) == len(TEXTS)
+    # Delivered again: each batch answers as the duplicate it is, nothing rewritten.
+    again = [succeeded(o).result for o in handle(stream, scope, *batches)]
+    assert all(r["duplicate"] for r in again)
+    assert vector_store.count(name) == len(TEXTS)

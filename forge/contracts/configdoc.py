@@ -30,7 +30,8 @@ DESCRIPTIONS: dict[str, str] = {
     "group": "Consumer group that Forge's workers read the input streams in.",
     "stream_maxlen": "Approximate length (MAXLEN ~) output streams are trimmed to.",
     "max_batch_size": "Entries read per XREADGROUP and handed to a handler at once, and texts "
-    "per model call. `new-data` reads `FORGE_EMBED_PIPELINE_DEPTH` times as many entries.",
+    "per model call (at most; see `FORGE_EMBED_BATCH_TOKENS`). `new-data` reads "
+    "`FORGE_EMBED_PIPELINE_DEPTH` times as many entries.",
     "read_block_s": "How long one XREADGROUP blocks waiting for new entries.",
     "retry_attempts": "In-process attempts at a handler call failing with a transient error "
     "(connection, timeout, resource) before the delivery counts as failed.",
@@ -74,6 +75,10 @@ DESCRIPTIONS: dict[str, str] = {
     "embed_pipeline_depth": "Model batches one `new-data` read may hold: each batch's rows are "
     "written while the next batch is embedded, so the model does not wait for the database. "
     "1 turns the overlap off.",
+    "embed_batch_tokens": "Padded tokens one model batch may hold (its texts times the "
+    "longest one's tokens). Texts are sorted by token length and batched under this budget "
+    "and `MAX_BATCH_SIZE`, so short texts share large batches and long ones cannot exhaust "
+    "memory; vectors come back in input order.",
     "hnsw_m": "HNSW graph links per vector (pgvector `m`, 2-100) of collections created from "
     "now on; existing collections keep the index they were built with. Lower: cheaper "
     "ingest, lower recall.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from forge.embedding.batching import token_batches
 from forge.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -25,6 +27,9 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # Names that mean the packaged copy of the default model.
 _PACKAGED_NAMES = frozenset({DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"})
 _VERSION_HEX_CHARS = 16
+DEFAULT_BATCH_TOKENS = 4096
+# Characters per token, for sorting texts of a model without a tokenizer to ask.
+_CHARS_PER_TOKEN = 4
 
 Embeddings = npt.NDArray[np.float32]
 
@@ -32,10 +37,20 @@ Embeddings = npt.NDArray[np.float32]
 class Embedder:
     """A loaded sentence-transformers model producing unit-length float32 vectors."""
 
-    def __init__(self, model: Any, *, name: str, version: str) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        name: str,
+        version: str,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    ) -> None:
+        if batch_tokens <= 0:
+            raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
         self._model = model
         self._name = name
         self._version = version
+        self._batch_tokens = batch_tokens
         self._dimension = int(model.get_embedding_dimension())
         self._size_bytes = _module_size_bytes(model)
         # One batch at a time: concurrent batches only contend for the same cores/GPU.
@@ -49,11 +64,13 @@ class Embedder:
         device: str | None = None,
         cache_dir: Path | None = None,
         allow_download: bool = False,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
     ) -> Embedder:
         """Load ``name`` (a sentence-transformers name or a local path).
 
         ``device`` defaults to CUDA when available (weights in fp16 there), else CPU.
         Downloads from the Hugging Face hub are refused unless ``allow_download``.
+        ``batch_tokens`` bounds the padded tokens of one model batch.
         """
         model = _load_sentence_transformer(name, cache_dir, allow_download)
         # Hash on the CPU in full precision, so the version does not depend on device.
@@ -63,7 +80,7 @@ class Embedder:
         if target.startswith("cuda"):
             model.half()
         model.eval()
-        embedder = cls(model, name=name, version=version)
+        embedder = cls(model, name=name, version=version, batch_tokens=batch_tokens)
         log.info(
             "embedding model loaded",
             model=name,
@@ -81,6 +98,7 @@ class Embedder:
         return cls.load(
             name or settings.embedding_model,
             cache_dir=settings.models_path / "sentence-transformers",
+            batch_tokens=settings.embed_batch_tokens,
         )
 
     @property
@@ -115,22 +133,57 @@ class Embedder:
         """Bytes held by parameters and buffers (what the model cache budgets)."""
         return self._size_bytes
 
+    @property
+    def batch_tokens(self) -> int:
+        """Padded tokens one model batch may hold."""
+        return self._batch_tokens
+
+    def batches(self, texts: Sequence[str], batch_size: int) -> list[list[int]]:
+        """The model batches ``encode`` runs: indices into ``texts``, longest first, each
+        within ``batch_size`` texts and ``batch_tokens`` padded tokens."""
+        lengths = self.token_lengths(texts)
+        return token_batches(lengths, max_tokens=self._batch_tokens, max_texts=batch_size)
+
+    def token_lengths(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text as the model sees it (special tokens in, truncated to its
+        maximum sequence length)."""
+        limit = getattr(self._model, "max_seq_length", None)
+        tokenizer = getattr(self._model, "tokenizer", None)
+        if not callable(tokenizer):
+            estimates = [len(text) // _CHARS_PER_TOKEN + 2 for text in texts]
+            return [min(n, limit) for n in estimates] if limit else estimates
+        ids = tokenizer(
+            list(texts),
+            add_special_tokens=True,
+            truncation=limit is not None,
+            max_length=limit,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        return [len(row) for row in ids]
+
     def encode(self, texts: list[str], batch_size: int) -> Embeddings:
-        """Embed ``texts``: one L2-normalised float32 row per text, in order."""
+        """Embed ``texts``: one L2-normalised float32 row per text, in order.
+
+        Batches of at most ``batch_size`` texts and ``batch_tokens`` padded tokens,
+        texts of similar length together (``batches``)."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        out = np.empty((len(texts), self._dimension), dtype=np.float32)
         if not texts:
-            return np.zeros((0, self._dimension), dtype=np.float32)
+            return out
         with self._lock:
-            vectors = self._model.encode(
-                texts,
-                batch_size=batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
-        # fp16 models return fp16; callers and storage expect float32.
-        return np.ascontiguousarray(vectors, dtype=np.float32)
+            for batch in self.batches(texts, batch_size):
+                vectors = self._model.encode(
+                    [texts[i] for i in batch],
+                    batch_size=len(batch),
+                    convert_to_numpy=True,
+                    normalize_embeddings=True,
+                    show_progress_bar=False,
+                )
+                # fp16 models return fp16; callers and storage expect float32.
+                out[batch] = vectors
+        return out
 
 
 def default_device() -> str:

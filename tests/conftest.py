@@ -31,16 +31,23 @@ def _no_server_at_the_default_address() -> Iterator[None]:
     """``forge predict`` and ``forge search`` ask a server at FORGE_SERVE_HOST:PORT when
     one answers: point them at a port that refuses (bound, never listening), so that no
     test reaches a ``forge serve`` someone runs on this machine. Tests of the server set
-    their own port."""
+    their own port; workers started by tests listen on a free port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        before = os.environ.get("FORGE_SERVE_PORT")
-        os.environ["FORGE_SERVE_PORT"] = str(sock.getsockname()[1])
+        changes = {
+            "FORGE_SERVE_PORT": str(sock.getsockname()[1]),
+            # Workers the tests start pick a free port for /health and /metrics: a
+            # `forge worker` someone runs on this machine holds the default one.
+            "FORGE_HTTP_PORT": "0",
+        }
+        before = {name: os.environ.get(name) for name in changes}
+        os.environ.update(changes)
         yield
-        if before is None:
-            os.environ.pop("FORGE_SERVE_PORT", None)
-        else:
-            os.environ["FORGE_SERVE_PORT"] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)

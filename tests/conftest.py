@@ -23,6 +23,7 @@ pytest_plugins = [
     "tests.mlflow_model_fixtures",
     "tests.serving_fixtures",
     "tests.registry_fixtures",
+    "tests.training_fixtures",
 ]
 
 

@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,21 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 TWO = {"processes": 2}
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-home') / 'mlflow.db'}"
-    connect(Settings(mlflow_tracking_uri=uri)).search_experiments()
-    return uri
-
-
 @pytest.fixture
 def settings(settings: Settings, mlflow_uri: str, pg_url: str) -> Settings:
     return settings.replace(mlflow_tracking_uri=mlflow_uri, postgres_url=pg_url)
-
-
-@pytest.fixture
-def model() -> str:
-    return f"m_{uuid.uuid4().hex[:10]}"
 
 
 @pytest.fixture(scope="module")

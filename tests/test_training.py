@@ -42,7 +42,7 @@ from forge.training.admission import GpuAdmission
 from forge.training.base import Dataset, TrainingControls
 from forge.training.classifier import ClassifierTrainer
 from forge.training.service import TrainingService
-from forge.training.tracking import TrainingRun, connect
+from forge.training.tracking import TrainingRun
 from forge.training.versions import CANDIDATE, CHAMPION, ModelVersions
 from forge.vectorstore import Row, VectorStore
 from tests.support.events import publish
@@ -61,29 +61,9 @@ POOR = {**CLASSIFIER, "epochs": 1, "learning_rate": 1e-5, "hidden_dim": 2}
 # ---------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One SQLite store for the session: creating its schema takes seconds, so tests
-    share it and keep apart by model name."""
-    home = tmp_path_factory.mktemp("mlflow-home")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    connect(Settings(mlflow_tracking_uri=uri)).search_experiments()
-    return uri
-
-
 @pytest.fixture
 def settings(settings: Settings, mlflow_uri: str, pg_url: str) -> Settings:
     return settings.replace(mlflow_tracking_uri=mlflow_uri, postgres_url=pg_url)
-
-
-@pytest.fixture
-def model() -> str:
-    return f"m_{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def versions(settings: Settings) -> ModelVersions:
-    return ModelVersions(connect(settings))
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,6 @@ from forge.runtime.worker import Worker
 from forge.settings import Settings
 from forge.training.base import Dataset
 from forge.training.service import TrainingService
-from forge.training.tracking import connect
 from forge.training.tuning import trial as trial_module
 from forge.training.tuning.search import TuneService
 from forge.training.tuning.storage import open_storage
@@ -58,26 +57,9 @@ SPACE = {
 # ---------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="session")
-def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-tune') / 'mlflow.db'}"
-    connect(Settings(mlflow_tracking_uri=uri)).search_experiments()
-    return uri
-
-
 @pytest.fixture
 def settings(settings: Settings, mlflow_uri: str, pg_url: str) -> Settings:
     return settings.replace(mlflow_tracking_uri=mlflow_uri, postgres_url=pg_url, tune_poll_s=0.05)
-
-
-@pytest.fixture
-def model() -> str:
-    return f"m_{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def versions(settings: Settings) -> ModelVersions:
-    return ModelVersions(connect(settings))
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,21 @@
 
 All names start with the configurable prefix (``FORGE_STREAM_PREFIX``, default
 ``forge:``) so several deployments can share one Redis and tests can isolate themselves.
+
+Partitions (docs/redis-cluster.md). With ``FORGE_STREAM_PARTITIONS`` above 1, or on a
+Redis Cluster, every stream a settlement touches exists once per partition, under the
+partition's hash tag: ``forge:{p2}:new-data``, ``forge:{p2}:completions``,
+``forge:{p2}:done:...``. One tag per partition puts everything one settlement touches
+in one slot, so the atomic settle stays one command; the serving keys share one tag of
+their own, ``{serving}``. Otherwise the names are today's, untagged. ``Keys`` itself
+names the logical streams (what handlers publish to, what docs show); ``part(i)`` names
+partition ``i``'s, and the methods taking a stream find its partition from the name.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -16,6 +25,27 @@ if TYPE_CHECKING:
 Priority = Literal["high", "normal", "low"]
 # Highest first: the order a worker takes a prioritized stream's lanes in.
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
+
+# The short names of the key families that live per partition: every stream a
+# settlement touches (inputs, their lanes, completions, outputs published in one) and
+# the per-entry keys (markers, last errors, admission waits). tests/test_keys.py holds
+# this against the properties.
+_SCOPED_FAMILIES = frozenset(
+    (
+        "training-requests",
+        "new-data",
+        "predict-requests",
+        "feedback",
+        "trials",
+        "completions",
+        "model-versions",
+        "predictions",
+        "dead-letter",
+        "done",
+        "last-error",
+        "admission-wait",
+    )
+)
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
@@ -29,63 +59,154 @@ def glob_escape(text: str) -> str:
 class Keys:
     prefix: str = "forge:"
     group: str = "forge"
+    partitions: int = 1
+    cluster: bool = False
+    # None: the logical names (today's, untagged); else partition ``partition``'s.
+    partition: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Keys:
-        return cls(prefix=settings.stream_prefix, group=settings.group)
+        return cls(
+            prefix=settings.stream_prefix,
+            group=settings.group,
+            partitions=settings.stream_partitions,
+            cluster=settings.redis_cluster,
+        )
 
-    # Input streams.
+    # ------------------------------------------------------------------ partitions
+
+    @property
+    def partitioned(self) -> bool:
+        """Whether streams live in tagged partitions (more than one, or a cluster)."""
+        return self.cluster or self.partitions > 1
+
+    @property
+    def _scope(self) -> str:
+        """What this partition's names start with: ``forge:{p2}:``, else the prefix."""
+        if self.partition is None:
+            return self.prefix
+        return f"{self.prefix}{{p{self.partition}}}:"
+
+    @property
+    def _serving(self) -> str:
+        return (
+            f"{self.prefix}{{serving}}:serving:" if self.partitioned else f"{self.prefix}serving:"
+        )
+
+    def part(self, index: int) -> Keys:
+        """Partition ``index``'s names."""
+        if not 0 <= index < self.partitions:
+            raise ValueError(f"no partition {index}: there are {self.partitions}")
+        return replace(self, partition=index)
+
+    @property
+    def parts(self) -> tuple[Keys, ...]:
+        """Where streams physically live: every partition, or just these names."""
+        if not self.partitioned:
+            return (self,)
+        return tuple(replace(self, partition=i) for i in range(self.partitions))
+
+    @property
+    def logical(self) -> Keys:
+        return self if self.partition is None else replace(self, partition=None)
+
+    def part_of(self, name: str) -> Keys:
+        """The partition a physical name belongs to (the logical names for any other)."""
+        if not self.partitioned:
+            return self  # the hot path: today's names, nothing to parse
+        head = f"{self.prefix}{{p"
+        if name.startswith(head):
+            index, sep, _ = name[len(head) :].partition("}:")
+            if sep and index.isdigit() and int(index) < self.partitions:
+                return self if self.partition == int(index) else replace(self, partition=int(index))
+        return self.logical
+
+    def localize(self, name: str) -> str:
+        """A logical stream or key as this partition's (other names as they are): what
+        a handler publishes to ``keys.model_versions`` goes to its entry's partition."""
+        if self.partition is None or not name.startswith(self.prefix):
+            return name
+        rest = name[len(self.prefix) :]
+        if rest.split(":", 1)[0] in _SCOPED_FAMILIES:
+            return f"{self._scope}{rest}"
+        return name
+
+    def logical_name(self, name: str) -> str:
+        """The logical name of a physical stream: ``forge:{p2}:new-data`` -> ``forge:new-data``."""
+        part = self.part_of(name)
+        return name if part.partition is None else f"{self.prefix}{name[len(part._scope) :]}"
+
+    def physical(self, stream: str) -> tuple[str, ...]:
+        """A logical stream's names in every partition (one for a stream that is not
+        partitioned)."""
+        return tuple(dict.fromkeys(part.localize(stream) for part in self.parts))
+
+    def physical_lanes(self, stream: str) -> tuple[str, ...]:
+        """Every stream a worker reads for a logical input stream: its lanes in every
+        partition, partition by partition."""
+        return tuple(lane for name in self.physical(stream) for lane in self.lanes(name))
+
+    def label(self, stream: str) -> str:
+        """The short logical name of any of a stream's lanes or partitions
+        (``new-data``): its handler's name and its metric label."""
+        base, _ = self.lane_of(stream)
+        return self.short(self.logical_name(base))
+
+    # ------------------------------------------------------------------ input streams
+
     @property
     def training_requests(self) -> str:
-        return f"{self.prefix}training-requests"
+        return f"{self._scope}training-requests"
 
     @property
     def new_data(self) -> str:
-        return f"{self.prefix}new-data"
+        return f"{self._scope}new-data"
 
     @property
     def predict_requests(self) -> str:
-        return f"{self.prefix}predict-requests"
+        return f"{self._scope}predict-requests"
 
     @property
     def feedback(self) -> str:
-        return f"{self.prefix}feedback"
+        return f"{self._scope}feedback"
 
     @property
     def trials(self) -> str:
         """The trials of hyperparameter searches, for every trainer worker to run."""
-        return f"{self.prefix}trials"
+        return f"{self._scope}trials"
 
     # Output streams (trimmed with approximate MAXLEN).
     @property
     def completions(self) -> str:
-        return f"{self.prefix}completions"
+        return f"{self._scope}completions"
 
     @property
     def model_versions(self) -> str:
-        return f"{self.prefix}model-versions"
+        return f"{self._scope}model-versions"
 
     @property
     def predictions(self) -> str:
-        return f"{self.prefix}predictions"
+        return f"{self._scope}predictions"
 
     @property
     def dead_letter(self) -> str:
-        return f"{self.prefix}dead-letter"
+        return f"{self._scope}dead-letter"
 
     @property
     def training_progress(self) -> str:
+        """Not partitioned: progress is published outside settlements, and a dashboard
+        reads one stream."""
         return f"{self.prefix}training-progress"
 
     @property
     def dead_letter_replays(self) -> str:
         """Hash: source event id -> how often it was replayed from the dead-letter stream."""
-        return f"{self.prefix}dead-letter:replays"
+        return f"{self._scope}dead-letter:replays"
 
     @property
     def dead_letter_replays_total(self) -> str:
-        """Counter of all replays ever made."""
-        return f"{self.prefix}dead-letter:replays-total"
+        """Counter of all replays ever made (per partition when partitioned)."""
+        return f"{self._scope}dead-letter:replays-total"
 
     # Priority lanes: a prioritized input stream is three streams. Its own name is the
     # ``normal`` lane, so producers that XADD to it keep working unchanged.
@@ -99,73 +220,85 @@ class Keys:
         return stream if priority == "normal" else f"{stream}:{priority}"
 
     def lanes(self, stream: str) -> tuple[str, ...]:
-        """A prioritized stream's lanes, highest priority first; any other stream alone."""
-        if stream not in self.prioritized_streams:
+        """A prioritized stream's lanes (in its partition), highest priority first; any
+        other stream alone."""
+        if stream not in self.part_of(stream).prioritized_streams:
             return (stream,)
         return tuple(self.lane(stream, p) for p in PRIORITIES)
 
     def lane_of(self, stream: str) -> tuple[str, Priority]:
-        """The prioritized stream a lane belongs to, and its priority (a stream that is
-        no lane is its own, ``normal``)."""
-        for base in self.prioritized_streams:
+        """The prioritized stream a lane belongs to (in its partition), and its priority
+        (a stream that is no lane is its own, ``normal``)."""
+        for base in self.part_of(stream).prioritized_streams:
             for priority in PRIORITIES:
                 if stream == self.lane(base, priority):
                     return base, priority
         return stream, "normal"
 
+    def is_prioritized(self, stream: str) -> bool:
+        """Whether ``stream`` (or a lane of it) is a prioritized stream of any partition."""
+        base, _ = self.lane_of(stream)
+        return base in self.part_of(base).prioritized_streams
+
     def done(self, stream: str, event_id: str) -> str:
         """Idempotency marker: the event's effects on ``stream`` are complete. One
-        marker for all lanes of a stream: an event id runs once whatever its priority."""
+        marker for all lanes of a stream: an event id runs once whatever its priority.
+        In the stream's partition: a republish must go to the same one (the
+        partitioning rule sends it there)."""
         base, _ = self.lane_of(stream)
-        return f"{self.prefix}done:{self.group}:{base}:{event_id}"
+        return (
+            f"{self.part_of(stream)._scope}done:{self.group}:{self.logical_name(base)}:{event_id}"
+        )
 
     def admission_wait(self, stream: str, entry_id: str) -> str:
         """String, expiring: why a delivered entry waits to start (a training waiting
         for GPU memory), as JSON, refreshed while it waits; ``forge status`` reads it."""
-        return f"{self.prefix}admission-wait:{self.group}:{stream}:{entry_id}"
+        return f"{self.part_of(stream)._scope}admission-wait:{self.group}:{stream}:{entry_id}"
 
     def last_error(self, stream: str, entry_id: str) -> str:
         """The error of an entry's latest failed delivery, kept for its dead-letter record."""
-        return f"{self.prefix}last-error:{self.group}:{stream}:{entry_id}"
+        return f"{self.part_of(stream)._scope}last-error:{self.group}:{stream}:{entry_id}"
 
     def embedding_cache(self, model: str, content_hash: str) -> str:
         return f"{self.prefix}emb:{model}:{content_hash}"
 
     # Serving: routes, the predictions kept for the feedback join, online statistics.
+    # One hash tag for all of them when partitioned: a route change, a batch's
+    # prediction records and the feedback join each touch several at once.
     def route(self, model: str) -> str:
         """String: the model's traffic split, shadow and promotion policy, as JSON."""
-        return f"{self.prefix}serving:route:{model}"
+        return f"{self._serving}route:{model}"
 
     @property
     def routes_epoch(self) -> str:
         """Counter, bumped on every route or alias change: servers poll it to reload."""
-        return f"{self.prefix}serving:epoch"
+        return f"{self._serving}epoch"
 
     @property
     def serving_changes(self) -> str:
         """Stream, an entry per epoch bump (trimmed): servers block on it and on
         ``model_versions``, so a change reaches them at once, not at their next poll."""
-        return f"{self.prefix}serving:changes"
+        return f"{self._serving}changes"
 
     def prediction(self, prediction_id: str) -> str:
         """Hash: what a prediction answered (per variant, shadow included), kept for
         ``FORGE_FEEDBACK_WINDOW_S`` so feedback can be joined to it."""
-        return f"{self.prefix}serving:prediction:{prediction_id}"
+        return f"{self._serving}prediction:{prediction_id}"
 
     def variant_stats(self, model: str, version: int) -> str:
         """Hash: online counters of one version (predictions, feedback, correct,
         latency buckets)."""
-        return f"{self.prefix}serving:stats:{model}:{version}"
+        return f"{self._serving}stats:{model}:{version}"
 
     def promotion(self, model: str, version: int) -> str:
         """String, set NX: the feedback event whose batch promotes this candidate
         (``promote: on-significance``), so concurrent workers promote it once."""
-        return f"{self.prefix}serving:promotion:{model}:{version}"
+        return f"{self._serving}promotion:{model}:{version}"
 
     def promotion_event(self, feedback_id: str) -> str:
         """String: the ``model-version`` event a feedback event's batch promoted with,
         kept (for ``FORGE_IDEMPOTENCY_TTL_S``) so a retry of that event publishes it."""
-        return f"{self.prefix}serving:promotion-event:{feedback_id}"
+        return f"{self._serving}promotion-event:{feedback_id}"
 
     # Key families as SCAN MATCH patterns (what ``forge backup`` copies).
     @property
@@ -186,11 +319,11 @@ class Keys:
 
     @property
     def variant_stats_pattern(self) -> str:
-        return f"{glob_escape(self.prefix)}serving:stats:*"
+        return f"{glob_escape(self._serving)}stats:*"
 
     @property
     def promotion_pattern(self) -> str:
-        return f"{glob_escape(self.prefix)}serving:promotion:*"
+        return f"{glob_escape(self._serving)}promotion:*"
 
     @property
     def promotion_event_pattern(self) -> str:
@@ -216,8 +349,14 @@ class Keys:
 
     @property
     def input_lanes(self) -> tuple[str, ...]:
-        """Every stream workers read: the input streams, prioritized ones as their lanes."""
-        return tuple(lane for stream in self.input_streams for lane in self.lanes(stream))
+        """Every stream workers read: the input streams in every partition, prioritized
+        ones as their lanes."""
+        logical = self.logical
+        return tuple(lane for s in logical.input_streams for lane in logical.physical_lanes(s))
+
+    def physical_outputs(self, stream: str) -> tuple[str, ...]:
+        """An output stream's names in every partition (``training-progress``: one)."""
+        return self.logical.physical(stream)
 
     @property
     def output_streams(self) -> tuple[str, ...]:

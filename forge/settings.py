@@ -81,6 +81,9 @@ HNSW_EF_SEARCH_RANGE = (1, 1000)
 
 STORAGE_TYPES = ("vector", "halfvec")
 
+# More partitions than this spread no further: a cluster rarely has more masters.
+MAX_PARTITIONS = 1024
+
 
 def check_storage(storage: str) -> None:
     """Raise ``ConfigError`` unless ``storage`` is a column type collections can use."""
@@ -118,6 +121,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     stream_prefix: str = "forge:"
     group: str = "forge"
     stream_maxlen: int = 100_000
+    redis_cluster: bool = False
+    stream_partitions: int = 1
 
     # Runtime.
     max_batch_size: int = 32
@@ -240,6 +245,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"serve_max_wait_ms must be 0 or more, got {self.serve_max_wait_ms}")
         check_hnsw(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search)
         check_storage(self.vector_storage)
+        self._check_partitions()
+
+    def _check_partitions(self) -> None:
+        if not 1 <= self.stream_partitions <= MAX_PARTITIONS:
+            raise ConfigError(
+                f"stream_partitions must be 1-{MAX_PARTITIONS}, got {self.stream_partitions}"
+            )
+        partitioned = self.redis_cluster or self.stream_partitions > 1
+        if partitioned and ("{" in self.stream_prefix or "}" in self.stream_prefix):
+            # A brace would become the hash tag and put every partition in one slot.
+            raise ConfigError(
+                f"stream_prefix must not contain braces with partitions, got {self.stream_prefix!r}"
+            )
 
     @property
     def embed_read_size(self) -> int:
@@ -337,6 +355,8 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_STREAM_PREFIX": ("stream_prefix", str),
     "FORGE_GROUP": ("group", str),
     "FORGE_STREAM_MAXLEN": ("stream_maxlen", int),
+    "FORGE_REDIS_CLUSTER": ("redis_cluster", parse_bool),
+    "FORGE_STREAM_PARTITIONS": ("stream_partitions", int),
     "FORGE_READ_BLOCK_S": ("read_block_s", float),
     "FORGE_RETRY_ATTEMPTS": ("retry_attempts", int),
     "FORGE_MAX_DELIVERIES": ("max_deliveries", int),

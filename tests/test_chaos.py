@@ -20,8 +20,8 @@ import redis
 
 from bench.chaos import ChaosConfig, run_chaos
 from forge.events import NewData, TrainingRequest
-from forge.runtime.broker import Settlement
 from forge.runtime.context import Context
+from forge.runtime.entries import Settlement
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from tests.support.events import new_data, publish

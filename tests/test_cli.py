@@ -15,9 +15,9 @@ import pytest
 from forge.cli.main import build_parser
 from forge.contracts.schemas import drift
 from forge.events import EVENT_FIELD, NewData
-from forge.runtime.broker import Entry
 from forge.runtime.context import Context
 from forge.runtime.deadletter import build_record, error_info
+from forge.runtime.entries import Entry
 from forge.runtime.handlers import Message
 from forge.runtime.worker import Worker
 from tests.support.cli import assert_one_line_error, run_cli

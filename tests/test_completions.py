@@ -11,8 +11,8 @@ import msgspec
 from structlog.testing import capture_logs
 
 from forge.events import EVENT_FIELD, Completion, NewData, Timings
-from forge.runtime.broker import Entry
 from forge.runtime.context import Context
+from forge.runtime.entries import Entry
 from forge.runtime.handlers import HandlerSpec, Message
 from forge.runtime.processing import BatchProcessor
 from forge.runtime.retry import Retrier

@@ -33,9 +33,9 @@ from forge.embedding.service import EmbeddingService
 from forge.errors import InvalidEvent
 from forge.events import EVENT_FIELD, Completion, Decoder, ErrorInfo, NewData
 from forge.observability.metrics import Metrics
-from forge.runtime.broker import Entry
 from forge.runtime.context import Context
 from forge.runtime.deadletter import build_record, payload_bytes, sniff_event_id
+from forge.runtime.entries import Entry
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec
 from forge.runtime.worker import Worker
 from forge.settings import Settings

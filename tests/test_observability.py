@@ -40,8 +40,9 @@ from forge.observability.metrics import (
     render_multiprocess,
 )
 from forge.observability.status import snapshot
-from forge.runtime.broker import Entry, StreamBroker
+from forge.runtime.broker import StreamBroker
 from forge.runtime.deadletter import DeadLetterQueue, build_record
+from forge.runtime.entries import Entry
 from forge.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -30,8 +30,8 @@ from forge.events import (
 )
 from forge.observability.metrics import DeadLetterReason, Metrics
 from forge.observability.metrics import Outcome as OutcomeLabel
-from forge.runtime.broker import Entry, Settlement
 from forge.runtime.context import Context
+from forge.runtime.entries import Entry, Settlement
 from forge.runtime.handlers import Failed, HandlerSpec, Message, Outcome, Rejected, Succeeded
 from forge.runtime.observer import NullObserver
 from forge.runtime.processing import BatchProcessor

@@ -116,7 +116,7 @@ def test_a_long_wait_outlasts_the_socket_timeout(ctx: Context) -> None:
         wait_for_completions(
             StreamBroker(client, ctx.keys, maxlen=ctx.settings.stream_maxlen),
             {(ctx.keys.new_data, "1-1"): "e1"},
-            since_id="0-0",
+            since={ctx.keys.completions: "0-0"},
             timeout_s=2.0,
             on_completion=lambda completion: None,
         )

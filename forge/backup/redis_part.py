@@ -77,7 +77,7 @@ def _counted(records: Iterable[Record], counts: RedisCounts) -> Iterator[Record]
 
 
 def _records(client: redis.Redis, keys: Keys) -> Iterator[Record]:
-    streams = [s for s in (*keys.input_streams, *keys.output_streams) if client.exists(s)]
+    streams = [s for s in _streams(keys) if client.exists(s)]
     # Positions before entries, entries before markers: see the module notes.
     groups = [(g, _pending(client, g)) for s in streams for g in _groups(client, s)]
     yield Header(prefix=keys.prefix, group=keys.group, redis_version=server_version(client))
@@ -89,6 +89,12 @@ def _records(client: redis.Redis, keys: Keys) -> Iterator[Record]:
         yield from pending
     last_errors = [keys.last_error(from_blob(p.key).decode(), p.id) for _, ps in groups for p in ps]
     yield from _key_records(client, _state_keys(client, keys, last_errors))
+
+
+def _streams(keys: Keys) -> list[str]:
+    """Every stream of every partition: input lanes, then outputs."""
+    outputs = (name for s in keys.output_streams for name in keys.physical_outputs(s))
+    return [*keys.input_lanes, *outputs]
 
 
 def _entries(client: redis.Redis, stream: str) -> Iterator[StreamEntry]:
@@ -150,9 +156,11 @@ def _pending(client: redis.Redis, group: Group) -> list[Pending]:
 
 
 def _state_keys(client: redis.Redis, keys: Keys, extra: list[str]) -> list[bytes]:
-    exact = [keys.routes_epoch, keys.dead_letter_replays, keys.dead_letter_replays_total]
+    exact = [keys.routes_epoch]
+    for part in keys.parts:
+        exact += [part.dead_letter_replays, part.dead_letter_replays_total]
     patterns = [
-        *(keys.done_pattern(s) for s in keys.input_streams),
+        *(keys.done_pattern(s) for part in keys.parts for s in part.input_streams),
         keys.route_pattern,
         keys.prediction_pattern,
         keys.variant_stats_pattern,
@@ -212,7 +220,7 @@ def active_consumers(client: redis.Redis, keys: Keys, within_s: float) -> list[s
     """Consumers of the input streams seen within ``within_s``: workers that may be
     running (a live worker reads, or renews its leases, more often than that)."""
     found: list[str] = []
-    for stream in keys.input_streams:
+    for stream in keys.input_lanes:
         groups: Any = client.xinfo_groups(stream) if client.exists(stream) else []
         if not any(g["name"] == keys.group.encode() for g in groups):
             continue
@@ -232,11 +240,17 @@ def wipe(client: redis.Redis, keys: Keys) -> int:
     for name in client.scan_iter(match=keys.everything, count=_PAGE):
         batch.append(name)
         if len(batch) >= _PIPELINE_COMMANDS:
-            deleted += int(client.delete(*batch))
+            deleted += _delete(client, batch)
             batch.clear()
-    if batch:
-        deleted += int(client.delete(*batch))
-    return deleted
+    return deleted + _delete(client, batch)
+
+
+def _delete(client: redis.Redis, names: list[bytes]) -> int:
+    # One DEL a key: on a cluster the keys of one DEL must share a slot.
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.delete(name)
+    return sum(int(n) for n in pipe.execute())
 
 
 def restore(client: redis.Redis, keys: Keys, path: Path) -> RedisCounts:

@@ -18,9 +18,10 @@ from forge.events import INPUT_STREAM_EVENTS, Completion, DeadLetter, Decoder, u
 from forge.keys import Keys
 from forge.observability.status import snapshot
 from forge.observability.training_queue import TrainingQueue, training_queue
-from forge.runtime.broker import StreamBroker, is_entry_id
+from forge.runtime.broker import StreamBroker
 from forge.runtime.completion_wait import completions_position, wait_for_completions
-from forge.runtime.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters
+from forge.runtime.deadletter import DeadLetterEntry, DeadLetterQueue, parse_filters, parse_ref
+from forge.runtime.entries import is_entry_id
 from forge.servers.endpoints import open_redis
 from forge.settings import Settings
 
@@ -59,8 +60,7 @@ def parse_events(data: bytes) -> list[dict[str, Any]]:
 
 def validate_for_stream(keys: Keys, stream: str, items: list[dict[str, Any]]) -> list[bytes]:
     """Each item as a validated payload for ``stream`` (or a priority lane of it)."""
-    short = keys.short(keys.lane_of(stream)[0])
-    event_types = INPUT_STREAM_EVENTS.get(short)
+    event_types = INPUT_STREAM_EVENTS.get(keys.label(stream))
     if event_types is None:
         known = ", ".join(keys.resolve(s) for s in INPUT_STREAM_EVENTS)
         raise ConfigError(f"{stream!r} is not an input stream (known: {known})")
@@ -90,16 +90,16 @@ def run_publish(args: argparse.Namespace, settings: Settings) -> int:
     with open_redis(settings) as (client, _):
         broker = StreamBroker(client, keys, maxlen=settings.stream_maxlen)
         # Taken before publishing, so that no completion can come before it.
-        since_id = completions_position(broker) if args.wait else None
+        since = completions_position(broker) if args.wait else None
         # Training requests go to their priority's lane.
         published = {broker.publish_input(stream, p): _event_id(p) for p in payloads}
-        if since_id is None:
+        if since is None:
             sys.stdout.write("".join(f"{entry_id}\n" for _, entry_id in published))
             return 0
         outcomes = wait_for_completions(
             broker,
             published,
-            since_id=since_id,
+            since=since,
             timeout_s=args.timeout,
             on_completion=lambda c: print(_completion_line(c), flush=True),
         )
@@ -207,11 +207,11 @@ def _redis_origin(settings: Settings) -> str:
 
 def check_entry_ids(ids: list[str]) -> None:
     """Refuse a malformed id before Redis does, with what a valid one looks like."""
-    for entry_id in ids:
-        if not is_entry_id(entry_id):
+    for ref in ids:
+        if not is_entry_id(parse_ref(ref)[1]):
             raise UsageError(
-                f"{entry_id!r} is not a stream entry ID (expected MILLISECONDS-SEQUENCE, "
-                "such as 1700000000000-0; see forge dlq list)"
+                f"{ref!r} is not a stream entry ID (expected MILLISECONDS-SEQUENCE, "
+                "such as 1700000000000-0, or PARTITION/ID; see forge dlq list)"
             )
 
 
@@ -222,12 +222,18 @@ def _selected(dlq: DeadLetterQueue, args: argparse.Namespace) -> list[DeadLetter
     if args.ids:
         found = []
         for entry_id in args.ids:
-            try:
-                found.append(dlq.show(entry_id))
-            except KeyError:
-                raise ConfigError(f"no dead-letter record {entry_id!r}") from None
+            found.append(_show(dlq, entry_id))
         return found
     return dlq.select(parse_filters(args.filter) if args.filter else None)
+
+
+def _show(dlq: DeadLetterQueue, ref: str) -> DeadLetterEntry:
+    try:
+        return dlq.show(ref)
+    except KeyError:
+        raise ConfigError(f"no dead-letter record {ref!r}") from None
+    except LookupError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _dlq(client: Any, settings: Settings) -> DeadLetterQueue:
@@ -240,11 +246,11 @@ def run_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
     with open_redis(settings) as (client, _):
         items = _dlq(client, settings).select(filters, args.limit)
     if args.json:
-        print_json([{"entry_id": i.entry_id, **msgspec.to_builtins(i.record)} for i in items])
+        print_json([_json_record(i) for i in items])
         return 0
     rows = [
         [
-            i.entry_id,
+            i.ref,
             i.record.source_stream,
             i.record.source_id or "-",
             i.record.deliveries,
@@ -259,22 +265,27 @@ def run_dlq_list(args: argparse.Namespace, settings: Settings) -> int:
 def run_dlq_show(args: argparse.Namespace, settings: Settings) -> int:
     check_entry_ids([args.id])
     with open_redis(settings) as (client, _):
-        try:
-            item = _dlq(client, settings).show(args.id)
-        except KeyError:
-            raise ConfigError(f"no dead-letter record {args.id!r}") from None
+        item = _show(_dlq(client, settings), args.id)
     if args.json:
-        print_json({"entry_id": item.entry_id, **msgspec.to_builtins(item.record)})
+        print_json(_json_record(item))
     else:
         sys.stdout.write(describe_record(item))
     return 0
+
+
+def _json_record(item: DeadLetterEntry) -> dict[str, Any]:
+    found: dict[str, Any] = {"entry_id": item.entry_id}
+    if item.partition is not None:
+        found |= {"partition": item.partition, "ref": item.ref}
+    record: dict[str, Any] = msgspec.to_builtins(item.record)
+    return found | record
 
 
 def describe_record(item: DeadLetterEntry) -> str:
     """A record for people: ``field: value`` lines, then the payload and traceback as text."""
     record = item.record
     fields = [
-        ("entry_id", item.entry_id),
+        ("entry_id", item.ref),
         ("id", record.id),
         ("created_at", record.created_at.isoformat() if record.created_at else "-"),
         ("source_stream", record.source_stream),
@@ -325,7 +336,7 @@ def run_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
         entries = _selected(dlq, args)
         new_ids: list[str] = dlq.replay(entries)
     for item, replayed_id in zip(entries, new_ids, strict=True):
-        print(f"{item.entry_id} -> {item.record.source_stream} {replayed_id}")
+        print(f"{item.ref} -> {item.record.source_stream} {replayed_id}")
     print(f"replayed {len(new_ids)}")
     return 0
 

@@ -29,6 +29,14 @@ DESCRIPTIONS: dict[str, str] = {
     "share one Redis.",
     "group": "Consumer group that Forge's workers read the input streams in.",
     "stream_maxlen": "Approximate length (MAXLEN ~) output streams are trimmed to.",
+    "redis_cluster": (
+        "`REDIS_URL` names any node of a Redis Cluster: use redis-py's cluster client "
+        "(see docs/redis-cluster.md)."
+    ),
+    "stream_partitions": (
+        "Partitions of each input stream, each under its own hash tag "
+        "(1: today's names; see docs/redis-cluster.md)."
+    ),
     "max_batch_size": "Entries read per XREADGROUP and handed to a handler at once, and texts "
     "per model call (at most; see `FORGE_EMBED_BATCH_TOKENS`). `new-data` reads "
     "`FORGE_EMBED_PIPELINE_DEPTH` times as many entries.",

@@ -17,6 +17,7 @@ import numpy.typing as npt
 import redis
 import redis.exceptions
 import structlog
+from redis.cluster import RedisCluster
 
 from forge.keys import Keys
 from forge.settings import Settings
@@ -89,7 +90,7 @@ class EmbeddingCache:
         if not keys:
             return []
         try:
-            raw = self._redis.mget(keys)
+            raw = self._mget(keys)
         except (redis.exceptions.RedisError, OSError) as exc:
             self._warn("get", exc)
             raw = [None] * len(keys)
@@ -98,6 +99,14 @@ class EmbeddingCache:
         self._on_hit(hits)
         self._on_miss(len(vectors) - hits)
         return vectors
+
+    def _mget(self, keys: Sequence[str]) -> list[Any]:
+        if isinstance(self._redis, RedisCluster):
+            # The keys hash to slots all over the cluster: one MGET per slot.
+            found: list[Any] = self._redis.mget_nonatomic(keys)
+            return found
+        values: Any = self._redis.mget(keys)
+        return list(values)
 
     def put_many(self, model_id: str, texts: Sequence[str], vectors: Vector) -> None:
         """Store one vector per text (rows of ``vectors``), each with the TTL."""

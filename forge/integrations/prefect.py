@@ -106,12 +106,13 @@ def publish_and_wait(
     (payload,) = validate_for_stream(keys, keys.training_requests, [request])
     wait_s = timeout_s if timeout_s is not None else _default_wait_s(settings, training_timeout_s)
     with open_redis(settings) as (client, _):
-        after = last_entry_id(client, keys.completions)
+        broker = StreamBroker(client, keys, maxlen=settings.stream_maxlen)
+        # Its completion comes on its partition's completions stream.
+        part = keys.part_of(broker.route(keys.training_requests, payload))
+        after = last_entry_id(client, part.completions)
         # To the lane of the request's priority.
-        StreamBroker(client, keys, maxlen=settings.stream_maxlen).publish_input(
-            keys.training_requests, payload
-        )
-        return wait_for_completion(client, keys, request["id"], after, wait_s)
+        broker.publish_input(part.training_requests, payload)
+        return wait_for_completion(client, part, request["id"], after, wait_s)
 
 
 def _settings(settings: Settings | None, redis_url: str | None) -> Settings:
@@ -136,7 +137,8 @@ def last_entry_id(client: redis.Redis, stream: str) -> str:
 def wait_for_completion(
     client: redis.Redis, keys: Keys, event_id: str, after: str, timeout_s: float
 ) -> Completion:
-    """Read completions after entry id ``after`` until the one for ``event_id`` arrives."""
+    """Read completions after entry id ``after`` until the one for ``event_id`` arrives
+    (``keys``: the partition the request went to)."""
     deadline = time.monotonic() + timeout_s
     while (remaining := deadline - time.monotonic()) > 0:
         block_ms = max(int(min(remaining, _MAX_BLOCK_S) * 1000), 1)

@@ -123,11 +123,13 @@ def count_lag(client: redis.Redis, stream: str, last_delivered_id: str, limit: i
 
 
 def snapshot(client: redis.Redis, keys: Keys, streams: Sequence[str] | None = None) -> Snapshot:
-    names = list(streams or keys.input_streams)
+    """The input streams (of every partition) and the dead letters (of all of them)."""
+    names = list(streams or (name for s in keys.input_streams for name in keys.physical(s)))
     statuses = [stream_status(client, s) for s in names]
-    replays = client.get(keys.dead_letter_replays_total)
+    # One command per partition: their keys live in different slots.
+    parts = keys.parts
     return Snapshot(
         streams=statuses,
-        dead_letter_depth=int(client.xlen(keys.dead_letter)),
-        dead_letter_replays=int(replays or 0),
+        dead_letter_depth=sum(int(client.xlen(p.dead_letter)) for p in parts),
+        dead_letter_replays=sum(int(client.get(p.dead_letter_replays_total) or 0) for p in parts),
     )

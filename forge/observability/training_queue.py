@@ -72,15 +72,17 @@ def training_queue(client: redis.Redis, keys: Keys, limit: int = 20) -> Training
     trainings: list[QueuedTraining] = []
     counts: dict[str, int] = {}
     for priority in PRIORITIES:
-        lane = keys.lane(keys.training_requests, priority)
-        position, lag = _group_position(client, keys, lane)
-        if position is None:
-            counts[priority] = 0
-            continue
-        held = _held(client, keys, lane, priority, now_s, limit)
-        queued = _queued(client, lane, position, priority, now_s, limit)
-        counts[priority] = lag if lag is not None else len(queued)
-        trainings.extend(held + queued)
+        counts[priority] = 0
+        # Each partition's lane of this priority.
+        for part in keys.parts:
+            lane = keys.lane(part.training_requests, priority)
+            position, lag = _group_position(client, keys, lane)
+            if position is None:
+                continue
+            held = _held(client, keys, lane, priority, now_s, limit)
+            queued = _queued(client, lane, position, priority, now_s, limit)
+            counts[priority] += lag if lag is not None else len(queued)
+            trainings.extend(held + queued)
     order = {"running": 0, "waiting for GPU": 0, "queued": 1}
     trainings.sort(key=lambda t: (order[t.state], PRIORITIES.index(t.priority), -t.waiting_s))
     return TrainingQueue(trainings, counts)

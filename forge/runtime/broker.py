@@ -14,8 +14,7 @@ The delivery count that decides dead-lettering is always Redis's own (XPENDING's
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -23,48 +22,9 @@ import redis
 
 from forge.events import EVENT_FIELD, Event, encode
 from forge.keys import Keys, Priority
+from forge.partitioning import partition_key, partition_of
+from forge.runtime.entries import Entry, Settlement, id_key, settle_call
 from forge.runtime.settle_script import SETTLE_LUA
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One stream entry as delivered to this consumer."""
-
-    stream: str
-    entry_id: str
-    fields: dict[bytes, bytes]
-    deliveries: int = 1
-
-    @property
-    def payload(self) -> bytes | None:
-        return self.fields.get(EVENT_FIELD)
-
-    @property
-    def arrived_at_s(self) -> float:
-        """When Redis appended the entry (the id's millisecond part), as a Unix time."""
-        return int(self.entry_id.split("-", 1)[0]) / 1000
-
-
-@dataclass(slots=True)
-class Settlement:
-    """Everything that finishes a batch, written in one atomic script call."""
-
-    acks: dict[str, list[str]] = field(default_factory=dict)
-    publishes: list[tuple[str, bytes]] = field(default_factory=list)
-    writes: list[tuple[str, bytes, int]] = field(default_factory=list)
-
-    def ack(self, stream: str, entry_id: str) -> None:
-        self.acks.setdefault(stream, []).append(entry_id)
-
-    def publish(self, stream: str, event: Event) -> None:
-        self.publishes.append((stream, encode(event)))
-
-    def write(self, key: str, value: bytes, ttl_s: int) -> None:
-        """SET ``key`` with an expiry (idempotency markers, last errors)."""
-        self.writes.append((key, value, ttl_s))
-
-    def __bool__(self) -> bool:
-        return bool(self.acks or self.publishes or self.writes)
 
 
 class _Prioritized(msgspec.Struct):
@@ -169,7 +129,7 @@ class StreamBroker:
                 pipe.xrange(stream, min=f"({position}", count=1)
             for stream, head in zip(positions, pipe.execute(), strict=True):
                 if head:
-                    heads[stream] = _id_key(_decode_id(head[0][0]))[0] / 1000
+                    heads[stream] = id_key(_decode_id(head[0][0]))[0] / 1000
         return int(seconds) + int(micros) / 1_000_000, heads
 
     def claim_stale(self, stream: str, consumer: str, min_idle_ms: int, count: int) -> list[Entry]:
@@ -202,8 +162,8 @@ class StreamBroker:
         pending: Any = self._client.xpending_range(
             stream,
             self.keys.group,
-            min=min(ids, key=_id_key),
-            max=max(ids, key=_id_key),
+            min=min(ids, key=id_key),
+            max=max(ids, key=id_key),
             count=len(ids) * 2 + 10,
             consumername=consumer,
         )
@@ -222,25 +182,41 @@ class StreamBroker:
 
     def publish(self, stream: str, event: Event) -> str:
         """XADD one event to an output stream, trimmed to about ``maxlen`` entries."""
+        payload = encode(event)
         entry_id: Any = self._client.xadd(
-            stream, {EVENT_FIELD: encode(event)}, maxlen=self.maxlen, approximate=True
+            self.route(stream, payload),
+            {EVENT_FIELD: payload},
+            maxlen=self.maxlen,
+            approximate=True,
         )
         return _decode_id(entry_id)
 
     def publish_raw(self, stream: str, payload: bytes, *, trim: bool = False) -> str:
-        """XADD a payload as is (publishing to input streams, replaying dead letters)."""
+        """XADD a payload as is (publishing to input streams, replaying dead letters);
+        to a logical stream's partition by the partitioning rule."""
         maxlen = self.maxlen if trim else None
         entry_id: Any = self._client.xadd(
-            stream, {EVENT_FIELD: payload}, maxlen=maxlen, approximate=True
+            self.route(stream, payload), {EVENT_FIELD: payload}, maxlen=maxlen, approximate=True
         )
         return _decode_id(entry_id)
 
+    def route(self, stream: str, payload: bytes) -> str:
+        """Where ``payload`` goes when published to ``stream``: a logical stream's
+        partition by the rule (``forge.partitioning``), a partition's stream itself."""
+        keys = self.keys
+        if not keys.partitioned or keys.part_of(stream).partition is not None:
+            return stream
+        part = keys.part(partition_of(partition_key(payload), keys.partitions))
+        return part.localize(stream)
+
     def publish_input(self, stream: str, payload: bytes) -> tuple[str, str]:
-        """XADD a validated event to an input stream, untrimmed; an event of a
-        prioritized stream (or any of its lanes) goes to the lane its ``priority``
-        names. Returns the stream it went to and the entry id."""
+        """XADD a validated event to an input stream, untrimmed: to its partition (by
+        the rule, unless ``stream`` names one), and for a prioritized stream (or any of
+        its lanes) to the lane its ``priority`` names. Returns the stream it went to
+        and the entry id."""
+        stream = self.route(stream, payload)
         base, _ = self.keys.lane_of(stream)
-        if base in self.keys.prioritized_streams:
+        if self.keys.is_prioritized(base):
             priority = msgspec.json.decode(payload, type=_Prioritized).priority
             stream = self.keys.lane(base, priority)
         return stream, self.publish_raw(stream, payload)
@@ -255,7 +231,7 @@ class StreamBroker:
         """
         if not settlement:
             return
-        keys, args = _settle_call(settlement, self.keys.group, self.maxlen)
+        keys, args = settle_call(settlement, self.keys.group, self.maxlen)
         self._settle(keys=keys, args=args)
 
     def acked_any(self, settlement: Settlement) -> bool:
@@ -287,105 +263,79 @@ class StreamBroker:
         return None if value is None else bytes(value)
 
     # ------------------------------------------------------------------ dead letters
+    # Each takes the partition (``Keys.parts``) whose dead-letter stream it reads or
+    # writes: a replay's XADD, XDEL and counters then share one slot.
 
-    def dead_letter_depth(self) -> int:
-        return int(self._client.xlen(self.keys.dead_letter))
+    def dead_letter_depth(self, part: Keys) -> int:
+        return int(self._client.xlen(part.dead_letter))
 
-    def dead_letters(self, first_id: str, last_id: str, count: int) -> list[RawEntry]:
+    def dead_letters(self, part: Keys, first_id: str, last_id: str, count: int) -> list[RawEntry]:
         """Dead-letter entries from ``first_id`` to ``last_id`` (XRANGE bounds: ``-``,
         ``+``, ``(`` for exclusive), oldest first, at most ``count``."""
-        page: Any = self._client.xrange(
-            self.keys.dead_letter, min=first_id, max=last_id, count=count
-        )
+        page: Any = self._client.xrange(part.dead_letter, min=first_id, max=last_id, count=count)
         return [(_decode_id(entry_id), fields) for entry_id, fields in page]
 
-    def replay_dead_letter(self, entry_id: str, stream: str, payload: bytes, source_id: str) -> str:
-        """Publish ``payload`` back to ``stream``, delete the record and count the replay
-        (per ``source_id`` unless empty, and in total), in one transaction: a record is
-        never both replayed and kept, nor removed without being replayed."""
-        keys = self.keys
+    def replay_dead_letter(
+        self, part: Keys, entry_id: str, stream: str, payload: bytes, source_id: str
+    ) -> str:
+        """Publish ``payload`` back to ``stream`` (the partition's), delete the record and
+        count the replay (per ``source_id`` unless empty, and in total), in one
+        transaction: a record is never both replayed and kept, nor removed without
+        being replayed."""
         pipe = self._client.pipeline(transaction=True)
-        pipe.xadd(stream, {EVENT_FIELD: payload})
-        pipe.xdel(keys.dead_letter, entry_id)
+        pipe.xadd(part.localize(stream), {EVENT_FIELD: payload})
+        pipe.xdel(part.dead_letter, entry_id)
         if source_id:
-            pipe.hincrby(keys.dead_letter_replays, source_id, 1)
-        pipe.incr(keys.dead_letter_replays_total)
+            pipe.hincrby(part.dead_letter_replays, source_id, 1)
+        pipe.incr(part.dead_letter_replays_total)
         new_id: bytes | str = pipe.execute()[0]
         return _decode_id(new_id)
 
-    def delete_dead_letters(self, entry_ids: Sequence[str]) -> int:
+    def delete_dead_letters(self, part: Keys, entry_ids: Sequence[str]) -> int:
         """Delete these records; how many there were."""
-        return int(self._client.xdel(self.keys.dead_letter, *entry_ids)) if entry_ids else 0
+        if not entry_ids:
+            return 0
+        return int(self._client.xdel(part.dead_letter, *entry_ids))
 
-    def delete_dead_letter_stream(self) -> int:
+    def delete_dead_letter_stream(self, part: Keys) -> int:
         """Delete every record: 1 if there was a stream to delete, else 0."""
-        return int(self._client.delete(self.keys.dead_letter))
+        return int(self._client.delete(part.dead_letter))
 
-    def dead_letter_replays_total(self) -> int:
-        return int(self._client.get(self.keys.dead_letter_replays_total) or 0)
+    def dead_letter_replays_total(self, part: Keys) -> int:
+        return int(self._client.get(part.dead_letter_replays_total) or 0)
 
-    def dead_letter_replay_counts(self, source_ids: Sequence[str]) -> list[int]:
-        """How often each event was replayed from the dead-letter stream."""
+    def dead_letter_replay_counts(self, source_ids: Sequence[str], part: Keys) -> list[int]:
+        """How often each event was replayed from the partition's dead-letter stream."""
         if not source_ids:
             return []
-        values = self._client.hmget(self.keys.dead_letter_replays, list(source_ids))
+        values = self._client.hmget(part.dead_letter_replays, list(source_ids))
         return [int(v or 0) for v in values]
 
     # ------------------------------------------------------------------ completions
 
-    def newest_completion_id(self) -> str | None:
-        """The id of the newest completion, None while there is none."""
-        newest: Any = self._client.xrevrange(self.keys.completions, count=1)
+    def newest_completion_id(self, part: Keys) -> str | None:
+        """The id of the partition's newest completion, None while there is none."""
+        newest: Any = self._client.xrevrange(part.completions, count=1)
         return _decode_id(newest[0][0]) if newest else None
 
-    def completions_after(self, entry_id: str, count: int, block_ms: int) -> list[RawEntry]:
-        """Completions added after ``entry_id`` (XREAD), waiting up to ``block_ms`` for one."""
-        reply: Any = self._client.xread(
-            {self.keys.completions: entry_id}, count=count, block=block_ms
-        )
-        return [(_decode_id(eid), fields) for _, items in reply or () for eid, fields in items]
-
-
-_MAX_ID_PART = 2**64 - 1
-
-
-def is_entry_id(text: str) -> bool:
-    """Whether ``text`` is a full stream entry id, ``MILLISECONDS-SEQUENCE``.
-
-    Stricter than Redis, which also takes ``-``, ``+`` and a bare millisecond time in
-    ranges: one record means one exact id.
-    """
-    ms, sep, seq = text.partition("-")
-    parts = (ms, seq)
-    if not sep or not all(p.isascii() and p.isdigit() for p in parts):
-        return False
-    return all(int(p) <= _MAX_ID_PART for p in parts)
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _settle_call(
-    settlement: Settlement, group: str, maxlen: int
-) -> tuple[list[str], list[str | bytes | int]]:
-    """The script's KEYS and ARGV for ``settlement``."""
-    keys: list[str] = [stream for stream, _ in settlement.publishes]
-    keys += [key for key, _, _ in settlement.writes]
-    keys += list(settlement.acks)
-    args: list[str | bytes | int] = [
-        len(settlement.publishes),
-        len(settlement.writes),
-        len(settlement.acks),
-        group,
-        maxlen,
-        EVENT_FIELD,
-    ]
-    args += [payload for _, payload in settlement.publishes]
-    for _, value, ttl_s in settlement.writes:
-        args += [value, ttl_s]
-    for ids in settlement.acks.values():
-        args.append(len(ids))
-        args += ids
-    return keys, args
+    def completions_after(
+        self, positions: Mapping[str, str], count: int, block_ms: int
+    ) -> list[tuple[str, str, dict[bytes, bytes]]]:
+        """Completions added after each stream's position (XREAD), waiting up to
+        ``block_ms`` for one: (stream, id, fields). One XREAD per stream when
+        partitioned, since one XREAD must not cross slots; the wait is then split."""
+        if len(positions) > 1 and self.keys.cluster:
+            wait_ms = max(block_ms // len(positions), 1)
+            found: list[tuple[str, str, dict[bytes, bytes]]] = []
+            for stream, position in positions.items():
+                found += self.completions_after({stream: position}, count, wait_ms)
+                if found:
+                    break
+            return found
+        streams: dict[Any, Any] = dict(positions)
+        reply: Any = self._client.xread(streams, count=count, block=block_ms)
+        return [
+            (_decode_id(stream), _decode_id(eid), fields)
+            for stream, items in reply or ()
+            for eid, fields in items
+        ]

@@ -5,7 +5,8 @@ then ``wait_for_completions`` reads the completions stream from there and matche
 completion to a published entry by source stream and entry id, the event id confirming
 it. The entry id, not the event id, is the key: an event id published twice (a retry,
 a replay) has one completion per entry. The stream is part of the key because the
-priority lanes of one stream hand out entry ids independently.
+priority lanes of one stream hand out entry ids independently. With partitions, each
+partition's completions stream is read (an entry's completion is in its partition's).
 """
 
 from __future__ import annotations
@@ -27,16 +28,18 @@ class CompletionTimeout(ForgeError):
     """Not every awaited completion arrived in time."""
 
 
-def completions_position(broker: StreamBroker) -> str:
-    """The id of the newest completion; everything published later comes after it."""
-    return broker.newest_completion_id() or "0-0"
+def completions_position(broker: StreamBroker) -> dict[str, str]:
+    """Each completions stream's newest id; everything published later comes after it."""
+    return {
+        part.completions: broker.newest_completion_id(part) or "0-0" for part in broker.keys.parts
+    }
 
 
 def wait_for_completions(
     broker: StreamBroker,
     published: Mapping[tuple[str, str], str],
     *,
-    since_id: str,
+    since: Mapping[str, str],
     timeout_s: float,
     on_completion: Callable[[Completion], None],
 ) -> list[Completion]:
@@ -46,13 +49,13 @@ def wait_for_completions(
     waiting = dict(published)
     arrived: list[Completion] = []
     decoder = Decoder(Completion)
-    cursor = since_id
+    cursors = dict(since)
     deadline = time.monotonic() + timeout_s
     while waiting:
         # At least 1 ms: a block of 0 would wait for ever.
         block_ms = min(max(int((deadline - time.monotonic()) * 1000), 1), _MAX_BLOCK_MS)
-        for entry_id, fields in broker.completions_after(cursor, _READ_COUNT, block_ms):
-            cursor = entry_id
+        for stream, entry_id, fields in broker.completions_after(cursors, _READ_COUNT, block_ms):
+            cursors[stream] = entry_id
             completion = _decoded(decoder, fields)
             if completion is not None and _settles(completion, waiting):
                 del waiting[(completion.source_stream, completion.source_entry_id)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import heapq
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,8 +18,10 @@ import msgspec
 
 from forge.errors import InvalidEvent
 from forge.events import EVENT_FIELD, DeadLetter, ErrorInfo, decode_as, new_id, utcnow
+from forge.keys import Keys
 from forge.observability.logging import redact_text
-from forge.runtime.broker import Entry, StreamBroker
+from forge.runtime.broker import StreamBroker
+from forge.runtime.entries import Entry, id_key
 
 _MAX_TRACEBACK_CHARS = 8_000
 FILTER_FIELDS = ("source_stream", "source_id", "error_type", "error", "consumer")
@@ -103,6 +106,13 @@ def payload_bytes(record: DeadLetter) -> bytes:
 class DeadLetterEntry:
     entry_id: str
     record: DeadLetter
+    # The partition whose dead-letter stream holds it; None when unpartitioned.
+    partition: int | None = None
+
+    @property
+    def ref(self) -> str:
+        """How operators name it: the entry id, ``P/ENTRY_ID`` in a partition."""
+        return self.entry_id if self.partition is None else f"{self.partition}/{self.entry_id}"
 
 
 def parse_filters(expressions: Sequence[str]) -> dict[str, str]:
@@ -130,21 +140,28 @@ def matches(record: DeadLetter, filters: Mapping[str, str]) -> bool:
 
 
 class DeadLetterQueue:
-    """Operator actions on the dead-letter stream: list, show, replay, purge."""
+    """Operator actions on the dead-letter stream, of every partition: list, show,
+    replay, purge. A record of a partition is named ``P/ENTRY_ID`` (``DeadLetterEntry.ref``)."""
 
     def __init__(self, broker: StreamBroker) -> None:
         self.broker = broker
+        self.parts = broker.keys.parts
 
     def depth(self) -> int:
-        return self.broker.dead_letter_depth()
+        return sum(self.broker.dead_letter_depth(part) for part in self.parts)
 
     def iter_entries(self, batch: int = 500) -> Iterator[DeadLetterEntry]:
-        """Every record, oldest first, read in pages so a deep queue is not loaded at once."""
+        """Every record, oldest first across partitions, read in pages so a deep queue
+        is not loaded at once."""
+        streams = [self._iter_part(part, batch) for part in self.parts]
+        return heapq.merge(*streams, key=lambda e: id_key(e.entry_id))
+
+    def _iter_part(self, part: Keys, batch: int) -> Iterator[DeadLetterEntry]:
         start = "-"
         while True:
-            page = self.broker.dead_letters(start, "+", batch)
+            page = self.broker.dead_letters(part, start, "+", batch)
             for entry_id, fields in page:
-                yield self._to_entry(entry_id, fields)
+                yield self._to_entry(part, entry_id, fields)
             if len(page) < batch:
                 return
             start = f"({page[-1][0]}"
@@ -161,17 +178,29 @@ class DeadLetterQueue:
                 break
         return found
 
-    def show(self, entry_id: str) -> DeadLetterEntry:
-        page = self.broker.dead_letters(entry_id, entry_id, 1)
-        if not page:
-            raise KeyError(entry_id)
-        return self._to_entry(*page[0])
+    def show(self, ref: str) -> DeadLetterEntry:
+        """The record ``ref`` names: ``P/ENTRY_ID``, or a bare entry id looked up in
+        every partition (``KeyError`` if none has it, ``LookupError`` if several do)."""
+        partition, entry_id = parse_ref(ref)
+        parts = self.parts if partition is None else (self.broker.keys.part(partition),)
+        found = [
+            self._to_entry(part, *page[0])
+            for part in parts
+            if (page := self.broker.dead_letters(part, entry_id, entry_id, 1))
+        ]
+        if not found:
+            raise KeyError(ref)
+        if len(found) > 1:
+            refs = ", ".join(item.ref for item in found)
+            raise LookupError(f"{ref!r} is in several partitions: name one of {refs}")
+        return found[0]
 
     def replay(self, entries: Sequence[DeadLetterEntry]) -> list[str]:
         """Re-publish each record's payload to its source stream and remove the record,
         one transaction per record (``StreamBroker.replay_dead_letter``)."""
         return [
             self.broker.replay_dead_letter(
+                self._part(item),
                 item.entry_id,
                 item.record.source_stream,
                 payload_bytes(item.record),
@@ -183,15 +212,42 @@ class DeadLetterQueue:
     def purge(self, entries: Sequence[DeadLetterEntry] | None = None) -> int:
         """Delete the given records, or every record when ``entries`` is None."""
         if entries is None:
-            return self.broker.delete_dead_letter_stream()
-        return self.broker.delete_dead_letters([e.entry_id for e in entries])
+            return sum(self.broker.delete_dead_letter_stream(part) for part in self.parts)
+        by_part: dict[int | None, list[str]] = {}
+        for item in entries:
+            by_part.setdefault(item.partition, []).append(item.entry_id)
+        return sum(
+            self.broker.delete_dead_letters(self._keys_of(partition), ids)
+            for partition, ids in by_part.items()
+        )
 
     def replays_total(self) -> int:
-        return self.broker.dead_letter_replays_total()
+        return sum(self.broker.dead_letter_replays_total(part) for part in self.parts)
 
     def replay_counts(self, source_ids: Sequence[str]) -> list[int]:
-        return self.broker.dead_letter_replay_counts(source_ids)
+        """How often each event was replayed, over every partition."""
+        totals = [0] * len(source_ids)
+        for part in self.parts:
+            counts = self.broker.dead_letter_replay_counts(source_ids, part)
+            totals = [a + b for a, b in zip(totals, counts, strict=True)]
+        return totals
+
+    def _part(self, item: DeadLetterEntry) -> Keys:
+        return self._keys_of(item.partition)
+
+    def _keys_of(self, partition: int | None) -> Keys:
+        keys = self.broker.keys
+        return keys.parts[0] if partition is None else keys.part(partition)
 
     @staticmethod
-    def _to_entry(entry_id: str, fields: Mapping[bytes, bytes]) -> DeadLetterEntry:
-        return DeadLetterEntry(entry_id, decode_as(DeadLetter, fields[EVENT_FIELD]))
+    def _to_entry(part: Keys, entry_id: str, fields: Mapping[bytes, bytes]) -> DeadLetterEntry:
+        record = decode_as(DeadLetter, fields[EVENT_FIELD])
+        return DeadLetterEntry(entry_id, record, part.partition)
+
+
+def parse_ref(ref: str) -> tuple[int | None, str]:
+    """``P/ENTRY_ID`` -> (P, ENTRY_ID); a bare entry id -> (None, it)."""
+    head, sep, tail = ref.partition("/")
+    if sep and head.isdigit():
+        return int(head), tail
+    return None, ref

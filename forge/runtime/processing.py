@@ -29,9 +29,9 @@ import structlog
 
 from forge.errors import InvalidEvent, PermanentError
 from forge.events import Decoder, ErrorInfo, Event, utcnow
-from forge.runtime.broker import Entry
 from forge.runtime.context import Context
 from forge.runtime.deadletter import error_info
+from forge.runtime.entries import Entry
 from forge.runtime.handlers import Failed, HandlerSpec, Message, Outcome, Rejected, Succeeded
 from forge.runtime.observer import RuntimeObserver
 from forge.runtime.retry import Retrier

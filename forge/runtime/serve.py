@@ -34,14 +34,16 @@ def serve_worker(
     """
     metrics = Metrics()
     ctx = Context(settings=settings, redis=client, metrics=metrics)
-    probe = connect_redis_probe(settings.redis_url or "")
+    probe = connect_redis_probe(settings.redis_url or "", cluster=settings.redis_cluster)
     ctx.on_close(probe.close)
     health = HealthCheck(redis_ping=probe.ping, loop_heartbeat_max_age_s=max_beat_age_s(settings))
     server = None
     try:
         registry = build_handler_registry(ctx, consumers)
         worker = Worker(ctx, registry, streams or None, heartbeat=heartbeat or health.beat)
-        metrics.init_streams(ctx.keys.short(s) for s in worker.streams)
+        # Partitions of a stream share its handler's labels.
+        labels = dict.fromkeys(ctx.keys.short(ctx.keys.logical_name(s)) for s in worker.streams)
+        metrics.init_streams(labels)
         # Every input stream, not only this worker's: when an autoscaler takes one kind
         # of worker to zero, its backlog must still be visible.
         metrics.watch_streams(lambda: probe, ctx.keys, ctx.keys.input_lanes)

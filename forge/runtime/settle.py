@@ -23,9 +23,9 @@ import structlog
 from forge.events import Completion, ErrorInfo, Status, Timings, new_id
 from forge.observability.metrics import DeadLetterReason
 from forge.observability.metrics import Outcome as OutcomeLabel
-from forge.runtime.broker import Entry, Settlement
 from forge.runtime.context import Context
 from forge.runtime.deadletter import build_record, sniff_event_id
+from forge.runtime.entries import Entry, Settlement
 from forge.runtime.handlers import Failed, Message, Outcome, Rejected, Succeeded
 
 log = structlog.get_logger(__name__)
@@ -130,12 +130,15 @@ class Settler:
     ) -> None:
         """Add the entry's effects, completion, dead letter or marker, and ack."""
         settlement, entry = result.settlement, record.entry
+        # Everything the settlement touches lives in the entry's partition (one slot):
+        # what the handler publishes to a logical stream goes to the partition's.
+        part = self._keys.part_of(entry.stream)
         completion = self._completion(record, verdict, timing)
         if isinstance(verdict, Succeeded) and not record.duplicate:
             # Before the completion, so whoever sees the completion finds these too.
             for stream, event in verdict.publish:
-                settlement.publish(stream, event)
-        settlement.publish(self._keys.completions, completion)
+                settlement.publish(part.localize(stream), event)
+        settlement.publish(part.completions, completion)
         if isinstance(verdict, Rejected | Exhausted):
             event_id = completion.source_id
             self._dead_letter(settlement, entry, verdict.error, replays.get(event_id or "", 0))
@@ -153,7 +156,7 @@ class Settler:
         dead = build_record(
             entry, error, group=keys.group, consumer=self._consumer, replays=replays
         )
-        settlement.publish(keys.dead_letter, dead)
+        settlement.publish(keys.part_of(entry.stream).dead_letter, dead)
 
     def _leave_pending(self, result: BatchResult, entry: Entry, error: ErrorInfo) -> None:
         """Keep the error so the eventual dead-letter record says what went wrong, even
@@ -171,13 +174,13 @@ class Settler:
 
     def _replay_counts(self, records: Sequence[EntryRecord]) -> dict[str, int]:
         """How often each event about to be dead-lettered was replayed before."""
-        ids = [
-            sniff_event_id(r.entry.payload) or ""
-            for r in records
-            if isinstance(r.verdict, Rejected | Exhausted)
-        ]
-        ids = [i for i in ids if i]
-        return dict(zip(ids, self._broker.dead_letter_replay_counts(ids), strict=True))
+        dead = [r for r in records if isinstance(r.verdict, Rejected | Exhausted)]
+        ids = [i for i in (sniff_event_id(r.entry.payload) for r in dead) if i]
+        if not ids:
+            return {}
+        # A batch is one stream's, so one partition's.
+        part = self._keys.part_of(dead[0].entry.stream)
+        return dict(zip(ids, self._broker.dead_letter_replay_counts(ids, part), strict=True))
 
     def _completion(
         self, record: EntryRecord, verdict: Outcome | Exhausted, timing: BatchTiming

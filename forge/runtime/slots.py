@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from forge.runtime.broker import Entry
+from forge.runtime.entries import Entry
 from forge.runtime.lease import LeaseKeeper
 
 # Processes and settles a batch of a stream; returns its entries that failed.

@@ -22,8 +22,8 @@ from typing import Protocol
 
 import structlog
 
-from forge.runtime.broker import Entry
 from forge.runtime.context import Context
+from forge.runtime.entries import Entry
 from forge.runtime.priority import lane_order
 
 log = structlog.get_logger(__name__)
@@ -80,7 +80,7 @@ class BatchSource:
         self._stopping = stopping
         self._batch_sizes = dict(batch_sizes)
         # Metric labels name a prioritized stream, not its lanes, as the handler's do.
-        self._labels = {s: ctx.keys.short(ctx.keys.lane_of(s)[0]) for s in batch_sizes}
+        self._labels = {s: ctx.keys.label(s) for s in batch_sizes}
         self._redeliveries: dict[str, dict[str, float]] = {s: {} for s in batch_sizes}
         self._next_reclaim = 0.0
         self._room: Room = room or _Unlimited()
@@ -203,18 +203,19 @@ class BatchSource:
 
 
 def plan_reads(ctx: Context, batch_sizes: Mapping[str, int]) -> ReadPlan:
-    """Streams grouped by batch size, one XREADGROUP per group; the lanes of each
-    prioritized stream a group of their own."""
+    """Streams grouped by partition and batch size, one XREADGROUP per group (a
+    partition's streams share its slot, so one read never crosses slots); the lanes of
+    each prioritized stream a group of their own."""
     keys = ctx.keys
-    by_size: dict[int, list[str]] = {}
+    by_size: dict[tuple[int | None, int], list[str]] = {}
     lanes: dict[str, list[str]] = {}
     for stream, count in batch_sizes.items():
         base, _ = keys.lane_of(stream)
-        if base in keys.prioritized_streams:
+        if keys.is_prioritized(base):
             lanes.setdefault(base, []).append(stream)
         else:
-            by_size.setdefault(count, []).append(stream)
-    plan = [ReadGroup(streams, count) for count, streams in by_size.items()]
+            by_size.setdefault((keys.part_of(stream).partition, count), []).append(stream)
+    plan = [ReadGroup(streams, count) for (_, count), streams in by_size.items()]
     for base, present in lanes.items():
         ordered = [lane for lane in keys.lanes(base) if lane in present]
         plan.append(ReadGroup(ordered, max(batch_sizes[s] for s in ordered), lanes=True))

@@ -55,7 +55,13 @@ def _child_main(
     def beat() -> None:
         beats[index] = time.time()
 
-    serve_worker(settings, connect_redis(settings.redis_url), streams, consumers, heartbeat=beat)
+    serve_worker(
+        settings,
+        connect_redis(settings.redis_url, cluster=settings.redis_cluster),
+        streams,
+        consumers,
+        heartbeat=beat,
+    )
 
 
 class Supervisor:
@@ -72,7 +78,7 @@ class Supervisor:
         self._restarts = [0] * processes
         self._signals = 0
         self._metrics_dir = settings.home_dir / "metrics" / str(os.getpid())
-        self._redis = connect_redis_probe(settings.redis_url or "")
+        self._redis = connect_redis_probe(settings.redis_url or "", cluster=settings.redis_cluster)
         # Children's instruments arrive through files; what is read from Redis at scrape
         # time (lag, pending, dead-letter depth) and from the GPU is the parent's to report.
         self._metrics = Metrics()

@@ -31,8 +31,8 @@ from types import FrameType
 import redis
 import structlog
 
-from forge.runtime.broker import Entry, Settlement
 from forge.runtime.context import Context
+from forge.runtime.entries import Entry, Settlement
 from forge.runtime.handlers import HandlerRegistry
 from forge.runtime.lease import LeaseKeeper
 from forge.runtime.processing import BatchProcessor
@@ -64,10 +64,15 @@ class Worker:
         self.settings = ctx.settings
         self.keys = ctx.keys
         named = [self.keys.resolve(s) for s in streams or registry.streams]
-        self.streams = [lane for stream in named for lane in self.keys.lanes(stream)]
+        # Each lane of each partition is a stream of its own to the loop, processed by
+        # its logical stream's handler.
+        self.streams = [
+            lane
+            for stream in named
+            for lane in self.keys.physical_lanes(self.keys.logical_name(stream))
+        ]
         self.processors = {
-            stream: self._processor(registry, self.keys.short(self.keys.lane_of(stream)[0]))
-            for stream in self.streams
+            stream: self._processor(registry, self.keys.label(stream)) for stream in self.streams
         }
         self._stopping = threading.Event()
         self.settle_retrier = Retrier(
@@ -98,7 +103,8 @@ class Worker:
         for stream, processor in self.processors.items():
             if processor.spec.concurrency > 1:
                 base = self.keys.lane_of(stream)[0]
-                pools[stream] = (base, processor.spec.concurrency)
+                # One pool per logical stream: partitions share the handler's concurrency.
+                pools[stream] = (self.keys.logical_name(base), processor.spec.concurrency)
                 ranks[stream] = self.keys.lanes(base).index(stream)
         return Slots(pools, self.lease, self._process, ranks)
 

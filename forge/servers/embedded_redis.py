@@ -31,7 +31,7 @@ from urllib.parse import quote
 import redis
 import structlog
 
-from forge.errors import EmbeddedServerError
+from forge.errors import ConfigError, EmbeddedServerError
 from forge.servers.connect import connect_redis_probe
 from forge.servers.proc import die_with_parent_preexec, terminate_child, terminate_pid
 from forge.servers.redis_binary import find_redis_server, refuse_downgrade
@@ -319,6 +319,9 @@ def resolve_redis_url(
     """
     if settings.redis_url:
         return settings.redis_url, None
+    if settings.redis_cluster:
+        # The embedded server is one node: a cluster must be named.
+        raise ConfigError("FORGE_REDIS_CLUSTER=true needs REDIS_URL naming a node of the cluster")
     server = EmbeddedRedis(settings.data_dir / "redis", role=role)
     shared = _joinable_url(server, join_wait_s)
     if shared is not None:

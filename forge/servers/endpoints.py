@@ -28,7 +28,7 @@ def open_redis(
     until stopped: they never join a server that a one-shot command will stop.
     """
     url, embedded = resolve_redis_url(settings, role=role)
-    client = connect_redis(url)
+    client = connect_redis(url, cluster=settings.redis_cluster)
     try:
         client.ping()
         yield client, settings.replace(redis_url=url)

@@ -222,4 +222,5 @@ def app_from_env() -> Any:
     quiet_torch_threads()
     if not settings.redis_url:
         raise ConfigError("a serving worker needs REDIS_URL (forge serve sets it)")
-    return create_app(services(settings, connect_redis(settings.redis_url)))
+    client = connect_redis(settings.redis_url, cluster=settings.redis_cluster)
+    return create_app(services(settings, client))

@@ -8,6 +8,11 @@ alias change Forge makes), new entries of the ``model-versions`` stream (both on
 Redis round trip, so callers refresh often), and a poll of each known model's aliases
 in the registry every ``registry_poll_s`` (for changes made behind Forge's back: a
 registry round trip per model, 10 ms or more of CPU on the embedded store, so rare).
+
+With partitions ``model-versions`` is one stream per partition, each read on its own.
+On a cluster one blocking XREAD cannot span their slots: ``wait_for_change`` then blocks
+on the serving changes alone, for at most ``_CLUSTER_VERSION_WAIT_S``, so a new version
+still arrives within about a second.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ _PINNED_KEPT = 1024
 # registry lookup each.
 _UNKNOWN_KEPT = 1024
 _VERSION_EVENTS_PER_READ = 1000
+_CLUSTER_VERSION_WAIT_S = 1.0
 # Registries number versions with 32-bit integers; a larger number names none (and
 # would overflow the registry's query).
 _MAX_VERSION = 2**31 - 1
@@ -117,7 +123,7 @@ class Catalog:
         self._unknown: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._lock = threading.Lock()
         self._epoch = routes.epoch()
-        self._last_version_id = self._stream_end(keys.model_versions)
+        self._version_ids = {s: self._stream_end(s) for s in keys.physical(keys.model_versions)}
         self._last_change_id = self._stream_end(keys.serving_changes)
         self._next_poll_s = clock() + registry_poll_s
 
@@ -171,17 +177,15 @@ class Catalog:
         """Return once a change is announced (a new version, an epoch bump), or after
         ``timeout_s``: one blocking XREAD, so a server's next ``refresh`` can follow a
         change at once instead of at its next poll. Reads nothing ``refresh`` needs."""
+        if self.keys.cluster:
+            timeout_s = min(timeout_s, _CLUSTER_VERSION_WAIT_S)
         block_ms = int(timeout_s * 1000)
         if block_ms < 1:  # BLOCK 0 would wait for ever
             return
-        reply: Any = self.client.xread(
-            {
-                self.keys.model_versions: self._last_version_id,
-                self.keys.serving_changes: self._last_change_id,
-            },
-            count=1,
-            block=block_ms,
-        )
+        streams: dict[Any, Any] = {self.keys.serving_changes: self._last_change_id}
+        if not self.keys.cluster:
+            streams |= self._version_ids
+        reply: Any = self.client.xread(streams, count=1, block=block_ms)
         for stream, items in reply or ():
             if stream.decode() == self.keys.serving_changes and items:
                 self._last_change_id = items[-1][0].decode()
@@ -190,10 +194,11 @@ class Catalog:
         """Rebuild the states of models that may have changed (see the module notes)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self.keys.routes_epoch)
-        pipe.xread({self.keys.model_versions: self._last_version_id}, _VERSION_EVENTS_PER_READ)
-        raw_epoch, entries = pipe.execute()
+        for stream, last_id in self._version_ids.items():  # one XREAD a slot
+            pipe.xread({stream: last_id}, _VERSION_EVENTS_PER_READ)
+        raw_epoch, *replies = pipe.execute()
         epoch = int(raw_epoch) if raw_epoch is not None else 0
-        announced = self._announced(entries)
+        announced = self._announced(e for reply in replies for e in reply or ())
         with self._lock:
             for model in announced:
                 self._unknown.pop(model, None)
@@ -276,12 +281,12 @@ class Catalog:
         last: Any = self.client.xrevrange(stream, count=1)
         return str(last[0][0].decode()) if last else "0-0"
 
-    def _announced(self, entries: Iterable[_StreamEntries] | None) -> set[str]:
+    def _announced(self, entries: Iterable[_StreamEntries]) -> set[str]:
         """Models named by new ``model-version`` events (unreadable ones are skipped)."""
         models: set[str] = set()
-        for _stream, items in entries or ():
+        for stream, items in entries:
             for entry_id, fields in items:
-                self._last_version_id = entry_id.decode()
+                self._version_ids[stream.decode()] = entry_id.decode()
                 try:
                     models.add(_version_decoder.decode(fields[EVENT_FIELD]).model)
                 except (KeyError, msgspec.DecodeError):

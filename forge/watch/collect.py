@@ -16,6 +16,7 @@ import redis
 
 from forge.events import Completion, TrainingProgress
 from forge.keys import Keys
+from forge.observability.merged import newest
 from forge.observability.status import Snapshot, snapshot
 from forge.observability.training_queue import TrainingQueue, training_queue
 
@@ -133,21 +134,20 @@ def server_time_s(client: redis.Redis) -> float:
     return int(seconds) + int(micros) / 1_000_000
 
 
-def _newest(client: redis.Redis, stream: str, min_id: str, count: int) -> list[tuple[str, bytes]]:
-    """Entries from newest back to ``min_id``: (entry id, ``event`` field)."""
-    reply: Any = client.xrevrange(stream, "+", min_id, count=count)
-    out = []
-    for entry_id, fields in reply or ():
-        eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-        out.append((eid, (fields or {}).get(b"event", b"")))
-    return out
+def _newest(
+    client: redis.Redis, keys: Keys, stream: str, min_id: str, count: int
+) -> list[tuple[str, bytes]]:
+    """Entries of a logical stream (all its partitions) from newest back to ``min_id``:
+    (entry id, ``event`` field)."""
+    merged = newest(client, keys.physical_outputs(stream), min_id, count)
+    return [(entry_id, payload) for entry_id, _, payload in merged]
 
 
 def latest_completions(client: redis.Redis, keys: Keys, rows: int) -> list[CompletionRow]:
     """The newest ``rows`` completions, newest first."""
     return [
         _completion_row(keys, eid, payload)
-        for eid, payload in _newest(client, keys.completions, "-", rows)
+        for eid, payload in _newest(client, keys, keys.completions, "-", rows)
     ]
 
 
@@ -174,7 +174,7 @@ def _completion_row(keys: Keys, entry_id: str, payload: bytes) -> CompletionRow:
 def throughput(client: redis.Redis, keys: Keys, now_s: float, options: WatchOptions) -> Throughput:
     """Completions per second over the last ``window_s``, counted from entry ids."""
     start_ms = int((now_s - options.window_s) * 1000)
-    entries = _newest(client, keys.completions, str(max(start_ms, 0)), options.max_scan)
+    entries = _newest(client, keys, keys.completions, str(max(start_ms, 0)), options.max_scan)
     by_status: dict[str, int] = {}
     for _, payload in entries:
         status = _brief(payload).status or "unreadable"
@@ -209,7 +209,7 @@ def _latest_progress(
     start_ms = int((now_s - options.stale_s) * 1000)
     latest: dict[str, TrainingRow] = {}
     for entry_id, payload in _newest(
-        client, keys.training_progress, str(max(start_ms, 0)), options.max_scan
+        client, keys, keys.training_progress, str(max(start_ms, 0)), options.max_scan
     ):
         try:
             event = _progress_decoder.decode(payload)
@@ -242,11 +242,17 @@ def _finished(
     """
     ids = list(latest)
     pipe = client.pipeline(transaction=False)
+    parts = keys.parts
     for sid in ids:
-        pipe.exists(keys.done(keys.training_requests, sid))
-    finished = {sid for sid, found in zip(ids, pipe.execute(), strict=True) if found}
+        # The request's partition is not known here: its marker is in one of them.
+        for part in parts:
+            pipe.exists(keys.done(part.training_requests, sid))
+    found = pipe.execute()
+    finished = {
+        sid for i, sid in enumerate(ids) if any(found[i * len(parts) : (i + 1) * len(parts)])
+    }
     since_ms = int(min(row.updated_s for row in latest.values()) * 1000)
-    for _, payload in _newest(client, keys.completions, str(since_ms), max_scan):
+    for _, payload in _newest(client, keys, keys.completions, str(since_ms), max_scan):
         source_id = _brief(payload).source_id
         if source_id in latest:
             finished.add(source_id)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from forge.events import EVENT_FIELD, Completion, DeadLetter, NewData, decode_as
 from forge.runtime.context import Context
 from forge.runtime.deadletter import DeadLetterQueue
+from forge.runtime.entries import id_key
 from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message, Outcome
 from forge.runtime.worker import Worker
 from tests.support.redis_helpers import running, wait_for
@@ -22,8 +23,14 @@ def make_worker(ctx: Context, handle: Handle) -> Worker:
 
 
 def completions(ctx: Context) -> list[Completion]:
-    """Every completion on ``ctx``'s completions stream, oldest first."""
-    entries = ctx.redis.xrange(ctx.keys.completions)
+    """Every completion on ``ctx``'s completions streams (of every partition), oldest
+    first."""
+    entries = [
+        entry
+        for stream in ctx.keys.physical_outputs(ctx.keys.completions)
+        for entry in ctx.redis.xrange(stream)
+    ]
+    entries.sort(key=lambda entry: id_key(entry[0].decode()))
     return [decode_as(Completion, fields[EVENT_FIELD]) for _, fields in entries]
 
 
@@ -33,8 +40,8 @@ def dead_letters(ctx: Context) -> list[DeadLetter]:
 
 def pending(ctx: Context) -> int:
     """Entries of the new-data stream read by the group but not acknowledged."""
-    info = ctx.redis.xpending(ctx.keys.new_data, ctx.keys.group)
-    return int(info["pending"])
+    streams = ctx.keys.physical(ctx.keys.new_data)
+    return sum(int(ctx.redis.xpending(s, ctx.keys.group)["pending"]) for s in streams)
 
 
 def drain(worker: Worker, ctx: Context, expected_completions: int, timeout_s: float = 10) -> None:

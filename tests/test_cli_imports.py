@@ -88,6 +88,7 @@ def test_models_list_imports_mlflow_but_no_torch_nor_clients(tmp_path: Path) -> 
         ("cmd_serve", CLIENTS),
         ("cmd_streams", {"redis"}),
         ("cmd_watch", {"redis"}),
+        ("cmd_completions", {"redis"}),
         ("cmd_env", CLIENTS),
         ("cmd_worker", CLIENTS),
         ("cmd_docs", set()),
@@ -125,7 +126,7 @@ def test_every_command_names_a_function_that_exists() -> None:
         for action in current._actions:
             if action.choices and isinstance(action.choices, dict):
                 stack.extend(action.choices.values())
-    assert len(found) == 31
+    assert len(found) == 32
     for lazy in found:
         assert callable(lazy.resolve()), lazy
 

@@ -4,6 +4,7 @@ The same checks on a real cluster are in test_redis_cluster.py."""
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -26,6 +27,7 @@ from forge.runtime.entries import id_key
 from forge.runtime.handlers import Message, Outcome, Rejected, Succeeded
 from forge.servers.embedded_redis import resolve_redis_url
 from forge.settings import Settings
+from tests.support.cli import run_cli
 from tests.support.events import new_data
 from tests.support.redis_helpers import running
 from tests.support.workers import completions, drain, make_worker, pending
@@ -261,3 +263,22 @@ def test_status_lists_each_partitions_streams(pctx: Context, redis_client: redis
     names = [s.stream for s in snap.streams]
     assert pctx.keys.part(2).new_data in names
     assert pctx.keys.new_data not in names
+
+
+def test_the_completions_command_merges_every_partition(
+    pctx: Context,
+    cli_env: Context,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FORGE_STREAM_PARTITIONS", str(PARTITIONS))
+    for i in range(6):
+        _publish(pctx, new_data(f"e{i}", collection=f"c{i}"))
+    drain(make_worker(pctx, _succeed), pctx, 6)
+    code, out, _ = run_cli(capsys, "completions", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert sorted(r["completion"]["source_id"] for r in rows) == [f"e{i}" for i in range(6)]
+    assert len({r["stream"] for r in rows}) == PARTITIONS
+    code, out, _ = run_cli(capsys, "completions", "--limit", "2")
+    assert len(out.strip().splitlines()) == 3  # the header and two rows

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         _predict,
         _serve,
         _watch,
+        _completions,
         _docs,
         _env,
         _backup,
@@ -310,6 +311,15 @@ def _serve(sub: Any) -> None:
         help="server processes sharing the port (default: $FORGE_SERVE_WORKERS, else 1)",
     )
     serve.set_defaults(run=Lazy("cmd_serve", "run_serve"))
+
+
+def _completions(sub: Any) -> None:
+    done = sub.add_parser(
+        "completions", help="the newest completions of every partition, merged by time"
+    )
+    done.add_argument("--limit", type=positive_int, default=20, help="completions to print")
+    done.add_argument("--json", action="store_true", help="print JSON")
+    done.set_defaults(run=Lazy("cmd_completions", "run_completions"))
 
 
 def _watch(sub: Any) -> None:

@@ -5,16 +5,18 @@ All names start with the configurable prefix (``FORGE_STREAM_PREFIX``, default
 
 Partitions (docs/redis-cluster.md). With ``FORGE_STREAM_PARTITIONS`` above 1, or on a
 Redis Cluster, every stream a settlement touches exists once per partition, under the
-partition's hash tag: ``forge:{p2}:new-data``, ``forge:{p2}:completions``,
-``forge:{p2}:done:...``. One tag per partition puts everything one settlement touches
-in one slot, so the atomic settle stays one command; the serving keys share one tag of
-their own, ``{serving}``. Otherwise the names are today's, untagged. ``Keys`` itself
-names the logical streams (what handlers publish to, what docs show); ``part(i)`` names
-partition ``i``'s, and the methods taking a stream find its partition from the name.
+partition's hash tag (``partition_tag``): ``forge:{p2-1}:new-data``,
+``forge:{p2-1}:completions``, ``forge:{p2-1}:done:...``. One tag per partition puts
+everything one settlement touches in one slot, so the atomic settle stays one command;
+the serving keys share one tag of their own, ``{serving}``. Otherwise the names are
+today's, untagged. ``Keys`` itself names the logical streams (what handlers publish to,
+what docs show); ``part(i)`` names partition ``i``'s, and the methods taking a stream
+find its partition from the name.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
@@ -46,6 +48,28 @@ _SCOPED_FAMILIES = frozenset(
         "admission-wait",
     )
 )
+
+
+@functools.cache
+def partition_tag(index: int, partitions: int) -> str:
+    """The hash tag of partition ``index`` of ``partitions``: ``p<index>``, with the
+    smallest suffix ``-<k>`` that puts its slot in the ``index``-th of ``partitions``
+    equal ranges of slots. A cluster made with ``redis-cli --cluster create`` splits the
+    slots into equal ranges, so N partitions on N masters get one master each; plain
+    ``p0``, ``p1``, ``p2`` would put two of three on one master."""
+    # Here, not at the top: commands that never partition (docs, schemas) import keys
+    # and must not load redis-py.
+    from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+    low = index * REDIS_CLUSTER_HASH_SLOTS // partitions
+    high = (index + 1) * REDIS_CLUSTER_HASH_SLOTS // partitions
+    suffix = 0
+    while True:
+        tag = f"p{index}-{suffix}" if suffix else f"p{index}"
+        if low <= key_slot(tag.encode()) < high:
+            return tag
+        suffix += 1
+
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
@@ -82,10 +106,10 @@ class Keys:
 
     @property
     def _scope(self) -> str:
-        """What this partition's names start with: ``forge:{p2}:``, else the prefix."""
+        """What this partition's names start with: ``forge:{p2-1}:``, else the prefix."""
         if self.partition is None:
             return self.prefix
-        return f"{self.prefix}{{p{self.partition}}}:"
+        return f"{self.prefix}{{{partition_tag(self.partition, self.partitions)}}}:"
 
     @property
     def _serving(self) -> str:
@@ -116,9 +140,12 @@ class Keys:
             return self  # the hot path: today's names, nothing to parse
         head = f"{self.prefix}{{p"
         if name.startswith(head):
-            index, sep, _ = name[len(head) :].partition("}:")
+            tag, sep, _ = name[len(head) - 1 :].partition("}:")
+            index = tag[1:].split("-", 1)[0]
             if sep and index.isdigit() and int(index) < self.partitions:
-                return self if self.partition == int(index) else replace(self, partition=int(index))
+                part = int(index)
+                if tag == partition_tag(part, self.partitions):
+                    return self if self.partition == part else replace(self, partition=part)
         return self.logical
 
     def localize(self, name: str) -> str:
@@ -132,7 +159,8 @@ class Keys:
         return name
 
     def logical_name(self, name: str) -> str:
-        """The logical name of a physical stream: ``forge:{p2}:new-data`` -> ``forge:new-data``."""
+        """The logical name of a physical stream (``forge:{p2-1}:new-data`` ->
+        ``forge:new-data``)."""
         part = self.part_of(name)
         return name if part.partition is None else f"{self.prefix}{name[len(part._scope) :]}"
 

@@ -82,7 +82,7 @@ HNSW_EF_SEARCH_RANGE = (1, 1000)
 STORAGE_TYPES = ("vector", "halfvec")
 
 # More partitions than this spread no further: a cluster rarely has more masters.
-MAX_PARTITIONS = 1024
+MAX_PARTITIONS = 256
 
 
 def check_storage(storage: str) -> None:

@@ -16,7 +16,7 @@ from redis.crc import key_slot
 
 from forge.errors import ConfigError
 from forge.events import NewData
-from forge.keys import _SCOPED_FAMILIES, Keys
+from forge.keys import _SCOPED_FAMILIES, Keys, partition_tag
 from forge.observability.merged import newest_completions
 from forge.observability.status import snapshot
 from forge.partitioning import partition_key, partition_of
@@ -96,16 +96,26 @@ def test_everything_a_settlement_touches_shares_its_partitions_slot() -> None:
 def test_physical_names_map_back_to_their_partition_and_logical_name() -> None:
     keys = Keys(prefix="forge:", partitions=PARTITIONS)
     high = keys.lane(keys.part(2).training_requests, "high")
-    assert high == "forge:{p2}:training-requests:high"
+    assert high == "forge:{p2-1}:training-requests:high"
     assert keys.part_of(high).partition == 2
-    assert keys.lane_of(high) == ("forge:{p2}:training-requests", "high")
+    assert keys.lane_of(high) == ("forge:{p2-1}:training-requests", "high")
     assert keys.label(high) == "training-requests"
     assert keys.logical_name(high) == "forge:training-requests:high"
     assert keys.part(1).localize(keys.training_progress) == keys.training_progress
     assert keys.physical_outputs(keys.training_progress) == (keys.training_progress,)
-    assert keys.done(high, "e1") == "forge:{p2}:done:forge:forge:training-requests:e1"
+    assert keys.done(high, "e1") == "forge:{p2-1}:done:forge:forge:training-requests:e1"
+    # A tag of another partition count is no partition of this one.
+    assert keys.part_of("forge:{p2}:new-data").partition is None
     with pytest.raises(ValueError, match="no partition 3"):
         keys.part(3)
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 3, 4, 7, 16])
+def test_tags_spread_partitions_over_equal_slot_ranges(partitions: int) -> None:
+    # What a cluster made with redis-cli --cluster create gives each of N masters.
+    for index in range(partitions):
+        slot = key_slot(partition_tag(index, partitions).encode())
+        assert index * 16384 // partitions <= slot < (index + 1) * 16384 // partitions
 
 
 def test_the_scoped_families_are_the_streams_a_settlement_writes() -> None:
@@ -117,6 +127,7 @@ def test_the_scoped_families_are_the_streams_a_settlement_writes() -> None:
 def test_a_cluster_of_one_partition_is_still_tagged() -> None:
     keys = Keys(prefix="forge:", cluster=True)
     assert keys.physical(keys.new_data) == ("forge:{p0}:new-data",)
+    assert partition_tag(0, 1) == "p0"
 
 
 # ---------------------------------------------------------------------- the rule
@@ -146,7 +157,7 @@ def test_the_rule_is_crc32_modulo_the_partitions() -> None:
 
 
 def test_partitions_are_checked() -> None:
-    with pytest.raises(ConfigError, match="stream_partitions must be 1-1024"):
+    with pytest.raises(ConfigError, match="stream_partitions must be 1-256"):
         Settings(stream_partitions=0)
     with pytest.raises(ConfigError, match="must not contain braces"):
         Settings(stream_partitions=2, stream_prefix="{x}:")

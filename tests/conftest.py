@@ -24,6 +24,7 @@ pytest_plugins = [
     "tests.serving_fixtures",
     "tests.registry_fixtures",
     "tests.training_fixtures",
+    "tests.cluster_fixtures",
 ]
 
 

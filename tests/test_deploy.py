@@ -14,6 +14,7 @@ import fnmatch
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sysconfig
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ from forge.settings import ENV_VARS, Settings
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
+# The overlay for Forge on a Redis Cluster (kustomize refuses one inside its base).
+K8S_CLUSTER = DEPLOY / "kubernetes-redis-cluster"
 DOCKERFILES = [ROOT / "Dockerfile", DEPLOY / "mlflow" / "Dockerfile"]
 
 # Variables set on Forge containers that Forge itself does not read, and why.
@@ -1246,6 +1249,145 @@ def test_keda_reaches_the_redis_forge_uses() -> None:
     keda = _secret_data("forge-keda-redis")
     assert keda["address"] == f"{forge_redis.hostname}:{forge_redis.port or 6379}"
     assert keda["password"] == (forge_redis.password or "")
+
+
+# Trigger metadata the KEDA redis-cluster-streams scaler understands (keda.sh/docs,
+# scalers): the redis-streams fields, with lists of nodes where those name one server.
+_KEDA_REDIS_CLUSTER_STREAMS_FIELDS = {
+    "addresses",
+    "addressesFromEnv",
+    "hosts",
+    "hostsFromEnv",
+    "ports",
+    "portsFromEnv",
+    "usernameFromEnv",
+    "passwordFromEnv",
+    "stream",
+    "consumerGroup",
+    "pendingEntriesCount",
+    "streamLength",
+    "lagCount",
+    "activationLagCount",
+    "enableTLS",
+    "unsafeSsl",
+    "databaseIndex",
+}
+_KEDA_CLUSTER_AUTH_PARAMETERS = (_KEDA_AUTH_PARAMETERS - {"address", "host", "port"}) | {
+    "addresses",
+    "hosts",
+    "ports",
+}
+# Issue 15's settings, until forge.settings reads them (then they are checked as values).
+_CLUSTER_SETTINGS_TO_COME = {"FORGE_REDIS_CLUSTER", "FORGE_STREAM_PARTITIONS"}
+
+
+def _partition_stream(stream: str, partition: int) -> str:
+    """A partition's stream name as issue 15 gives it: the hash tag after the prefix."""
+    prefix = _named("ConfigMap", "forge-config")["data"]["FORGE_STREAM_PREFIX"]
+    return f"{prefix}{{p{partition}}}:{stream}"
+
+
+def _cluster_overlay() -> dict[str, Any]:
+    overlay: dict[str, Any] = _load_yaml(K8S_CLUSTER / "kustomization.yaml")
+    assert "../kubernetes" in overlay["resources"], "an overlay of deploy/kubernetes"
+    return overlay
+
+
+def _cluster_docs(kind: str) -> list[dict[str, Any]]:
+    """The overlay's own documents (its resources and strategic merge patches)."""
+    overlay = _cluster_overlay()
+    files = [r for r in overlay["resources"] if r.endswith(".yaml")]
+    files += [p["path"] for p in overlay["patches"] if "target" not in p]
+    docs = [d for name in files for d in _load_yaml_docs(K8S_CLUSTER / name)]
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _cluster_embedder() -> dict[str, Any]:
+    """keda.yaml's forge-embedder ScaledObject with the overlay's JSON patch applied."""
+    (patch,) = [p for p in _cluster_overlay()["patches"] if "target" in p]
+    assert patch["target"] == {
+        "group": "keda.sh",
+        "version": "v1alpha1",
+        "kind": "ScaledObject",
+        "name": "forge-embedder",
+    }
+    (operation,) = _load_yaml(K8S_CLUSTER / patch["path"])
+    assert (operation["op"], operation["path"]) == ("replace", "/spec/triggers")
+    scaled = json.loads(json.dumps(_named("ScaledObject", "forge-embedder")))
+    scaled["spec"]["triggers"] = operation["value"]
+    return scaled
+
+
+def test_keda_cluster_example_scales_the_embedder_on_every_partition() -> None:
+    (config,) = _cluster_docs("ConfigMap")
+    cluster_env = config["data"]
+    assert set(cluster_env) <= set(ENV_VARS) | _CLUSTER_SETTINGS_TO_COME
+    base_env = _named("ConfigMap", "forge-config")["data"]
+    _settings_from(base_env | {k: v for k, v in cluster_env.items() if k in ENV_VARS})
+    assert cluster_env["FORGE_REDIS_CLUSTER"] == "true"
+    partitions = int(cluster_env["FORGE_STREAM_PARTITIONS"])
+    keys = Keys.from_settings(_settings_from(base_env))
+    (deployment,) = [d for d in _deployments("worker") if d["metadata"]["name"] == "forge-embedder"]
+    assert "new-data" in _worker_streams(_container(deployment)["args"])
+
+    spec = _cluster_embedder()["spec"]
+    names = [trigger["name"] for trigger in spec["triggers"]]
+    assert len(set(names)) == len(names), "trigger names repeat"
+    auths = {a["metadata"]["name"]: a for a in _cluster_docs("TriggerAuthentication")}
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in _cluster_docs("Secret")}
+    modes: dict[str, set[str]] = {}
+    for trigger in spec["triggers"]:
+        meta = trigger["metadata"]
+        assert trigger["type"] == "redis-cluster-streams"
+        assert set(meta) <= _KEDA_REDIS_CLUSTER_STREAMS_FIELDS
+        assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata is strings"
+        assert meta["consumerGroup"] == keys.group
+        counts = {"lagCount", "pendingEntriesCount", "streamLength"} & set(meta)
+        assert len(counts) == 1, "one measure per trigger; KEDA would use only one"
+        assert int(meta[next(iter(counts))]) > 0
+        if "lagCount" in meta:
+            int(meta["activationLagCount"])
+        modes.setdefault(meta["stream"], set()).update(counts)
+        for ref in auths[trigger["authenticationRef"]["name"]]["spec"]["secretTargetRef"]:
+            assert ref["parameter"] in _KEDA_CLUSTER_AUTH_PARAMETERS
+            assert ref["key"] in secrets[ref["name"]]
+    # Every partition, and nothing else: lag to wake the embedder, pending to keep it.
+    assert set(modes) == {_partition_stream("new-data", i) for i in range(partitions)}
+    assert all({"lagCount", "pendingEntriesCount"} <= found for found in modes.values())
+
+
+def test_keda_cluster_example_reaches_the_cluster_forge_uses() -> None:
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in _cluster_docs("Secret")}
+    forge_redis = urlsplit(secrets["forge-secrets"]["REDIS_URL"])
+    keda = secrets["forge-keda-redis-cluster"]
+    addresses = [a.strip() for a in keda["addresses"].split(",")]
+    assert f"{forge_redis.hostname}:{forge_redis.port or 6379}" in addresses
+    assert keda["password"] == (forge_redis.password or "")
+    # A cluster client takes database 0 only.
+    assert forge_redis.path in ("", "/", "/0")
+
+
+def test_keda_cluster_example_builds_with_kustomize() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (for `kubectl kustomize`) is not installed")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S_CLUSTER)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    built = [d for d in yaml.safe_load_all(result.stdout) if d is not None]
+    (embedder,) = [
+        d
+        for d in built
+        if d["kind"] == "ScaledObject" and d["metadata"]["name"] == "forge-embedder"
+    ]
+    assert embedder["spec"]["triggers"] == _cluster_embedder()["spec"]["triggers"]
+    assert all(d["metadata"].get("namespace") in (None, "forge") for d in built)
+    assert sum(d["kind"] == "TriggerAuthentication" for d in built) == 2
 
 
 def test_backup_cronjob_runs_a_backup_the_parser_accepts() -> None:

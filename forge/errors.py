@@ -55,6 +55,9 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, redis.exceptions.BusyLoadingError | redis.exceptions.TryAgainError):
         return True
+    # A cluster master restarting, or its slots not served for a moment.
+    if isinstance(exc, redis.exceptions.ClusterDownError | redis.exceptions.SlotNotCoveredError):
+        return True
     # Errors from optional stacks, matched by name so forge core need not import them:
     # psycopg.OperationalError (server gone), torch.cuda.OutOfMemoryError (resource).
     return type(exc).__name__ in {"OperationalError", "OutOfMemoryError", "PoolTimeout"}

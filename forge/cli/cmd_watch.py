@@ -13,6 +13,7 @@ from rich.live import Live
 from rich.text import Text
 
 from forge.keys import Keys
+from forge.servers.connect import REDIS_UNAVAILABLE
 from forge.servers.endpoints import open_redis
 from forge.settings import Settings
 from forge.watch import WatchOptions, collect, render
@@ -68,7 +69,7 @@ def _frame(
     good view stays on screen under a warning, and the next refresh tries again."""
     try:
         view = render(collect(client, keys, options))
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
+    except REDIS_UNAVAILABLE as exc:
         warning = Text(f"Redis unreachable ({exc}); retrying every {interval_s:g}s", style="red")
         return last, Group(warning, last)
     return view, view

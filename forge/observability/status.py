@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from forge.keys import Keys
+from forge.servers.lua import Script
 
 # Entries counted on each side of a group's position before giving up; counting is
 # O(n) on the server, and a backlog this long needs no exact figure to be noticed.
@@ -116,9 +117,7 @@ def _group(client: redis.Redis, stream: str, info: dict[str, Any]) -> GroupStatu
 
 def count_lag(client: redis.Redis, stream: str, last_delivered_id: str, limit: int) -> int | None:
     """Entries after ``last_delivered_id``, counted on the server; None past ``limit``."""
-    counted: Any = client.register_script(_COUNT_LAG_LUA)(
-        keys=[stream], args=[last_delivered_id or "0-0", limit]
-    )
+    counted: Any = Script(client, _COUNT_LAG_LUA)([stream], [last_delivered_id or "0-0", limit])
     return None if int(counted) < 0 else int(counted)
 
 

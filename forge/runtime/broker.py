@@ -25,6 +25,7 @@ from forge.keys import Keys, Priority
 from forge.partitioning import partition_key, partition_of
 from forge.runtime.entries import Entry, Settlement, id_key, settle_call
 from forge.runtime.settle_script import SETTLE_LUA
+from forge.servers.lua import Script
 
 
 class _Prioritized(msgspec.Struct):
@@ -48,7 +49,7 @@ class StreamBroker:
         self._client = client
         self.keys = keys
         self.maxlen = maxlen
-        self._settle = client.register_script(SETTLE_LUA)
+        self._settle = Script(client, SETTLE_LUA)
 
     # ------------------------------------------------------------------ groups
 
@@ -105,16 +106,14 @@ class StreamBroker:
         """Redis's clock (Unix seconds), and when the oldest entry each stream's group has
         not delivered yet arrived; a stream with none waiting is left out. What a
         worker choosing between priority lanes looks at: a read without taking."""
+        # TIME on its own: a cluster pipeline takes only commands with keys.
+        seconds, micros = self._client.time()
         pipe = self._client.pipeline(transaction=False)
-        pipe.time()
         for stream in streams:
             pipe.xinfo_groups(stream)
         replies: list[Any] = pipe.execute(raise_on_error=False)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
-        seconds, micros = replies[0]
         positions: dict[str, str] = {}
-        for stream, reply in zip(streams, replies[1:], strict=True):
+        for stream, reply in zip(streams, replies, strict=True):
             if isinstance(reply, redis.ResponseError) and "no such key" in str(reply).lower():
                 continue  # the lane was never written to, nor read
             if isinstance(reply, Exception):
@@ -232,7 +231,7 @@ class StreamBroker:
         if not settlement:
             return
         keys, args = settle_call(settlement, self.keys.group, self.maxlen)
-        self._settle(keys=keys, args=args)
+        self._settle(keys, args)
 
     def acked_any(self, settlement: Settlement) -> bool:
         """Whether any entry ``settlement`` acks is no longer pending in the group.

@@ -39,6 +39,7 @@ from forge.runtime.processing import BatchProcessor
 from forge.runtime.retry import Retrier
 from forge.runtime.slots import Slots
 from forge.runtime.sources import BatchSource
+from forge.servers.connect import REDIS_UNAVAILABLE
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +141,7 @@ class Worker:
                 except redis.AuthenticationError:
                     # Wrong credentials do not heal with time: fail loudly, once.
                     raise
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except REDIS_UNAVAILABLE as exc:
                     failures += 1
                     self._backoff(exc, failures)
                 except redis.ResponseError as exc:
@@ -212,7 +213,7 @@ class Worker:
             try:
                 self.settle_retrier.call(attempt)
                 return
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except REDIS_UNAVAILABLE as exc:
                 if self._signals > 1:
                     raise
                 self._backoff(exc, 5)
@@ -231,7 +232,7 @@ class Worker:
                 return
             except redis.AuthenticationError:
                 raise
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except REDIS_UNAVAILABLE as exc:
                 attempt += 1
                 self._backoff(exc, attempt)
 

@@ -13,9 +13,25 @@ from __future__ import annotations
 from typing import Any, cast
 
 import redis
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 from redis.retry import Retry
+
+# Redis is away for now, and may come back: what loops back off from and retry. On a
+# cluster that includes a master restarting (CLUSTERDOWN for about two seconds after
+# it starts, a ResponseError in redis-py) and slots nobody serves for a moment.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
+# Longer than any blocking read Forge makes (a read block, a completion wait of 1 s):
+# a cluster client retries a timed-out command, so a block cut short by the socket
+# timeout would take the retries' whole time to fail.
+_CLUSTER_SOCKET_TIMEOUT_S = 10.0
 
 
 def connect_redis(url: str, *, cluster: bool = False) -> redis.Redis:
@@ -42,9 +58,16 @@ def connect_redis_probe(url: str, *, cluster: bool = False) -> redis.Redis:
 
 
 def _cluster(url: str, *, probe: bool = False, **options: Any) -> redis.Redis:
-    """A cluster client. A master that restarts makes its slots fail for a moment:
-    the client refreshes its slot map and retries with backoff, so a worker rides out
-    a restart that the outer retries (the worker's backoff) would also cover."""
-    retry = Retry(NoBackoff(), 0) if probe else Retry(ExponentialBackoff(cap=2.0, base=0.1), 6)
-    client = RedisCluster.from_url(url, retry=retry, **options)
+    """A cluster client. redis-py's cluster client retries a failed command after
+    refreshing its slot map, sleeping only on CLUSTERDOWN (0.25 s a time): 20 retries
+    ride out the seconds a restarting master answers CLUSTERDOWN; longer outages reach
+    the caller's own backoff (``REDIS_UNAVAILABLE``). The URL's node stays the one to
+    rediscover the cluster through (a stable name in front of the nodes, typically)."""
+    retry = (
+        Retry(NoBackoff(), 0)
+        if probe
+        else Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 20)
+    )
+    options.setdefault("socket_timeout", _CLUSTER_SOCKET_TIMEOUT_S)
+    client = RedisCluster.from_url(url, retry=retry, dynamic_startup_nodes=False, **options)
     return cast(redis.Redis, client)

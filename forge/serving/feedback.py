@@ -24,6 +24,7 @@ import redis
 from forge.errors import PermanentError
 from forge.keys import Keys
 from forge.observability.serving_metrics import ServingMetrics
+from forge.servers.lua import Script
 from forge.serving.records import CORRECT, FEEDBACK, MODEL_FIELD
 from forge.serving.routing import Route
 
@@ -124,7 +125,7 @@ class FeedbackJoin:
         self.keys = keys
         self.metrics = metrics
         self.window_s = window_s
-        self._count = client.register_script(_COUNT)
+        self._count = Script(client, _COUNT)
 
     def join(
         self, items: Sequence[FeedbackItem]
@@ -188,7 +189,7 @@ class FeedbackJoin:
                 keys.append(self.keys.variant_stats(joined.model, answer.version))
                 args.append(int(answer.correct))
         pipe = self.client.pipeline(transaction=False)
-        self._count(keys=keys, args=args, client=pipe)
+        self._count.queue(pipe, keys, args)
         for model in models:
             pipe.get(self.keys.route(model))
         rows, *raw_routes = pipe.execute()

@@ -17,6 +17,7 @@ import msgspec
 import redis
 
 from forge.keys import Keys
+from forge.servers.lua import Script
 
 # Upper bounds of the latency buckets, in milliseconds; the last one is open.
 LATENCY_BUCKETS_MS: tuple[float, ...] = (
@@ -72,7 +73,7 @@ class PredictionLog:
         self.client = client
         self.keys = keys
         self.window_s = window_s
-        self._record = client.register_script(_RECORD_LUA)
+        self._record = Script(client, _RECORD_LUA)
 
     def record(self, served: Sequence[Served]) -> None:
         """One HSET and EXPIRE per prediction (its answers together: the variant's and
@@ -100,4 +101,4 @@ class PredictionLog:
         for (stats, field), count in counts.items():
             keys.append(stats)
             args += [field, count]
-        self._record(keys=keys, args=args)
+        self._record(keys, args)

@@ -1192,12 +1192,51 @@ _KEDA_AUTH_PARAMETERS = {
 }
 
 
+def _trigger_modes(
+    spec: dict[str, Any],
+    scaler: str,
+    auths: dict[str, dict[str, Any]],
+    secrets: dict[str, dict[str, str]],
+    group: str,
+) -> dict[str, set[str]]:
+    """The measures (lagCount, pendingEntriesCount) of a ScaledObject's triggers, by
+    stream, after checking each trigger is one ``scaler`` understands."""
+    fields, parameters = _KEDA_SCALERS[scaler]
+    names = [trigger["name"] for trigger in spec["triggers"]]
+    assert len(set(names)) == len(names), "trigger names repeat"
+    modes: dict[str, set[str]] = {}
+    for trigger in spec["triggers"]:
+        meta = trigger["metadata"]
+        assert trigger["type"] == scaler
+        assert set(meta) <= fields, set(meta) - fields
+        assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata is strings"
+        assert meta["consumerGroup"] == group
+        counts = {"lagCount", "pendingEntriesCount", "streamLength"} & set(meta)
+        assert len(counts) == 1, "one measure per trigger; KEDA would use only one"
+        assert int(meta[next(iter(counts))]) > 0
+        if "lagCount" in meta:
+            int(meta["activationLagCount"])  # required alongside lagCount
+        found = modes.setdefault(meta["stream"], set())
+        assert not counts & found, f"{meta['stream']}: {counts} twice"
+        found |= counts
+        for ref in auths[trigger["authenticationRef"]["name"]]["spec"]["secretTargetRef"]:
+            assert ref["parameter"] in parameters
+            assert ref["key"] in secrets[ref["name"]]
+    # Only lag can wake a kind at zero; pending keeps one alive to reclaim leftovers.
+    # Per stream: a stream without a lag trigger would wait for another one's lag.
+    for stream, found in modes.items():
+        assert {"lagCount", "pendingEntriesCount"} <= found, stream
+    return modes
+
+
 def test_keda_scales_each_worker_on_its_stream() -> None:
     config = _named("ConfigMap", "forge-config")["data"]
     settings = _settings_from(config)
     keys = Keys.from_settings(settings)
     assert keys.group == Keys().group == "forge"
+    assert not keys.partitioned, "the base manifests use today's stream names"
     auths = {a["metadata"]["name"]: a for a in _of_kind("TriggerAuthentication")}
+    secrets = {s["metadata"]["name"]: s["stringData"] for s in _of_kind("Secret")}
     scaled = _of_kind("ScaledObject")
     assert all(s["apiVersion"] == "keda.sh/v1alpha1" for s in scaled)
 
@@ -1214,30 +1253,8 @@ def test_keda_scales_each_worker_on_its_stream() -> None:
         spec = obj["spec"]
         assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
         assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
-        modes: dict[str, set[str]] = {stream: set() for stream in streams}
-        names = [trigger["name"] for trigger in spec["triggers"]]
-        assert len(set(names)) == len(names), f"{name}: trigger names repeat"
-        for trigger in spec["triggers"]:
-            meta = trigger["metadata"]
-            assert trigger["type"] == "redis-streams"
-            assert set(meta) <= _KEDA_REDIS_STREAMS_FIELDS, set(meta) - _KEDA_REDIS_STREAMS_FIELDS
-            assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata is strings"
-            assert meta["stream"] in streams, f"{name} does not read {meta['stream']}"
-            assert meta["consumerGroup"] == keys.group
-            counts = {"lagCount", "pendingEntriesCount", "streamLength"} & set(meta)
-            assert len(counts) == 1, "one measure per trigger; KEDA would use only one"
-            assert int(meta[next(iter(counts))]) > 0
-            if "lagCount" in meta:
-                int(meta["activationLagCount"])  # required alongside lagCount
-            modes[meta["stream"]] |= counts
-            auth = auths[trigger["authenticationRef"]["name"]]
-            for ref in auth["spec"]["secretTargetRef"]:
-                assert ref["parameter"] in _KEDA_AUTH_PARAMETERS
-                assert ref["key"] in _secret_data(ref["name"])
-        # Only lag can wake a kind at zero; pending keeps one alive to reclaim leftovers.
-        # Per stream: a stream without a lag trigger would wait for another one's lag.
-        for stream, found in modes.items():
-            assert {"lagCount", "pendingEntriesCount"} <= found, f"{name}: {stream}"
+        modes = _trigger_modes(spec, "redis-streams", auths, secrets, keys.group)
+        assert set(modes) == set(streams), f"{name} reads {streams}"
         if keys.training_requests in streams:
             assert spec["minReplicaCount"] >= 1, "keep a warm trainer (see keda.yaml)"
         if keys.predict_requests in streams:
@@ -1277,14 +1294,11 @@ _KEDA_CLUSTER_AUTH_PARAMETERS = (_KEDA_AUTH_PARAMETERS - {"address", "host", "po
     "hosts",
     "ports",
 }
-# Issue 15's settings, until forge.settings reads them (then they are checked as values).
-_CLUSTER_SETTINGS_TO_COME = {"FORGE_REDIS_CLUSTER", "FORGE_STREAM_PARTITIONS"}
-
-
-def _partition_stream(stream: str, partition: int) -> str:
-    """A partition's stream name as issue 15 gives it: the hash tag after the prefix."""
-    prefix = _named("ConfigMap", "forge-config")["data"]["FORGE_STREAM_PREFIX"]
-    return f"{prefix}{{p{partition}}}:{stream}"
+# Per KEDA scaler: the trigger metadata and the authentication parameters it takes.
+_KEDA_SCALERS = {
+    "redis-streams": (_KEDA_REDIS_STREAMS_FIELDS, _KEDA_AUTH_PARAMETERS),
+    "redis-cluster-streams": (_KEDA_REDIS_CLUSTER_STREAMS_FIELDS, _KEDA_CLUSTER_AUTH_PARAMETERS),
+}
 
 
 def _cluster_overlay() -> dict[str, Any]:
@@ -1302,58 +1316,59 @@ def _cluster_docs(kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
 
-def _cluster_embedder() -> dict[str, Any]:
-    """keda.yaml's forge-embedder ScaledObject with the overlay's JSON patch applied."""
-    (patch,) = [p for p in _cluster_overlay()["patches"] if "target" in p]
+def _cluster_keys() -> Keys:
+    """The stream names of a deployment with the overlay's settings."""
+    (config,) = _cluster_docs("ConfigMap")
+    cluster_env = config["data"]
+    assert set(cluster_env) <= set(ENV_VARS)
+    base_env = _named("ConfigMap", "forge-config")["data"]
+    settings = _settings_from(base_env | cluster_env)
+    assert settings.redis_cluster
+    keys = Keys.from_settings(settings)
+    assert keys == Keys(
+        prefix=base_env["FORGE_STREAM_PREFIX"],
+        group=keys.group,
+        partitions=int(cluster_env["FORGE_STREAM_PARTITIONS"]),
+        cluster=True,
+    )
+    return keys
+
+
+def _cluster_scaled(name: str) -> dict[str, Any]:
+    """keda.yaml's ScaledObject ``name`` with the overlay's JSON patch of it applied."""
+    (patch,) = [p for p in _cluster_overlay()["patches"] if p.get("target", {}).get("name") == name]
     assert patch["target"] == {
         "group": "keda.sh",
         "version": "v1alpha1",
         "kind": "ScaledObject",
-        "name": "forge-embedder",
+        "name": name,
     }
     (operation,) = _load_yaml(K8S_CLUSTER / patch["path"])
     assert (operation["op"], operation["path"]) == ("replace", "/spec/triggers")
-    scaled = json.loads(json.dumps(_named("ScaledObject", "forge-embedder")))
+    scaled = json.loads(json.dumps(_named("ScaledObject", name)))
     scaled["spec"]["triggers"] = operation["value"]
     return scaled
 
 
-def test_keda_cluster_example_scales_the_embedder_on_every_partition() -> None:
-    (config,) = _cluster_docs("ConfigMap")
-    cluster_env = config["data"]
-    assert set(cluster_env) <= set(ENV_VARS) | _CLUSTER_SETTINGS_TO_COME
-    base_env = _named("ConfigMap", "forge-config")["data"]
-    _settings_from(base_env | {k: v for k, v in cluster_env.items() if k in ENV_VARS})
-    assert cluster_env["FORGE_REDIS_CLUSTER"] == "true"
-    partitions = int(cluster_env["FORGE_STREAM_PARTITIONS"])
-    keys = Keys.from_settings(_settings_from(base_env))
-    (deployment,) = [d for d in _deployments("worker") if d["metadata"]["name"] == "forge-embedder"]
-    assert "new-data" in _worker_streams(_container(deployment)["args"])
-
-    spec = _cluster_embedder()["spec"]
-    names = [trigger["name"] for trigger in spec["triggers"]]
-    assert len(set(names)) == len(names), "trigger names repeat"
+def test_keda_cluster_example_scales_every_worker_on_every_partition() -> None:
+    keys = _cluster_keys()
+    assert keys.partitions > 1
     auths = {a["metadata"]["name"]: a for a in _cluster_docs("TriggerAuthentication")}
     secrets = {s["metadata"]["name"]: s["stringData"] for s in _cluster_docs("Secret")}
-    modes: dict[str, set[str]] = {}
-    for trigger in spec["triggers"]:
-        meta = trigger["metadata"]
-        assert trigger["type"] == "redis-cluster-streams"
-        assert set(meta) <= _KEDA_REDIS_CLUSTER_STREAMS_FIELDS
-        assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata is strings"
-        assert meta["consumerGroup"] == keys.group
-        counts = {"lagCount", "pendingEntriesCount", "streamLength"} & set(meta)
-        assert len(counts) == 1, "one measure per trigger; KEDA would use only one"
-        assert int(meta[next(iter(counts))]) > 0
-        if "lagCount" in meta:
-            int(meta["activationLagCount"])
-        modes.setdefault(meta["stream"], set()).update(counts)
-        for ref in auths[trigger["authenticationRef"]["name"]]["spec"]["secretTargetRef"]:
-            assert ref["parameter"] in _KEDA_CLUSTER_AUTH_PARAMETERS
-            assert ref["key"] in secrets[ref["name"]]
-    # Every partition, and nothing else: lag to wake the embedder, pending to keep it.
-    assert set(modes) == {_partition_stream("new-data", i) for i in range(partitions)}
-    assert all({"lagCount", "pendingEntriesCount"} <= found for found in modes.values())
+    patched = {p["target"]["name"] for p in _cluster_overlay()["patches"] if "target" in p}
+    # Every ScaledObject: a redis-streams trigger left over would get MOVED.
+    assert patched == {s["metadata"]["name"] for s in _of_kind("ScaledObject")}
+    for deployment in _deployments("worker"):
+        name = deployment["metadata"]["name"]
+        named = [keys.resolve(s) for s in _worker_streams(_container(deployment)["args"])]
+        # What the worker reads: every lane of every partition, and nothing else.
+        streams = [lane for stream in named for lane in keys.physical_lanes(stream)]
+        (obj,) = [
+            s for s in _of_kind("ScaledObject") if s["spec"]["scaleTargetRef"]["name"] == name
+        ]
+        spec = _cluster_scaled(obj["metadata"]["name"])["spec"]
+        modes = _trigger_modes(spec, "redis-cluster-streams", auths, secrets, keys.group)
+        assert set(modes) == set(streams), f"{name} reads {streams}"
 
 
 def test_keda_cluster_example_reaches_the_cluster_forge_uses() -> None:
@@ -1380,12 +1395,11 @@ def test_keda_cluster_example_builds_with_kustomize() -> None:
     )
     assert result.returncode == 0, result.stderr
     built = [d for d in yaml.safe_load_all(result.stdout) if d is not None]
-    (embedder,) = [
-        d
-        for d in built
-        if d["kind"] == "ScaledObject" and d["metadata"]["name"] == "forge-embedder"
-    ]
-    assert embedder["spec"]["triggers"] == _cluster_embedder()["spec"]["triggers"]
+    scaled = [d for d in built if d["kind"] == "ScaledObject"]
+    assert len(scaled) == len(_of_kind("ScaledObject"))
+    for obj in scaled:
+        patched = _cluster_scaled(obj["metadata"]["name"])
+        assert obj["spec"]["triggers"] == patched["spec"]["triggers"]
     assert all(d["metadata"].get("namespace") in (None, "forge") for d in built)
     assert sum(d["kind"] == "TriggerAuthentication" for d in built) == 2
 

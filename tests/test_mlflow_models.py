@@ -125,15 +125,25 @@ def test_a_raw_vector_version_has_no_embedding_model_and_refuses_texts(
     assert "trained on raw vectors" in err
 
 
+@pytest.fixture(scope="module")
+def text_model(
+    service: TrainingService, text_data: tuple[Dataset, list[str]], embedder: Embedder
+) -> str:
+    """A classifier trained on embedded texts, shared by the tests that only read it."""
+    rows, _ = text_data
+    params = {**CLASSIFIER, "label_field": "topic", "epochs": 20, "min_rows": 10}
+    return train(service, rows, "classifier", params, embedding_model=embedder.name)
+
+
 def test_a_model_of_embedded_texts_predicts_texts_and_vectors(
     service: TrainingService,
+    text_model: str,
     text_data: tuple[Dataset, list[str]],
     embedder: Embedder,
     mlflow_env: Settings,
 ) -> None:
-    rows, texts = text_data
-    params = {**CLASSIFIER, "label_field": "topic", "epochs": 20, "min_rows": 10}
-    name = train(service, rows, "classifier", params, embedding_model=embedder.name)
+    _, texts = text_data
+    name = text_model
     assert service.versions.resolve(name).embedding_model == embedder.name
     queries = ["please refund my money", "my password does not work", texts[0]]
     expected = forge_labels(service, name, embedder.encode(queries, 32))
@@ -145,6 +155,30 @@ def test_a_model_of_embedded_texts_predicts_texts_and_vectors(
     assert labels(loaded.predict(pd.DataFrame({"vector": encoded}))) == expected
     mixed = pd.DataFrame({"text": [queries[0], None], "vector": [None, encoded[1]]})
     assert labels(loaded.predict(mixed)) == expected[:2]
+
+
+def test_a_model_of_embedded_texts_takes_a_bare_array_or_list_of_texts(
+    service: TrainingService, text_model: str, embedder: Embedder, mlflow_env: Settings
+) -> None:
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    queries = ["please refund my money", "my password does not work"]
+    expected = forge_labels(service, text_model, embedder.encode(queries, 32))
+    loaded = mlflow.pyfunc.load_model(f"models:/{text_model}@champion")
+    assert labels(loaded.predict(np.array(queries))) == expected
+    assert labels(loaded.predict(queries)) == expected
+    assert labels(loaded.predict(pd.Series(queries))) == expected
+    # What `mlflow models serve` makes of {"inputs": [...]} and {"instances": [...]}.
+    schema = loaded.metadata.get_input_schema()
+    for key in ("inputs", "instances"):
+        assert labels(loaded.predict(infer_and_parse_data({key: queries}, schema))) == expected
+    # Bare vectors are still refused, with the reason, in Python as over JSON.
+    vectors = embedder.encode(queries, 32)
+    for refused in (vectors, infer_and_parse_data({"inputs": vectors.tolist()}, schema)):
+        with pytest.raises(mlflow.exceptions.MlflowException, match="'vector' column"):
+            loaded.predict(refused)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="row 1: no text"):
+        loaded.predict(np.array([queries[0], None], dtype=object))
 
 
 def test_training_leaves_mlflow_fluent_state_as_it_was(

@@ -248,6 +248,14 @@ def _tune(sub: Any) -> None:
     show.add_argument("model")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=Lazy("cmd_tune", "run_show"))
+    stop = tune_sub.add_parser(
+        "stop",
+        help="stop a running study: no new trial starts, the request completes with the"
+        " best trial so far",
+    )
+    stop.add_argument("model")
+    stop.add_argument("request_id", metavar="REQUEST_ID", help="the training request's id")
+    stop.set_defaults(run=Lazy("cmd_tune", "run_stop"))
 
 
 def _experiments(models_sub: Any) -> None:

@@ -33,9 +33,11 @@ whether instruments keep their values in memory or in per-process mmap files und
   counters are added in (``prepare_multiprocess_dir`` does that).
 * ``render_multiprocess`` sums the children's files and adds the parent's own
   metrics, whichever mode the parent itself ended up in.
-* ``events_in_progress`` uses ``livesum``: dead children drop out once
-  ``mark_worker_dead`` has run. Counters and histograms of dead children are kept,
-  as Prometheus expects of counters.
+* Every gauge uses a ``live*`` mode (``events_in_progress`` ``livesum``, the latest
+  values ``livemostrecent``): dead children drop out once ``mark_worker_dead`` has run
+  (``forge.runtime.supervisor`` for ``forge worker --processes``,
+  ``forge.serving.server`` for ``forge serve --workers``). Counters and histograms of
+  dead children are kept, as Prometheus expects of counters.
 """
 
 from __future__ import annotations

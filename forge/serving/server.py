@@ -6,7 +6,9 @@ Workers are fresh interpreters (uvicorn spawns them) that build the app from the
 environment (``app_from_env``), so the parent hands down what it resolved: the Redis
 URL (an embedded server is started by the parent, once) and the folder where every
 worker's metrics meet, so that /metrics on any worker reports all of them (see
-``forge.observability.metrics``: counters and histograms sum over workers).
+``forge.observability.metrics``: counters and histograms sum over workers). uvicorn
+replaces a worker that dies under a new pid; the supervisor then drops the dead one's
+live gauges from that folder (``_Supervisor``), so its last values leave /metrics.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ import uvicorn
 from uvicorn.supervisors import Multiprocess
 
 from forge.errors import ConfigError
-from forge.observability.metrics import MULTIPROC_DIR_ENV, prepare_multiprocess_dir
+from forge.observability.metrics import (
+    MULTIPROC_DIR_ENV,
+    mark_worker_dead,
+    prepare_multiprocess_dir,
+)
 from forge.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -135,13 +141,46 @@ def _serve_workers(settings: Settings, sock: socket.socket, address: str) -> int
     if settings.redis_url:
         os.environ["REDIS_URL"] = settings.redis_url
     config = _config(APP_FACTORY, settings, factory=True, workers=settings.serve_workers)
-    supervisor = Multiprocess(config, sockets=[sock])
+    supervisor = _Supervisor(config, [sock], metrics_dir)
     log.info("serving predictions", url=address, workers=settings.serve_workers)
     try:
         supervisor.run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor, which also marks every worker that leaves it dead in the
+    metrics folder: one that died or hung (uvicorn kills and replaces it) and one
+    retired by SIGHUP or SIGTTOU. Its counters and histograms stay, as Prometheus
+    expects; its gauges, all ``live*`` modes, leave the sums at once rather than at
+    the next restart. A replacement that never got ready (SIGHUP) served nothing and
+    is not looked for."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], metrics_dir: Path):
+        super().__init__(config, sockets)
+        self._metrics_dir = metrics_dir
+        self._workers: set[int] = set()
+
+    def init_processes(self) -> None:
+        super().init_processes()
+        self._forget_gone()
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        self._forget_gone()
+
+    def handle_signals(self) -> None:
+        super().handle_signals()
+        self._forget_gone()
+
+    def _forget_gone(self) -> None:
+        current = {p.pid for p in self.processes if p.pid is not None}
+        for pid in sorted(self._workers - current):
+            mark_worker_dead(self._metrics_dir, pid)
+            log.info("serving worker gone: its gauges left the metrics", pid=pid)
+        self._workers = current
 
 
 def _address(sock: socket.socket) -> str:

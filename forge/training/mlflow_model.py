@@ -14,9 +14,15 @@ The signature decides what MLflow admits before the model sees it (``_enforce_sc
   DataFrame whose single column holds each row's vector (cast to float32), and checks
   the dimension. Tensor inputs admit one dtype only: a float64 array is refused.
 * a model trained on embedded texts has a column input: ``text`` (string) and
-  ``vector`` (array of double), both optional, one of them per row. A tensor signature
-  cannot hold strings and a column signature drops a bare array's columns, so these
-  models take vectors as a ``vector`` column rather than as a bare array.
+  ``vector`` (array of double), both optional, one of them per row, and a first column
+  named ``0`` (any type, optional) for a bare array or list of texts. MLflow turns a
+  bare array, list or Series into a DataFrame whose one column is named ``0`` and then
+  keeps only the signature's columns: without a column of that name it hands the model
+  an empty frame. (A tensor signature cannot hold strings, and an unnamed column
+  signature would keep only a frame's first column, losing ``vector`` beside
+  ``text``.) The column is typed "any", not string, so that vectors sent as a bare
+  array reach ``ForgeModel``, which refuses them with the reason, rather than being
+  turned into strings by MLflow's JSON parsing. Vectors go in a ``vector`` column.
 
 Output, for both: a DataFrame of ``label`` (string) and ``score`` (double) per row.
 
@@ -52,6 +58,8 @@ PYFUNC_CODE = Path(__file__).with_name("pyfunc_entry.py")
 # The LoggedModel's name: what ``log_model(name=...)`` would have been.
 LOGGED_MODEL_NAME = "model"
 TEXT_EXAMPLE = "an example text"
+# The name pandas gives the one column of a DataFrame made of a bare array or list.
+BARE_COLUMN = 0
 # What loading a model needs besides Forge itself, per task and for texts; pinned to
 # the versions installed where it was trained.
 _BASE_REQUIREMENTS = ("mlflow", "numpy", "pandas", "msgspec", "structlog", "pyyaml")
@@ -160,12 +168,16 @@ def signature(input_dim: int, *, texts: bool) -> ModelSignature:
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema, TensorSpec
-    from mlflow.types.schema import Array
+    from mlflow.types.schema import AnyType, Array
 
     outputs = Schema([ColSpec(DataType.string, "label"), ColSpec(DataType.double, "score")])
     if texts:
+        any_type = AnyType()  # type: ignore[no-untyped-call]  # its __init__ is unannotated
         inputs = Schema(
             [
+                # An int, as pandas names it (ColSpec is annotated for str names); first,
+                # because MLflow reads a falsy name as the column's position.
+                ColSpec(any_type, BARE_COLUMN, required=False),  # type: ignore[arg-type]
                 ColSpec(DataType.string, "text", required=False),
                 # double, not float: JSON numbers and NumPy's default arrays are float64,
                 # and MLflow refuses to narrow them; float32 vectors widen as they are.

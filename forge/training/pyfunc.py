@@ -6,7 +6,8 @@
 model recorded in the model's config. ``predict`` is ``TrainedModel.predict``: the same
 labels and scores as ``forge predict``. Inputs arrive as MLflow's signature enforcement
 leaves them (``forge.training.mlflow_model``): a float32 array for a raw-vector model, a
-DataFrame of ``text`` and ``vector`` columns for a text model.
+DataFrame of ``text`` and ``vector`` columns for a text model, or of the one column
+``0`` when it was given a bare array, list or Series of texts.
 
 Forge's own loading (``TrainingService.load``) never comes here: it reads the files of
 the ``forge_model`` artifact itself, without MLflow's pyfunc.
@@ -28,6 +29,7 @@ from forge.errors import PermanentError
 from forge.settings import Settings
 from forge.training.artifacts import MODEL_ARTIFACT
 from forge.training.base import TrainedModel, Vectors
+from forge.training.mlflow_model import BARE_COLUMN
 from forge.training.tasks import get_trainer
 
 TEXT_COLUMN = "text"
@@ -80,6 +82,8 @@ class ForgeModel(PythonModel):
         if isinstance(model_input, pd.DataFrame):
             if {TEXT_COLUMN, VECTOR_COLUMN} & set(model_input.columns):
                 return self._rows(model_input, dim)
+            if self._embedder is not None and BARE_COLUMN in model_input.columns:
+                return self._bare_texts(model_input[BARE_COLUMN].tolist(), dim)
             if model_input.shape[1] == 0:
                 raise MlflowException.invalid_parameter_value(
                     f"expected a DataFrame with a {TEXT_COLUMN!r} or {VECTOR_COLUMN!r} column"
@@ -87,8 +91,24 @@ class ForgeModel(PythonModel):
                 )
             by_dimension: Vectors = model_input.to_numpy(dtype=np.float32)
             return by_dimension
+        if _holds_texts(model_input):  # called without MLflow's enforcement
+            return self._bare_texts(list(model_input), dim)
         # A copy: MLflow may hand over a read-only array, which torch warns about.
         return np.array(model_input, dtype=np.float32)
+
+    def _bare_texts(self, values: list[Any], dim: int) -> Vectors:
+        """A bare array or list's rows, each of them a text."""
+        for index, value in enumerate(values):
+            if _missing(value):  # None, which pandas made NaN
+                raise MlflowException.invalid_parameter_value(
+                    f"row {index}: no text (a bare array or list holds one text per row)"
+                )
+            if not isinstance(value, str):
+                raise MlflowException.invalid_parameter_value(
+                    f"row {index}: a bare array or list holds one text per row, got"
+                    f" {type(value).__name__} (give vectors as a {VECTOR_COLUMN!r} column)"
+                )
+        return self._rows(pd.DataFrame({TEXT_COLUMN: values}), dim)
 
     def _rows(self, frame: pd.DataFrame, dim: int) -> Vectors:
         """Each row's vector: its ``vector``, or its ``text`` embedded."""
@@ -124,6 +144,13 @@ class ForgeModel(PythonModel):
                 "this model was trained on raw vectors, not embedded texts: give vectors"
             )
         return self._embedder.encode(texts, self._batch_size)
+
+
+def _holds_texts(value: Any) -> bool:
+    """A list or 1-D array whose first item is a string."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and len(value) > 0 and isinstance(value[0], str)
+    return isinstance(value, list) and len(value) > 0 and isinstance(value[0], str)
 
 
 def _unfold_texts(frame: pd.DataFrame) -> pd.DataFrame:

@@ -7,7 +7,13 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 from forge.errors import PermanentError
-from forge.training.tuning.study import ATTR_METRIC, ATTR_PARENT_RUN, ATTR_REQUEST, ATTR_TRIALS
+from forge.training.tuning.study import (
+    ATTR_METRIC,
+    ATTR_PARENT_RUN,
+    ATTR_REQUEST,
+    ATTR_STOPPED,
+    ATTR_TRIALS,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -46,6 +52,7 @@ def study_report(study: optuna.Study) -> dict[str, Any]:
         "metric": attrs.get(ATTR_METRIC),
         "direction": study.direction.name.lower(),
         "planned_trials": attrs.get(ATTR_TRIALS),
+        "stopped": ATTR_STOPPED in attrs,
         "parent_run_id": attrs.get(ATTR_PARENT_RUN),
         "best_trial": None if best is None else best.number,
         "best_value": None if best is None else best.value,

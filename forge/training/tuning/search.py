@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 FanOut = Callable[[Study], None]
+# On the study's MLflow run when ``forge tune stop`` cut it short.
+TAG_STOPPED = "forge.study_stopped"
 
 
 class TuneService:
@@ -134,7 +136,7 @@ class TuneService:
             return f"no study named {event.study!r}"
         trial = study.admit()
         if trial is None:
-            return "the study has all its trials"
+            return "the study was stopped" if study.stopped else "the study has all its trials"
         data, embedding_model = load()
         job = TrialJob(
             request,
@@ -194,10 +196,10 @@ class TuneService:
         counts = study.counts()
         if best is None:
             self._end_parent(parent, study, "FAILED")
-            raise PermanentError(
-                f"no trial of study {study.name!r} completed ({counts.pruned} pruned,"
-                f" {counts.failed} failed)"
-            )
+            what = f"no trial of study {study.name!r} completed"
+            if study.stopped:
+                what = f"study {study.name!r} was stopped before any trial completed"
+            raise PermanentError(f"{what} ({counts.pruned} pruned, {counts.failed} failed)")
         attrs = best.user_attrs
         tags = {
             **request_tags(request, stream, embedding_model),
@@ -223,7 +225,7 @@ class TuneService:
 
     def _end_parent(self, run_id: str, study: Study, status: str) -> None:
         """Log the study's outcome on its run, once."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         client = self.training.client
         if client.get_run(run_id).info.status != "RUNNING":
@@ -242,7 +244,8 @@ class TuneService:
             values[f"best_{study.plan.metric}"] = best.value
             params = [Param(f"best.{k}", str(v)) for k, v in sorted(best.params.items())]
         metrics = [Metric(k, float(v), now_ms, 0) for k, v in values.items()]
-        client.log_batch(run_id, metrics=metrics, params=params)
+        tags = [RunTag(TAG_STOPPED, "true")] if study.stopped else []
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
         client.set_terminated(run_id, status)
 
 
@@ -253,6 +256,8 @@ def summarize(study: Study) -> dict[str, Any]:
         "study": study.name,
         "metric": study.plan.metric,
         "direction": study.plan.direction,
+        "stopped": study.stopped,
+        "planned_trials": study.target,
         "best_trial": None if best is None else best.number,
         "best_value": None if best is None else best.value,
         "best_params": {} if best is None else dict(best.params),

@@ -10,7 +10,8 @@ time), the MLflow parent run, whether the trials stream got its entries.
 first it fails stale trials (their worker died; the storage's callback queues each
 again, with the same parameters, as a WAITING trial), then it takes a waiting trial,
 else a new one while the study has fewer than ``trials`` (a queued retry does not
-count: it is the same trial run again), else none.
+count: it is the same trial run again), else none. A stopped study, or one past its
+deadline, admits none.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ ATTR_DEADLINE = "forge.deadline_unix_s"
 ATTR_PARENT_RUN = "forge.parent_run_id"
 ATTR_FANNED_OUT = "forge.fanned_out"
 ATTR_SEED = "forge.seed"
+# When ``forge tune stop`` stopped the study (unix seconds); absent while it runs on.
+ATTR_STOPPED = "forge.stopped_unix_s"
 # Trial user attributes: the MLflow run and the model it logged.
 TRIAL_RUN = "forge.run_id"
 TRIAL_MODEL_URI = "forge.model_uri"
@@ -47,7 +50,25 @@ _STARTUP_TRIALS = 10
 
 
 def study_name(request: TrainingRequest) -> str:
-    return f"forge/{request.model}/{request.id}"
+    return name_of(request.model, request.id)
+
+
+def name_of(model: str, request_id: str) -> str:
+    return f"forge/{model}/{request_id}"
+
+
+def admits_trials(attrs: dict[str, Any], trials: list[FrozenTrial], target: int) -> bool:
+    """Whether a trial may still start: the study is neither stopped nor past its
+    deadline, and a rerun waits or fewer than ``target`` trials were drawn (a queued
+    rerun does not count: it is the same trial run again)."""
+    from optuna.trial import TrialState
+
+    deadline = attrs.get(ATTR_DEADLINE)
+    if ATTR_STOPPED in attrs or (deadline is not None and time.time() >= float(deadline)):
+        return False
+    waiting = any(t.state == TrialState.WAITING for t in trials)
+    originals = sum(1 for t in trials if "failed_trial" not in t.system_attrs)
+    return waiting or originals < target
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,22 +132,24 @@ class Study:
     def target(self) -> int:
         return int(self.attrs.get(ATTR_TRIALS, self.plan.trials))
 
-    def past_deadline(self) -> bool:
-        deadline = self.attrs.get(ATTR_DEADLINE)
-        return deadline is not None and time.time() >= float(deadline)
+    @property
+    def stopped(self) -> bool:
+        return ATTR_STOPPED in self.attrs
+
+    def cuts_running_trials(self) -> bool:
+        """Whether a running trial should end at its next epoch: the study was stopped
+        and has a completed trial (with none, trials run on, so that the stop still
+        yields a version)."""
+        return self.stopped and self.best() is not None
 
     # ------------------------------------------------------------------ trials
 
     def admit(self) -> optuna.Trial | None:
         """The next trial to run, or ``None`` when the study needs none now."""
-        from optuna.trial import TrialState
-
         with self._locked():
             self._fail_stale()
             trials = self.optuna.get_trials(deepcopy=False)
-            waiting = any(t.state == TrialState.WAITING for t in trials)
-            originals = sum(1 for t in trials if "failed_trial" not in t.system_attrs)
-            if self.past_deadline() or (not waiting and originals >= self.target):
+            if not admits_trials(self.attrs, trials, self.target):
                 return None
             with warnings.catch_warnings():
                 # Forge runs the heartbeat itself (see trial.py), outside Study.optimize.
@@ -144,9 +167,7 @@ class Study:
             trials = self.optuna.get_trials(deepcopy=False)
         if any(t.state == TrialState.RUNNING for t in trials):
             return False
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        originals = sum(1 for t in trials if "failed_trial" not in t.system_attrs)
-        return self.past_deadline() or (not waiting and originals >= self.target)
+        return not admits_trials(self.attrs, trials, self.target)
 
     def counts(self) -> Counts:
         from optuna.trial import TrialState

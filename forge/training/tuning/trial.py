@@ -6,6 +6,9 @@ A trial that fails for its own reasons (parameters the trainer refuses, a diverg
 loss, its timeout) is a failed trial. A trial cut short by the infrastructure (the
 database or MLflow went away) is failed and queued again with the same parameters, as
 a stale trial is, and the error goes on to fail the delivery, which Forge retries.
+
+A trial of a stopped study is pruned at its next epoch once any trial of the study
+completed (see ``Study.cuts_running_trials``).
 """
 
 from __future__ import annotations
@@ -121,7 +124,7 @@ def _train(
                 run.log_epoch,
                 device,
                 trial=n,
-                after_epoch=_pruner(trial, plan.prunes_on_epoch_metric),
+                after_epoch=_pruner(study, trial, plan.prunes_on_epoch_metric),
             )
         value = float(model.metrics[plan.metric])
         # Every trial exports: any one of them may turn out the best, and the version
@@ -158,10 +161,12 @@ def _train(
         raise
 
 
-def _pruner(trial: optuna.Trial, enabled: bool) -> Any:
+def _pruner(study: Study, trial: optuna.Trial, enabled: bool) -> Any:
     import optuna
 
     def check(report: EpochReport) -> None:
+        if study.cuts_running_trials():
+            raise optuna.TrialPruned(f"the study was stopped (after epoch {report.epoch})")
         if not enabled or report.metric is None:
             return
         trial.report(report.metric, report.epoch)

@@ -2,7 +2,7 @@
 index maintenance, and float32 (vector) against float16 (halfvec) storage.
 
     .venv/bin/python bench/first_load.py [--rows 20000] [--queries 200] [--batch 1000]
-        [--index-workers 2] [--postgres-url URL]
+        [--index-workers 2] [--postgres-url URL] [--via-events [--event-records 10]]
 
 Vectors: the packaged all-MiniLM-L6-v2's embeddings of distinct short sentences (as
 ``bench/hnsw_params.py`` makes them): ``--rows`` to store, ``--queries`` others to
@@ -16,6 +16,17 @@ folder. Default HNSW parameters (m 16, ef_construction 64, ef_search 40).
   its index, then the index built once (``--index-workers`` parallel maintenance
   workers, ``maintenance_work_mem`` sized for the graph).
 
+With ``--via-events``, the load goes through the new-data handler instead (the path a
+producer's events take; ready vectors, so no model runs), in reads of
+``FORGE_EMBED_PIPELINE_DEPTH`` x ``MAX_BATCH_SIZE`` events of ``--event-records``
+records, the stream's backlog being the events not yet read:
+
+* ``events, live index`` (the baseline): ``FORGE_BULK_LOAD_ROWS=0``, the collection
+  created with its index.
+* ``events, deferred``: ``FORGE_BULK_LOAD_ROWS`` (capped at ``--rows``): the collection
+  created without its index, which the handler's keeper builds once the backlog is
+  drained; the time runs until that index is built.
+
 For each: rows/s over the whole load (index build included) and against the baseline,
 recall@10 (the share of the exact 10 nearest rows, cosine over every stored vector,
 that a search returns, averaged over the queries) and the size on disk (table, index
@@ -28,6 +39,7 @@ import argparse
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a plai
 
 from bench.hnsw_params import embed, exact_top, print_versions
 from bench.write_path import batches, postgres_server
+from consumers.new_data import NewDataHandler
+from forge.embedding.model_cache import ModelCache
+from forge.embedding.service import EmbeddingService
+from forge.events import NewData, Record
+from forge.runtime.handlers import Message, Succeeded
+from forge.settings import Settings
 from forge.vectorstore import IndexOptions, Row, VectorStore
 from forge.vectorstore.bulk import IndexBuild
 
@@ -66,6 +84,44 @@ def deferred(
     return time.perf_counter() - started
 
 
+def via_events(
+    store: VectorStore, name: str, vectors: np.ndarray, deferred: bool, event_records: int
+) -> float:
+    """The load as new-data events through the handler, until the index is built."""
+    rows = len(vectors) if deferred else 0
+    settings = Settings(bulk_load_rows=min(Settings().bulk_load_rows, rows))
+    stream = f"bench:{name}:new-data"
+    events = [
+        Message(
+            NewData(
+                id=f"e{n}",
+                collection=name,
+                records=[
+                    Record(id=f"r{i}", vector=vectors[i].tolist(), text=f"text {i}")
+                    for i in range(start, stop)
+                ],
+            ),
+            stream,
+            f"{n + 1}-0",
+            1,
+        )
+        for n, (start, stop) in enumerate(batches(len(vectors), event_records))
+    ]
+    unread = [len(events)]
+    service = EmbeddingService(settings, ModelCache.from_settings(settings), None)
+    handler = NewDataHandler(settings, lambda: store, service, lambda _: unread[0])
+    read = settings.embed_read_size
+    started = time.perf_counter()
+    for start in range(0, len(events), read):
+        unread[0] = max(0, len(events) - start - read)
+        outcomes = handler(events[start : start + read])
+        if not all(isinstance(o, Succeeded) for o in outcomes):
+            raise SystemExit(f"a new-data event failed: {outcomes}")
+    while handler.indexes.watching() or not store.describe(name).versions[0].index.built:
+        time.sleep(0.05)
+    return time.perf_counter() - started
+
+
 def recall(store: VectorStore, name: str, queries: np.ndarray, exact: list[set[str]]) -> float:
     found = sum(
         len({hit.id for hit in store.search(name, query, K)} & truth)
@@ -82,17 +138,10 @@ def run_all(url: str, args: argparse.Namespace) -> None:
         f"\n{'load':<20} {'seconds':>8} {'rows/s':>8} {'x live':>7} {'recall@10':>10} {'size':>9}"
     )
     base_rate = 0.0
-    with VectorStore(url, max_connections=2, index=IndexOptions()) as store:
-        for label, storage in (
-            ("live index", None),
-            ("deferred, vector", "vector"),
-            ("deferred, halfvec", "halfvec"),
-        ):
+    with VectorStore(url, max_connections=4, index=IndexOptions()) as store:
+        for label, load in loads(args):
             name = f"bench_load_{uuid.uuid4().hex[:8]}"
-            if storage is None:
-                took = live(store, name, vectors, args.batch)
-            else:
-                took = deferred(store, name, vectors, storage, args.index_workers)
+            took = load(store, name, vectors)
             rate = len(vectors) / took
             base_rate = base_rate or rate
             found = recall(store, name, queries, exact)
@@ -104,6 +153,25 @@ def run_all(url: str, args: argparse.Namespace) -> None:
             store.drop_collection(name)
 
 
+Load = Callable[[VectorStore, str, np.ndarray], float]
+
+
+def loads(args: argparse.Namespace) -> list[tuple[str, Load]]:
+    """The loads to compare, the baseline first."""
+    if args.via_events:
+        records = args.event_records
+        return [
+            ("events, live index", lambda s, n, v: via_events(s, n, v, False, records)),
+            ("events, deferred", lambda s, n, v: via_events(s, n, v, True, records)),
+        ]
+    workers = args.index_workers
+    return [
+        ("live index", lambda s, n, v: live(s, n, v, args.batch)),
+        ("deferred, vector", lambda s, n, v: deferred(s, n, v, "vector", workers)),
+        ("deferred, halfvec", lambda s, n, v: deferred(s, n, v, "halfvec", workers)),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rows", type=int, default=20_000)
@@ -111,6 +179,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1000, help="rows per live write")
     parser.add_argument("--index-workers", type=int, default=2)
     parser.add_argument("--postgres-url", default=None, help="default: embedded, temporary")
+    parser.add_argument("--via-events", action="store_true", help="load through new-data")
+    parser.add_argument("--event-records", type=int, default=10, help="records per event")
     args = parser.parse_args()
     with postgres_server(args.postgres_url) as (_, url, _):
         run_all(url, args)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from consumers.deferred_index import stream_backlog
 from consumers.feedback import FeedbackHandler
 from consumers.new_data import NewDataHandler
 from consumers.new_data_stream import NewDataStream
@@ -49,7 +50,9 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
             ctx.settings, embedding.models, progress_publisher(ctx)
         )
     )
-    new_data = NewDataHandler(ctx.settings, store, embedding)
+    # The stream's backlog tells the end of a large first load (deferred HNSW index).
+    backlog = stream_backlog(ctx.redis, ctx.settings.group)
+    new_data = NewDataHandler(ctx.settings, store, embedding, backlog)
     versions = Once(lambda: training().versions)
     retraining = RetrainOnNewData(new_data, ctx.keys, versions)
     stream = NewDataStream(retraining, ReembedHandler(ctx.settings, store, embedding))

@@ -18,6 +18,10 @@ While the collection has a version being built (``consumers.reembed``), every wr
 goes to both versions, the texts embedded by both models; a write that finds the
 versions changed under it (a build began, or the switch happened) fails as transient
 and the batch is done again against the new ones.
+
+A collection these events create starts without its HNSW index (``defer_index``), so
+that a large first load is not slowed by maintaining it row by row; the
+``IndexKeeper`` has it built once the load is over (``consumers.deferred_index``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from consumers.deferred_index import Backlog, IndexKeeper
 from consumers.dual_write import BuildTarget, add_building_writes
 from consumers.once import Once
 from consumers.record_writes import Embedded, Kept, PendingEvent, add_writes, embeds, repeated_ids
@@ -70,13 +75,21 @@ class _Chunk:
 
 
 class NewDataHandler:
+    """``backlog``: entries waiting on a stream, for ``IndexKeeper`` (none: only a
+    quiet collection gets its deferred index)."""
+
     def __init__(
-        self, settings: Settings, store: Once[VectorStore], embedding: EmbeddingService
+        self,
+        settings: Settings,
+        store: Once[VectorStore],
+        embedding: EmbeddingService,
+        backlog: Backlog | None = None,
     ) -> None:
         self.settings = settings
         # Opened on first use, so a worker that never sees new-data never connects.
         self.store = store
         self.embedding = embedding
+        self.indexes = IndexKeeper(settings, store, backlog)
         self._next_prune = 0.0
         self._writer = Once(lambda: futures.ThreadPoolExecutor(1, "forge-embed-writer"))
 
@@ -100,6 +113,7 @@ class NewDataHandler:
             by_collection.setdefault(event.collection, []).append(PendingEvent(index, event))
         for collection, group in by_collection.items():
             outcomes.update(self._write_collection(scope, collection, group))
+            self.indexes.wrote(collection, scope)
         self._prune_markers(scope)
         return [outcomes[i] for i in range(len(messages))]
 
@@ -245,6 +259,7 @@ class NewDataHandler:
             results={item.event.id: item.result for item in chunk.events},
             version=chunk.collection_version,
             building=building,
+            defer_index=self.settings.bulk_load_rows > 0,
         )
         return result.duplicates
 

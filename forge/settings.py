@@ -171,6 +171,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # The column type of collections created from then on: "vector" (float32) or
     # "halfvec" (float16, half the size).
     vector_storage: str = "vector"
+    # Collections created by new-data events start without their HNSW index, built once
+    # when the first load is over: after ``bulk_load_quiet_s`` without a write, or once
+    # they hold ``bulk_load_rows`` rows and no entry waits on the stream. 0: no deferral.
+    bulk_load_rows: int = 10_000
+    bulk_load_quiet_s: float = 30.0
 
     # Files. Container images set these to /models, /cache and /var/log/datapunk/forge.
     home_dir: Path = msgspec.field(default_factory=_default_home)
@@ -225,6 +230,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "training_concurrency": self.training_concurrency,
             "priority_aging_s": self.priority_aging_s,
             "gpu_admission_poll_s": self.gpu_admission_poll_s,
+            "bulk_load_quiet_s": self.bulk_load_quiet_s,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -241,6 +247,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(
                 f"onnx_max_accuracy_delta must be 0 or more, got {self.onnx_max_accuracy_delta}"
             )
+        if self.bulk_load_rows < 0:
+            raise ConfigError(f"bulk_load_rows must be 0 or more, got {self.bulk_load_rows}")
         if self.serve_max_wait_ms < 0:
             raise ConfigError(f"serve_max_wait_ms must be 0 or more, got {self.serve_max_wait_ms}")
         check_hnsw(self.hnsw_m, self.hnsw_ef_construction, self.hnsw_ef_search)
@@ -385,6 +393,8 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_HNSW_EF_CONSTRUCTION": ("hnsw_ef_construction", int),
     "FORGE_HNSW_EF_SEARCH": ("hnsw_ef_search", int),
     "FORGE_VECTOR_STORAGE": ("vector_storage", _stripped),
+    "FORGE_BULK_LOAD_ROWS": ("bulk_load_rows", int),
+    "FORGE_BULK_LOAD_QUIET_S": ("bulk_load_quiet_s", float),
     "FORGE_HOME": ("home_dir", Path),
     "FORGE_MODEL_DIR": ("model_dir", Path),
     "FORGE_CACHE_DIR": ("cache_dir", Path),

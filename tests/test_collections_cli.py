@@ -53,7 +53,7 @@ def test_show_prints_the_versions_as_json(
         "rows": 5,
         "dimension": DIM,
     }
-    assert version["index"] == {"type": "hnsw", "m": 16, "ef_construction": 64}
+    assert version["index"] == {"type": "hnsw", "m": 16, "ef_construction": 64, "built": True}
     assert version["storage"] == "vector"
     assert version["size_bytes"] > 0
     assert shown["size_bytes"] == version["size_bytes"]

@@ -106,3 +106,31 @@ def test_searches_and_writes_go_on_before_the_index_exists(
         bulk.build_index(conn, target, IndexOptions(), bulk.IndexBuild(memory_mb=64, workers=1))
     assert index_definition(pg_url, collection_name) is not None
     assert vector_store.count(collection_name) == 9
+
+
+def test_build_index_builds_a_deferred_index_now(
+    env: Context,
+    vector_store: VectorStore,
+    collection_name: str,
+    pg_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    rows = [Row(f"r{i}", np.eye(4, dtype=np.float32)[i % 4], "e1", f"t{i}") for i in range(8)]
+    vector_store.write_batch(collection_name, rows, ["e1"], collection_name, defer_index=True)
+    code, out, _ = run_cli(capsys, "collections", "show", collection_name)
+    assert code == 0
+    assert "not built yet" in out
+    with psycopg.connect(pg_url, autocommit=True) as conn, bulk.builder_lock(conn, collection_name):
+        code, _, err = run_cli(capsys, "collections", "build-index", collection_name)
+        assert_one_line_error(code, err, "being loaded or indexed by another process")
+    assert index_definition(pg_url, collection_name) is None
+    code, out, err = run_cli(
+        capsys, "collections", "build-index", collection_name, "--index-workers", "1"
+    )
+    assert code == 0, err
+    assert out.startswith(f"collection {collection_name}: index built in")
+    assert index_definition(pg_url, collection_name) is not None
+    code, out, _ = run_cli(capsys, "collections", "build-index", collection_name)
+    assert (code, out.strip()) == (0, f"collection {collection_name}: its index is built already")
+    code, _, err = run_cli(capsys, "collections", "build-index", "no_such_collection")
+    assert_one_line_error(code, err, "does not exist")

@@ -16,8 +16,7 @@ from forge.errors import InvalidEvent, UsageError
 from forge.events import Record
 from forge.settings import Settings
 from forge.vectorstore import Row, VectorStore
-from forge.vectorstore.bulk import IndexBuild
-from forge.vectorstore.store import BulkLoadResult
+from forge.vectorstore.bulk import BulkLoadResult, IndexBuild
 
 # Records embedded and copied per transaction.
 CHUNK_RECORDS = 2048

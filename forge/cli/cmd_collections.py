@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from forge.cli.output import print_json, print_table
+from forge.errors import PermanentError
 from forge.servers.embedded_postgres import resolve_postgres_url
 from forge.settings import Settings
-from forge.vectorstore import VectorStore
+from forge.vectorstore import CollectionNotFound, VectorStore
 from forge.vectorstore.inventory import CollectionInfo, VersionInfo
 from forge.vectorstore.naming import validate_name
 
@@ -90,6 +92,28 @@ def run_load(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def run_build_index(args: argparse.Namespace, settings: Settings) -> int:
+    """Build a collection's deferred HNSW index now, not when its first load is over."""
+    from forge.vectorstore.bulk import IndexBuild
+
+    validate_name(args.collection)
+    started = time.perf_counter()
+    with _store(settings) as store:
+        result = store.indexes.build(
+            args.collection, IndexBuild(args.index_memory, args.index_workers)
+        )
+    name = args.collection
+    if result == "gone":
+        raise CollectionNotFound(f"collection {name!r} does not exist")
+    if result == "busy":
+        raise PermanentError(f"collection {name!r} is being loaded or indexed by another process")
+    if result == "indexed":
+        print(f"collection {name}: its index is built already")
+    else:
+        print(f"collection {name}: index built in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
 @contextmanager
 def _store(settings: Settings) -> Iterator[VectorStore]:
     url, embedded = resolve_postgres_url(settings)
@@ -132,7 +156,8 @@ def _version_row(version: VersionInfo) -> list[object]:
 
 def _index_text(version: VersionInfo) -> str:
     index = version.index
-    return f"{index.type} m={index.m} ef_construction={index.ef_construction} ({version.storage})"
+    text = f"{index.type} m={index.m} ef_construction={index.ef_construction} ({version.storage})"
+    return text if index.built else f"{text}, not built yet"
 
 
 def human_bytes(size: int) -> str:

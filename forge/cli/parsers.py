@@ -178,9 +178,7 @@ def _collections(sub: Any) -> None:
     show.add_argument("collection")
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=Lazy("cmd_collections", "run_show"))
-    reembed = commands.add_parser(
-        "reembed", help="build a new version with a model, switch to it when complete"
-    )
+    reembed = commands.add_parser("reembed", help="re-embed into a new version, switch when done")
     reembed.add_argument("collection")
     reembed.add_argument("--model", help="embedding model (default: the collection's)")
     reembed.add_argument(
@@ -190,22 +188,19 @@ def _collections(sub: Any) -> None:
     reembed.add_argument("--wait", action="store_true", help="wait until the backfill is planned")
     reembed.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="S")
     reembed.set_defaults(run=Lazy("cmd_collections", "run_reembed"))
-    load = commands.add_parser(
-        "load", help="a new collection's first load from JSON lines, HNSW index built once"
-    )
+    load = commands.add_parser("load", help="a new collection's first load, index built once")
     load.add_argument("collection")
-    load.add_argument(
-        "file", help="JSON lines, one new-data record each ({id, text|vector, metadata})"
-    )
+    load.add_argument("file", help="JSON lines: {id, text|vector, metadata} per line")
     load.add_argument("--model", help="embedding model for texts (default FORGE_EMBEDDING_MODEL)")
-    load.add_argument(
-        "--index-memory", type=positive_int, metavar="MB", help="maintenance_work_mem"
-    )
-    load.add_argument("--index-workers", type=positive_int, default=2, metavar="N")
+    _index_build(load)
     load.add_argument(
         "--storage", choices=STORAGE_TYPES, help="column type (default FORGE_VECTOR_STORAGE)"
     )
     load.set_defaults(run=Lazy("cmd_collections", "run_load"))
+    build = commands.add_parser("build-index", help="build a deferred HNSW index now")
+    build.add_argument("collection")
+    _index_build(build)
+    build.set_defaults(run=Lazy("cmd_collections", "run_build_index"))
     rollback = commands.add_parser("rollback", help="switch back to the previous version")
     rollback.add_argument("collection")
     rollback.set_defaults(run=Lazy("cmd_collections", "run_rollback"))
@@ -213,6 +208,12 @@ def _collections(sub: Any) -> None:
     drop.add_argument("collection")
     drop.add_argument("version", type=positive_int)
     drop.set_defaults(run=Lazy("cmd_collections", "run_drop_version"))
+
+
+def _index_build(parser: Any) -> None:
+    """How an HNSW index is built once: graph memory and parallel workers."""
+    parser.add_argument("--index-memory", type=positive_int, metavar="MB", help="graph memory")
+    parser.add_argument("--index-workers", type=positive_int, default=2, metavar="N")
 
 
 def _models(sub: Any) -> None:

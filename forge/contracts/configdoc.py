@@ -100,6 +100,14 @@ DESCRIPTIONS: dict[str, str] = {
     "(float32) or `halfvec` (float16: half the size on disk and in memory, recall about "
     "the same; see docs/benchmarks.md). Existing collections keep theirs; re-embed one "
     "to change it.",
+    "bulk_load_rows": "Collections created by `new-data` events start without their HNSW "
+    "index (searches are exact scans meanwhile) and one worker builds it once, "
+    "concurrently, when the first load is over: after `FORGE_BULK_LOAD_QUIET_S` without a "
+    "write, or as soon as the collection holds this many rows and no entry waits on the "
+    "stream. 0: collections get their index at creation (live maintenance).",
+    "bulk_load_quiet_s": "How long a collection waiting for its deferred HNSW index goes "
+    "without a write before its first load counts as over and the index is built (at most "
+    "this long after its last write, a small collection is indexed).",
     "home_dir": "Forge's data folder: embedded servers' data, and the default for the "
     "folders below.",
     "model_dir": "Downloaded and trained models.",

@@ -6,11 +6,19 @@ the rows is several times cheaper, more so with parallel maintenance workers and
 enough ``maintenance_work_mem`` to hold the graph. The index is built ``CONCURRENTLY``:
 searches go on meanwhile (as exact scans, the planner having no index yet) and new
 writes are not refused.
+
+One builder per collection: whoever loads a collection without its index, or builds
+it, holds ``builder_lock`` meanwhile (a session advisory lock, released with the
+connection if the process dies). So a worker never builds the index of a collection
+``forge collections load`` is still copying, and only one worker builds a deferred one
+(``deferred``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +27,7 @@ from psycopg import sql
 
 from forge.errors import PermanentError
 from forge.vectorstore import catalog, writer
+from forge.vectorstore.migrations import INDEX_BUILD_LOCK_CLASS
 from forge.vectorstore.naming import index_name
 from forge.vectorstore.types import Collection, IndexOptions, Row
 
@@ -38,6 +47,53 @@ class IndexBuild:
 
     memory_mb: int | None = None
     workers: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BulkLoadResult:
+    rows: int
+    load_s: float
+    index_s: float
+
+
+@contextmanager
+def builder_lock(conn: psycopg.Connection[Any], name: str) -> Iterator[bool]:
+    """Try to become the one loader or index builder of collection ``name``; yields
+    whether this connection holds the lock (until the block ends). Never waits: a
+    builder holds it for minutes, and whoever does not get it has other work."""
+    key = [INDEX_BUILD_LOCK_CLASS, name]
+    row = conn.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))", key).fetchone()
+    held = bool(row and row[0])
+    try:
+        yield held
+    finally:
+        if held:
+            conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", key)
+
+
+def first_load(
+    conn: psycopg.Connection[Any],
+    name: str,
+    dimension: int,
+    model: str | None,
+    chunks: Iterable[Sequence[Row]],
+    index: IndexOptions,
+    build: IndexBuild,
+) -> BulkLoadResult:
+    """Collection ``name`` created without its index, ``chunks`` copied into it, then
+    its index built once; ``PermanentError`` if it has rows, or another process is
+    loading it or building its index."""
+    with builder_lock(conn, name) as held:
+        if not held:
+            raise PermanentError(
+                f"collection {name!r} is being loaded or indexed by another process"
+            )
+        target = create_unindexed(conn, name, dimension, model, index)
+        started = time.perf_counter()
+        rows = load(conn, target, chunks)
+        loaded = time.perf_counter()
+        build_index(conn, target, index, build)
+        return BulkLoadResult(rows, loaded - started, time.perf_counter() - loaded)
 
 
 def create_unindexed(
@@ -82,7 +138,8 @@ def build_index(
     build: IndexBuild,
 ) -> None:
     """Build the collection's HNSW index once, concurrently, with ``build``'s memory
-    and workers (session settings of this connection, reset afterwards)."""
+    and workers (session settings of this connection, reset afterwards). The caller
+    holds ``builder_lock``: an invalid index found is then one a dead build left."""
     if _index_exists(conn, collection.table):
         return
     memory_mb = build.memory_mb or graph_memory_mb(conn, collection, index)
@@ -121,13 +178,7 @@ def load(
 
 
 def _index_exists(conn: psycopg.Connection[Any], table: str) -> bool:
-    row = conn.execute(
-        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
-        [sql.Identifier(index_name(table)).as_string(conn)],
-    ).fetchone()
-    if row is None:
-        return False
-    if not row[0]:  # a concurrent build that died: drop the invalid index, build again
+    state = catalog.index_state(conn, table)
+    if state == "invalid":  # a concurrent build that died: drop the invalid index, build again
         conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(index_name(table))))
-        return False
-    return True
+    return state == "valid"

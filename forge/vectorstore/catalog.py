@@ -3,7 +3,7 @@ index, behind each collection."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -17,6 +17,8 @@ from forge.vectorstore.types import Collection, IndexOptions
 # pgvector cannot index ``vector`` columns with more dimensions than this.
 MAX_INDEXED_DIMENSION = 2000
 PGVECTOR_DEFAULTS = IndexOptions()
+# "invalid": a concurrent build still running, or one that died (the planner skips it).
+IndexState = Literal["valid", "invalid", "missing"]
 
 _SELECT = (
     "SELECT name, table_name, dimension, model, active_version, storage FROM forge_collections"
@@ -138,6 +140,17 @@ def create_table(
     )
     if with_index:
         conn.execute(index_statement(table_name, index))
+
+
+def index_state(conn: psycopg.Connection[Any], table_name: str) -> IndexState:
+    """Whether the HNSW index of collection table ``table_name`` exists and is usable."""
+    row = conn.execute(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+        [sql.Identifier(index_name(table_name)).as_string(conn)],
+    ).fetchone()
+    if row is None:
+        return "missing"
+    return "valid" if row[0] else "invalid"
 
 
 def index_statement(

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from forge.vectorstore import versions
+from forge.vectorstore import catalog, versions
 from forge.vectorstore.types import Collection, CollectionVersion, VersionState
 
 
@@ -19,6 +19,8 @@ class IndexInfo:
     type: str
     m: int
     ef_construction: int
+    # False while a deferred index waits for the end of the first load (or is building).
+    built: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,12 @@ def _describe_version(conn: psycopg.Connection[Any], version: CollectionVersion)
         rows=rows,
         dimension=version.dimension,
         storage=version.storage,
-        index=IndexInfo("hnsw", version.hnsw_m, version.hnsw_ef_construction),
+        index=IndexInfo(
+            "hnsw",
+            version.hnsw_m,
+            version.hnsw_ef_construction,
+            catalog.index_state(conn, version.table) == "valid",
+        ),
         size_bytes=size_bytes,
         table=version.table,
         created_at=version.created_at,

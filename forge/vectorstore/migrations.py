@@ -24,6 +24,8 @@ log = structlog.get_logger(__name__)
 # Advisory lock keys shared by every Forge process (any fixed numbers will do).
 SCHEMA_LOCK_KEY = 0x466F7267_0001
 COLLECTION_LOCK_CLASS = 0x466F7267
+# Held (per collection name) by whoever loads a collection without its index or builds it.
+INDEX_BUILD_LOCK_CLASS = 0x466F7268
 
 Step = str | Callable[[psycopg.Connection[Any]], None]
 

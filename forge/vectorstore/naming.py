@@ -68,5 +68,8 @@ def version_table_name(name: str, version: int) -> str:
     return f"{TABLE_PREFIX}{sanitised}_{digest}_v{version}"
 
 
+INDEX_SUFFIX = "_embedding_hnsw"
+
+
 def index_name(table: str) -> str:
-    return f"{table}_embedding_hnsw"
+    return f"{table}{INDEX_SUFFIX}"

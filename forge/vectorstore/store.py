@@ -7,9 +7,8 @@ Forge's runtime treats as transient.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import TracebackType
 from typing import Any
 
@@ -25,6 +24,7 @@ from forge.vectorstore import (
     bulk,
     catalog,
     content,
+    deferred,
     inventory,
     rebuild,
     scan,
@@ -32,6 +32,7 @@ from forge.vectorstore import (
     versions,
     writer,
 )
+from forge.vectorstore.bulk import BulkLoadResult
 from forge.vectorstore.inventory import CollectionInfo
 from forge.vectorstore.lifecycle import VersionLifecycle
 from forge.vectorstore.migrations import migrate
@@ -55,13 +56,6 @@ from forge.vectorstore.types import (
 )
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class BulkLoadResult:
-    rows: int
-    load_s: float
-    index_s: float
 
 
 # pgvector's iterative index scans (filtered search that still returns k rows).
@@ -106,6 +100,7 @@ class VectorStore:
         )
         self._iterative_scan = False
         self.versions = VersionLifecycle(self._pool, self._index)
+        self.indexes = deferred.DeferredIndexes(url, self._pool, connect_timeout_s)
 
     @classmethod
     def from_settings(cls, url: str, settings: Settings, **pool: Any) -> VectorStore:
@@ -188,14 +183,10 @@ class VectorStore:
     ) -> BulkLoadResult:
         """A new collection's first load: rows copied without the HNSW index, which is
         then built once (see ``bulk``); ``PermanentError`` if it has rows already."""
+        index = replace(self._index, storage=storage or self._index.storage)
+        name = validate_name(name)
         with self._pool.connection() as conn:
-            index = replace(self._index, storage=storage or self._index.storage)
-            target = bulk.create_unindexed(conn, validate_name(name), dimension, model, index)
-            started = time.perf_counter()
-            rows = bulk.load(conn, target, chunks)
-            loaded = time.perf_counter()
-            bulk.build_index(conn, target, index, build)
-            return BulkLoadResult(rows, loaded - started, time.perf_counter() - loaded)
+            return bulk.first_load(conn, name, dimension, model, chunks, index, build)
 
     def drop_collection(self, name: str) -> bool:
         with self._pool.connection() as conn:
@@ -223,6 +214,7 @@ class VectorStore:
         results: Mapping[str, Mapping[str, Any]] | None = None,
         version: int | None = None,
         building: VersionWrites | None = None,
+        defer_index: bool = False,
     ) -> WriteResult:
         """Apply ``writes`` (upserts and deletes, in order) exactly once per event.
 
@@ -239,6 +231,9 @@ class VectorStore:
         version is being built every write goes to both; ``VersionsChanged`` (a
         transient error) when the versions are no longer those, so the caller makes
         its writes again for the new ones.
+
+        ``defer_index``: a collection this batch creates starts without its HNSW index,
+        for a worker to build once its first load is over (``indexes``).
         """
         name = validate_name(collection)
         writer.check_batch(writes, event_ids)
@@ -255,7 +250,7 @@ class VectorStore:
                 writer.check_rows(rows, dimension)
             # Created in the write's transaction: a batch rejected while it is
             # written (a NUL in a text) must not leave an empty collection behind.
-            target = existing or self._create_for(conn, name, rows, model)
+            target = existing or self._create_for(conn, name, rows, model, defer_index)
             result = writer.write_claimed(conn, target, writes, event_ids, scope, results)
             if existing is not None:
                 _write_building(conn, name, building, set(result.processed), version)
@@ -350,15 +345,21 @@ class VectorStore:
         return target
 
     def _create_for(
-        self, conn: psycopg.Connection[Any], name: str, rows: Sequence[Row], model: str | None
+        self,
+        conn: psycopg.Connection[Any],
+        name: str,
+        rows: Sequence[Row],
+        model: str | None,
+        defer_index: bool,
     ) -> Collection | None:
         """The collection a first upsert creates (or a racing writer created); ``None``
         when there are only deletes."""
         if not rows:
             return None
-        dimension = _dimension_of(rows[0])
-        model = model or rows[0].model
-        return catalog.ensure_collection(conn, name, dimension, model, self._index)
+        dimension, model = _dimension_of(rows[0]), model or rows[0].model
+        return catalog.ensure_collection(
+            conn, name, dimension, model, self._index, with_index=not defer_index
+        )
 
 
 def _write_building(

@@ -7,65 +7,16 @@ CLI (or a test) and the resulting object is passed down explicitly.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
 from forge.errors import ConfigError
+from forge.settings_values import parse_bool, parse_size, redact_url, strip_text
 
 LogFormat = Literal["auto", "json", "console"]
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-
-
-def parse_size(value: str) -> int:
-    """Parse a human byte size such as ``2GB``, ``512MiB`` or ``1000`` into bytes."""
-    match = _SIZE_RE.match(value)
-    if not match:
-        raise ConfigError(f"not a byte size: {value!r} (examples: 2GB, 512MiB, 1000000)")
-    number, unit = float(match.group(1)), (match.group(2) or "").lower()
-    binary = "i" in unit
-    prefix = unit[:1] if unit[:1] in "kmgt" else ""
-    factor = 1024 ** "kmgt".index(prefix) * 1024 if binary and prefix else _SIZE_UNITS[prefix]
-    return int(number * factor)
-
-
-# Query parameters that carry secrets: redis-py and libpq both take ``?password=``.
-# libpq's keyword form (``host=db password='a b'``) too, quoted values included.
-SECRET_PARAM_RE = re.compile(
-    r"(?i)(^|[?&;\s])(password|passwd|pwd|sslpassword|secret|token|access_token|api_?key)="
-    r"('(?:[^'\\]|\\.)*'|[^&;#\s'\"<>]*)"
-)
-
-
-_USERINFO_RE = re.compile(r"^(?P<scheme>[^:/]*://)[^/?#]*@")
-
-
-def redact_url(url: str | None) -> str | None:
-    """Return ``url`` with any password replaced by ``***`` (safe to log or print):
-    the userinfo's and those of secret-bearing query parameters."""
-    if not url:
-        return url
-    if "://" not in url:  # a libpq keyword string, or no URL at all
-        return SECRET_PARAM_RE.sub(r"\1\2=***", url)
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # a broken IPv6 literal: blank all of the userinfo, and the query
-        return _USERINFO_RE.sub(r"\g<scheme>***@", url).split("?", 1)[0]
-    query = SECRET_PARAM_RE.sub(r"\1\2=***", parts.query)
-    netloc = parts.netloc
-    if parts.password is not None:
-        # The host part as written: ``hostname``/``port`` would drop IPv6 brackets
-        # and raise on a bad port.
-        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
-    if netloc == parts.netloc and query == parts.query:
-        return url
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _default_home() -> Path:
@@ -333,31 +284,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"invalid configuration: {exc}") from None
 
 
-def _stripped(value: str) -> str:
-    return value.strip()
-
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def parse_bool(value: str) -> bool:
-    """``1/true/yes/on`` or ``0/false/no/off``, any case."""
-    word = value.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise ConfigError(f"not a boolean: {value!r} (use one of {', '.join(_TRUE + _FALSE)})")
-
-
 # Environment variable -> (field, converter). Where two variables set one field the
 # first listed wins (``MLRUN_DBPATH`` is the original design's name).
 ENV_VARS: dict[str, tuple[str, Any]] = {
-    "REDIS_URL": ("redis_url", _stripped),
-    "POSTGRES_URL": ("postgres_url", _stripped),
-    "MLRUN_DBPATH": ("mlflow_tracking_uri", _stripped),
-    "MLFLOW_TRACKING_URI": ("mlflow_tracking_uri", _stripped),
+    "REDIS_URL": ("redis_url", strip_text),
+    "POSTGRES_URL": ("postgres_url", strip_text),
+    "MLRUN_DBPATH": ("mlflow_tracking_uri", strip_text),
+    "MLFLOW_TRACKING_URI": ("mlflow_tracking_uri", strip_text),
     "MODEL_CACHE_SIZE": ("model_cache_size_bytes", parse_size),
     "MAX_BATCH_SIZE": ("max_batch_size", int),
     "FORGE_STREAM_PREFIX": ("stream_prefix", str),
@@ -392,7 +325,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_HNSW_M": ("hnsw_m", int),
     "FORGE_HNSW_EF_CONSTRUCTION": ("hnsw_ef_construction", int),
     "FORGE_HNSW_EF_SEARCH": ("hnsw_ef_search", int),
-    "FORGE_VECTOR_STORAGE": ("vector_storage", _stripped),
+    "FORGE_VECTOR_STORAGE": ("vector_storage", strip_text),
     "FORGE_BULK_LOAD_ROWS": ("bulk_load_rows", int),
     "FORGE_BULK_LOAD_QUIET_S": ("bulk_load_quiet_s", float),
     "FORGE_HOME": ("home_dir", Path),
@@ -400,12 +333,12 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_CACHE_DIR": ("cache_dir", Path),
     "FORGE_LOG_DIR": ("log_dir", Path),
     "FORGE_PG_BIN_DIR": ("pg_bin_dir", Path),
-    "FORGE_SERVE_HOST": ("serve_host", _stripped),
+    "FORGE_SERVE_HOST": ("serve_host", strip_text),
     "FORGE_SERVE_PORT": ("serve_port", int),
     "FORGE_SERVE_WORKERS": ("serve_workers", int),
     "FORGE_SERVE_MAX_WAIT_MS": ("serve_max_wait_ms", float),
     "FORGE_SERVE_MAX_BODY_BYTES": ("serve_max_body_bytes", parse_size),
-    "FORGE_API_TOKEN": ("api_token", _stripped),
+    "FORGE_API_TOKEN": ("api_token", strip_text),
     "FORGE_SERVE_RELOAD_INTERVAL_S": ("serve_reload_interval_s", float),
     "FORGE_SERVE_REGISTRY_POLL_S": ("serve_registry_poll_s", float),
     "FORGE_FEEDBACK_WINDOW_S": ("feedback_window_s", int),

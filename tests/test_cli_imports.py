@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from forge.cli.parsers import Lazy, build_parser
+from forge.cli.command import Lazy
+from forge.cli.parsers import build_parser
 from tests.support.cli import run_forge
 
 REPO = Path(__file__).resolve().parents[1]

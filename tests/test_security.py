@@ -42,7 +42,8 @@ from forge.runtime.handlers import HandlerRegistry, HandlerSpec, Message
 from forge.runtime.worker import Worker
 from forge.servers.connect import connect_redis, connect_redis_probe
 from forge.servers.embedded_redis import find_redis_server
-from forge.settings import Settings, redact_url
+from forge.settings import Settings
+from forge.settings_values import redact_url
 from tests.support.cli import run_cli
 from tests.support.events import new_data, publish
 from tests.support.redis_helpers import new_prefix, wait_for

@@ -28,7 +28,8 @@ import psycopg
 
 from forge.backup import pgtools
 from forge.backup.manifest import BackupError, Part, describe_file
-from forge.settings import Settings, redact_url
+from forge.settings import Settings
+from forge.settings_values import redact_url
 from forge.training import sqlite_store
 from forge.training.tracking import (
     ARTIFACTS_DIR,

@@ -37,7 +37,8 @@ from forge.backup.manifest import (
 )
 from forge.keys import Keys
 from forge.servers.endpoints import open_redis
-from forge.settings import Settings, redact_url
+from forge.settings import Settings
+from forge.settings_values import redact_url
 
 log = structlog.get_logger(__name__)
 REDIS_FILE = "redis.jsonl"

@@ -18,7 +18,8 @@ from psycopg import sql
 from forge.backup import pgtools
 from forge.backup.manifest import Part, describe_file
 from forge.servers.embedded_postgres import resolve_postgres_url
-from forge.settings import Settings, redact_url
+from forge.settings import Settings
+from forge.settings_values import redact_url
 
 FILE = "postgres.dump"
 FORMAT = "pg_dump-custom"

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
 
-from forge.cli.parsers import EXIT_USAGE, Command, build_parser
+from forge.cli.command import EXIT_USAGE, Command
+from forge.cli.parsers import build_parser
 from forge.errors import ForgeError, UsageError
 from forge.settings import Settings
 

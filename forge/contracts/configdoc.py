@@ -14,7 +14,8 @@ from typing import Any
 
 import msgspec
 
-from forge.settings import ENV_VARS, Settings, parse_size
+from forge.settings import ENV_VARS, Settings
+from forge.settings_values import parse_size
 
 DESCRIPTIONS: dict[str, str] = {
     "redis_url": "Redis server (`redis://`, `rediss://` or `unix://`). Unset: an embedded "

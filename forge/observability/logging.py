@@ -20,7 +20,8 @@ import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
 
 from forge.errors import ConfigError
-from forge.settings import SECRET_PARAM_RE, Settings, redact_url
+from forge.settings import Settings
+from forge.settings_values import SECRET_PARAM_RE, redact_url
 
 # A URL carrying credentials: ``scheme://user:password@host...``. Deliberately loose
 # (any non-space run after the scheme) so that passwords with odd characters are caught.

@@ -56,6 +56,7 @@ class LocalCluster:
         timeout_s: float = 60.0,
         base_dir: Path | None = None,
         password: str | None = None,
+        durable: bool = True,
     ) -> None:
         binaries = find_binaries()
         if binaries is None:
@@ -64,6 +65,7 @@ class LocalCluster:
         self.masters, self.node_timeout_ms, self.timeout_s = masters, node_timeout_ms, timeout_s
         self._base_dir = base_dir
         self.password = password
+        self.durable = durable
         self._own_dir: Path | None = None
         self.nodes: list[MasterProcess] = []
 
@@ -93,7 +95,12 @@ class LocalCluster:
         """A master on a free port; another port if someone took this one meanwhile."""
         for attempt in range(_START_ATTEMPTS):
             node = MasterProcess(
-                self.server, free_port(), data_dir, self.node_timeout_ms, self.password
+                self.server,
+                free_port(),
+                data_dir,
+                self.node_timeout_ms,
+                self.password,
+                durable=self.durable,
             )
             try:
                 node.start(self.timeout_s)
@@ -106,6 +113,9 @@ class LocalCluster:
         raise AssertionError("unreachable")
 
     def _create(self) -> None:
+        if self.masters < 3:  # redis-cli --cluster create wants three masters at least
+            self._create_small()
+            return
         argv = [str(self.cli), "--cluster", "create"]
         argv += [f"{HOST}:{node.port}" for node in self.nodes]
         argv += ["--cluster-replicas", "0", "--cluster-yes"]
@@ -122,6 +132,18 @@ class LocalCluster:
         )
         if result.returncode != 0:
             raise ClusterError(f"{' '.join(argv)} failed:\n{result.stdout}{result.stderr}")
+
+    def _create_small(self) -> None:
+        """One or two masters: each takes an equal range of the slots itself, and the
+        others meet the first."""
+        for i, node in enumerate(self.nodes):
+            client: Any = node.client()
+            low = i * 16384 // self.masters
+            high = (i + 1) * 16384 // self.masters
+            client.execute_command("CLUSTER", "ADDSLOTS", *range(low, high))
+            if i:
+                client.execute_command("CLUSTER", "MEET", HOST, str(self.nodes[0].port))
+            client.close()
 
     def stop(self) -> None:
         """Kill every master and remove the folders this cluster created."""

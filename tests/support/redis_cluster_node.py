@@ -87,10 +87,19 @@ class MasterProcess:
     ``nodes.conf`` and append-only file), its process."""
 
     def __init__(
-        self, server: Path, port: int, data_dir: Path, node_timeout_ms: int, password: str | None
+        self,
+        server: Path,
+        port: int,
+        data_dir: Path,
+        node_timeout_ms: int,
+        password: str | None,
+        *,
+        durable: bool = True,
     ) -> None:
         self.server, self.port, self.data_dir = server, port, data_dir
         self.node_timeout_ms, self.password = node_timeout_ms, password
+        # Off for benchmarks, to compare with a server that keeps nothing on disk.
+        self.durable = durable
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,7 +118,7 @@ class MasterProcess:
             "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", str(self.node_timeout_ms),
             "--cluster-require-full-coverage", "no",
-            "--appendonly", "yes",
+            "--appendonly", "yes" if self.durable else "no",
             "--appendfsync", "always",
             "--save", "",
         ] + (["--requirepass", self.password] if self.password else [])  # fmt: skip

@@ -258,9 +258,13 @@ class Keys:
         """The prioritized stream a lane belongs to (in its partition), and its priority
         (a stream that is no lane is its own, ``normal``)."""
         for base in self.part_of(stream).prioritized_streams:
-            for priority in PRIORITIES:
-                if stream == self.lane(base, priority):
-                    return base, priority
+            if stream == base:
+                return base, "normal"
+            if stream.startswith(base):  # on every entry's path: no names built
+                suffix = stream[len(base) :]
+                for priority in PRIORITIES:
+                    if suffix == f":{priority}" and priority != "normal":
+                        return base, priority
         return stream, "normal"
 
     def is_prioritized(self, stream: str) -> bool:

@@ -18,6 +18,7 @@ from forge.errors import ConfigError
 from forge.events import NewData
 from forge.keys import _SCOPED_FAMILIES, Keys, partition_tag
 from forge.observability.merged import newest_completions
+from forge.observability.metrics import Metrics
 from forge.observability.status import snapshot
 from forge.partitioning import partition_key, partition_of
 from forge.runtime.completion_wait import completions_position, wait_for_completions
@@ -27,7 +28,7 @@ from forge.runtime.entries import id_key
 from forge.runtime.handlers import Message, Outcome, Rejected, Succeeded
 from forge.servers.embedded_redis import resolve_redis_url
 from forge.settings import Settings
-from tests.support.cli import run_cli
+from tests.support.cli import assert_one_line_error, run_cli
 from tests.support.events import new_data
 from tests.support.redis_helpers import running
 from tests.support.workers import completions, drain, make_worker, pending
@@ -293,3 +294,69 @@ def test_the_completions_command_merges_every_partition(
     assert len({r["stream"] for r in rows}) == PARTITIONS
     code, out, _ = run_cli(capsys, "completions", "--limit", "2")
     assert len(out.strip().splitlines()) == 3  # the header and two rows
+
+
+# ---------------------------------------------------------------------- operators' views
+
+
+def _dead_letter_three(pctx: Context) -> None:
+    def reject(messages: Sequence[Message[NewData]]) -> list[Outcome]:
+        return [Rejected(error_info(ValueError("poison"))) for _ in messages]
+
+    for i in range(3):
+        _publish(pctx, new_data(f"e{i}", collection=f"c{i}"))  # c0, c1, c2: all partitions
+    drain(make_worker(pctx, reject), pctx, 3)
+
+
+def test_the_dlq_commands_work_across_partitions(
+    pctx: Context,
+    cli_env: Context,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FORGE_STREAM_PARTITIONS", str(PARTITIONS))
+    _dead_letter_three(pctx)
+    code, out, _ = run_cli(capsys, "dlq", "list", "--json")
+    assert code == 0
+    listed = json.loads(out)
+    assert {r["partition"] for r in listed} == set(range(PARTITIONS))
+    ref = listed[0]["ref"]
+    assert ref == f"{listed[0]['partition']}/{listed[0]['entry_id']}"
+    code, out, _ = run_cli(capsys, "dlq", "show", ref)
+    assert code == 0
+    assert f"entry_id: {ref}" in out
+    code, out, _ = run_cli(capsys, "dlq", "show", listed[0]["entry_id"], "--json")
+    assert code == 0
+    assert json.loads(out)["ref"] == ref
+    code, out, err = run_cli(capsys, "dlq", "show", "7/1-1")
+    assert_one_line_error(code, err, "no partition 7: FORGE_STREAM_PARTITIONS is 3")
+    code, out, _ = run_cli(capsys, "dlq", "replay", ref)
+    assert code == 0
+    assert out.startswith(f"{ref} -> ")
+    code, out, _ = run_cli(capsys, "dlq", "purge", "--all")
+    assert (code, out) == (0, "purged 2\n")
+
+
+def test_status_watch_and_metrics_see_every_partition(
+    pctx: Context,
+    cli_env: Context,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FORGE_STREAM_PARTITIONS", str(PARTITIONS))
+    _dead_letter_three(pctx)
+    code, out, _ = run_cli(capsys, "status", "--json")
+    assert code == 0
+    status = json.loads(out)
+    assert status["dead_letter_depth"] == 3
+    streams = {s["stream"] for s in status["streams"]}
+    assert set(pctx.keys.physical(pctx.keys.new_data)) <= streams
+    code, out, _ = run_cli(capsys, "watch", "--once")
+    assert code == 0
+    assert out.count("dead-lettered") >= 3  # every partition's completions, merged
+    metrics = Metrics(gpu=False)
+    metrics.watch_streams(lambda: pctx.redis, pctx.keys, pctx.keys.input_lanes)
+    body = metrics.render()[0].decode()
+    assert "forge_dead_letter_depth 3.0" in body
+    for stream in pctx.keys.physical(pctx.keys.new_data):
+        assert f'forge_stream_length{{stream="{pctx.keys.short(stream)}"}} 1.0' in body

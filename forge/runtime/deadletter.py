@@ -182,7 +182,7 @@ class DeadLetterQueue:
         """The record ``ref`` names: ``P/ENTRY_ID``, or a bare entry id looked up in
         every partition (``KeyError`` if none has it, ``LookupError`` if several do)."""
         partition, entry_id = parse_ref(ref)
-        parts = self.parts if partition is None else (self.broker.keys.part(partition),)
+        parts = self.parts if partition is None else (self._named_part(partition),)
         found = [
             self._to_entry(part, *page[0])
             for part in parts
@@ -231,6 +231,16 @@ class DeadLetterQueue:
             counts = self.broker.dead_letter_replay_counts(source_ids, part)
             totals = [a + b for a, b in zip(totals, counts, strict=True)]
         return totals
+
+    def _named_part(self, partition: int) -> Keys:
+        keys = self.broker.keys
+        if not keys.partitioned:
+            raise LookupError("dead letters are not partitioned here: name a record by its id")
+        if partition >= keys.partitions:
+            raise LookupError(
+                f"no partition {partition}: FORGE_STREAM_PARTITIONS is {keys.partitions}"
+            )
+        return keys.part(partition)
 
     def _part(self, item: DeadLetterEntry) -> Keys:
         return self._keys_of(item.partition)

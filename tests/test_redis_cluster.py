@@ -38,20 +38,13 @@ PARTITIONS = 3
 
 
 @pytest.fixture
-def cctx(redis_cluster: LocalCluster, cluster_prefix: str, tmp_path: Path) -> Iterator[Context]:
-    settings = Settings(
+def cctx(redis_cluster: LocalCluster, cluster_prefix: str, settings: Settings) -> Iterator[Context]:
+    """The suite's fast test settings (tests/conftest.py), on the cluster."""
+    settings = settings.replace(
         redis_url=redis_cluster.url,
         redis_cluster=True,
         stream_partitions=PARTITIONS,
         stream_prefix=cluster_prefix,
-        home_dir=tmp_path / "forge-home",
-        read_block_s=0.05,
-        retry_backoff_initial_s=0.001,
-        retry_backoff_max_s=0.01,
-        redeliver_delay_s=0.01,
-        claim_min_idle_s=30.0,
-        reclaim_interval_s=0.1,
-        drain_timeout_s=10.0,
     )
     client = connect_redis(redis_cluster.url, cluster=True)
     ctx = Context(settings=settings, redis=client, metrics=Metrics(gpu=False))

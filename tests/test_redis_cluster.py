@@ -25,6 +25,9 @@ from forge.runtime.context import Context
 from forge.runtime.deadletter import DeadLetterQueue, error_info
 from forge.runtime.handlers import Message, Outcome, Rejected, Succeeded
 from forge.servers.connect import connect_redis
+from forge.serving.feedback import FeedbackItem, FeedbackJoin
+from forge.serving.records import PredictionLog, Served
+from forge.serving.routing import Route, RouteStore
 from forge.settings import Settings
 from tests.support.cli import run_cli, run_forge
 from tests.support.events import new_data
@@ -278,3 +281,32 @@ def _state(ctx: Context) -> dict[str, object]:
     markers = ctx.redis.scan_iter(match=f"{ctx.keys.prefix}*done:*", count=1000)
     found["markers"] = sorted(markers)
     return found
+
+
+def test_serving_state_lives_in_one_slot_of_the_cluster(cctx: Context) -> None:
+    keys, client = cctx.keys, cctx.redis
+    routes = RouteStore(client, keys)
+    routes.put("m", Route())  # route, epoch and change notice in one transaction
+    assert routes.epoch() == 1
+    log = PredictionLog(client, keys, 60)
+    log.record(
+        [
+            Served("p1", "m", 1, "champion", ["a", "b"], 0.001),
+            Served("p2", "m", 1, "champion", ["c"], 0.002),
+        ]
+    )
+    joined, found = FeedbackJoin(client, keys, window_s=60).join(
+        [FeedbackItem("f1", "p1", 0, "a"), FeedbackItem("f2", "p2", 0, "x")]
+    )
+    assert [j.counts for j in joined if not isinstance(j, Exception)] == [{1: (1, 1)}, {1: (2, 1)}]
+    assert found == {"m": Route()}
+    stats = client.hgetall(keys.variant_stats("m", 1))
+    assert (stats[b"predictions"], stats[b"feedback"], stats[b"correct"]) == (b"3", b"2", b"1")
+    # What a server's reload reads in one pipeline: the epoch, then each partition's
+    # model-versions stream (one XREAD a slot).
+    pipe = client.pipeline(transaction=False)
+    pipe.get(keys.routes_epoch)
+    for stream in keys.physical(keys.model_versions):
+        pipe.xread({stream: "0-0"}, 10)
+    epoch, *versions = pipe.execute()
+    assert (int(epoch), versions) == (1, [[]] * PARTITIONS)

@@ -33,4 +33,5 @@ class Script:
     def queue(self, pipe: Any, keys: Sequence[Any], args: Sequence[Any] = ()) -> None:
         """Queue the script on a pipeline. Sent whole (EVAL): a NOSCRIPT reply inside
         a pipeline could not be answered there; the server still compiles it once."""
-        pipe.eval(self._source, len(keys), *keys, *args)
+        # execute_command: a cluster pipeline blocks its ``eval`` method, not the command.
+        pipe.execute_command("EVAL", self._source, len(keys), *keys, *args)

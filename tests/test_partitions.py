@@ -299,23 +299,22 @@ def test_the_completions_command_merges_every_partition(
 # ---------------------------------------------------------------------- operators' views
 
 
-def _dead_letter_three(pctx: Context) -> None:
+@pytest.fixture
+def three_dead_letters(pctx: Context, cli_env: Context, monkeypatch: pytest.MonkeyPatch) -> Context:
+    """``forge`` commands on three partitions, one dead letter in each."""
+    monkeypatch.setenv("FORGE_STREAM_PARTITIONS", str(PARTITIONS))
+
     def reject(messages: Sequence[Message[NewData]]) -> list[Outcome]:
         return [Rejected(error_info(ValueError("poison"))) for _ in messages]
 
     for i in range(3):
         _publish(pctx, new_data(f"e{i}", collection=f"c{i}"))  # c0, c1, c2: all partitions
     drain(make_worker(pctx, reject), pctx, 3)
+    return pctx
 
 
-def test_the_dlq_commands_work_across_partitions(
-    pctx: Context,
-    cli_env: Context,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    monkeypatch.setenv("FORGE_STREAM_PARTITIONS", str(PARTITIONS))
-    _dead_letter_three(pctx)
+@pytest.mark.usefixtures("three_dead_letters")
+def test_the_dlq_commands_work_across_partitions(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "dlq", "list", "--json")
     assert code == 0
     listed = json.loads(out)
@@ -338,13 +337,9 @@ def test_the_dlq_commands_work_across_partitions(
 
 
 def test_status_watch_and_metrics_see_every_partition(
-    pctx: Context,
-    cli_env: Context,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    three_dead_letters: Context, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("FORGE_STREAM_PARTITIONS", str(PARTITIONS))
-    _dead_letter_three(pctx)
+    pctx = three_dead_letters
     code, out, _ = run_cli(capsys, "status", "--json")
     assert code == 0
     status = json.loads(out)

@@ -33,7 +33,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from multiprocessing.synchronize import Event as EventType
+from multiprocessing.synchronize import Barrier, Event
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ def settled(client: redis.Redis, keys: Keys) -> int:
 # ---------------------------------------------------------------------------- consumers
 
 
-def consume_forge(settings: Settings, go: EventType, stop: EventType) -> None:
+def consume_forge(settings: Settings, start: Barrier, stop: Event) -> None:
     client = connect_redis(settings.redis_url or "", cluster=settings.redis_cluster)
     ctx = Context(settings=settings, redis=client, metrics=Metrics(gpu=False))
 
@@ -118,20 +118,20 @@ def consume_forge(settings: Settings, go: EventType, stop: EventType) -> None:
     registry.register(HandlerSpec("new-data", NewData, handle))
     worker = Worker(ctx, registry)
     ctx.broker.join_groups(worker.streams, ctx.consumer)
-    go.wait()
+    start.wait()
     while not stop.is_set():
         worker.run_once()
     client.close()
 
 
-def consume_raw(settings: Settings, go: EventType, stop: EventType) -> None:
+def consume_raw(settings: Settings, start: Barrier, stop: Event) -> None:
     client = redis.Redis.from_url(settings.redis_url or "")
     keys = Keys.from_settings(settings)
     stream, completions, group = keys.new_data, keys.completions, keys.group
     consumer = uuid.uuid4().hex
     decoder = msgspec.json.Decoder(NewData)
     encoder = msgspec.json.Encoder()
-    go.wait()
+    start.wait()
     while not stop.is_set():
         reply: Any = client.xreadgroup(
             group, consumer, {stream: ">"}, count=settings.max_batch_size, block=10
@@ -159,22 +159,22 @@ def consume_raw(settings: Settings, go: EventType, stop: EventType) -> None:
 # ---------------------------------------------------------------------------- runs
 
 
-Consumer = Callable[[Settings, EventType, EventType], None]
+Consumer = Callable[[Settings, Barrier, Event], None]
 
 
 def timed(settings: Settings, data: Sequence[bytes], workers: int, consume: Consumer) -> float:
     """Seconds from the workers' common start until every event has its completion."""
     publish(settings, data)
     spawn = mp.get_context("spawn")
-    go, stop = spawn.Event(), spawn.Event()
-    procs = [spawn.Process(target=consume, args=(settings, go, stop)) for _ in range(workers)]
+    # The clock starts once every worker has imported and joined its groups.
+    start, stop = spawn.Barrier(workers + 1), spawn.Event()
+    procs = [spawn.Process(target=consume, args=(settings, start, stop)) for _ in range(workers)]
     for proc in procs:
         proc.start()
     client = connect_redis(settings.redis_url or "", cluster=settings.redis_cluster)
     keys = Keys.from_settings(settings)
-    time.sleep(3.0)  # the workers import and join their groups before the clock starts
+    start.wait()
     started = time.perf_counter()
-    go.set()
     while settled(client, keys) < len(data):
         if time.perf_counter() - started > TIMEOUT_S:
             raise SystemExit(f"not settled within {TIMEOUT_S:.0f} s")

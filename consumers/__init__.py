@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from consumers.deferred_index import stream_backlog
 from consumers.feedback import FeedbackHandler
+from consumers.model_turn import ModelTurn
 from consumers.new_data import NewDataHandler
 from consumers.new_data_stream import NewDataStream
 from consumers.once import Once
@@ -52,14 +53,23 @@ def register(handlers: HandlerRegistry, ctx: Context) -> None:
     )
     # The stream's backlog tells the end of a large first load (deferred HNSW index).
     backlog = stream_backlog(ctx.redis, ctx.settings.group)
-    new_data = NewDataHandler(ctx.settings, store, embedding, backlog)
+    # The reads a worker holds at once (FORGE_EMBED_READS_IN_FLIGHT) take turns in the model.
+    turn = ModelTurn()
+    new_data = NewDataHandler(ctx.settings, store, embedding, backlog, turn)
     versions = Once(lambda: training().versions)
     retraining = RetrainOnNewData(new_data, ctx.keys, versions)
-    stream = NewDataStream(retraining, ReembedHandler(ctx.settings, store, embedding))
-    # Several model batches per read, so writing one overlaps embedding the next.
-    reads = ctx.settings.embed_read_size
-    also = (Reembed, ReembedBatch)
-    embed = HandlerSpec("new-data", NewData, stream, name="embed", max_batch_size=reads, also=also)
+    stream = NewDataStream(retraining, ReembedHandler(ctx.settings, store, embedding, turn))
+    # Several model batches per read, so writing one overlaps embedding the next; and
+    # several reads in flight, so the last write of one overlaps embedding the next.
+    embed = HandlerSpec(
+        "new-data",
+        NewData,
+        stream,
+        name="embed",
+        max_batch_size=ctx.settings.embed_read_size,
+        concurrency=ctx.settings.embed_reads_in_flight,
+        also=(Reembed, ReembedBatch),
+    )
     handlers.register(embed)
     tuner = Once(lambda: open_tuner(ctx, store, training))
     trainer = TrainingHandler(ctx, store, training, tuner)

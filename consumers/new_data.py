@@ -3,10 +3,16 @@
 Per batch: reject events that break a limit, answer events already written (the
 processed-events table is the idempotency record, written in the same transaction as
 the rows), then per collection embed the texts and write the rows in chunks of about
-``MAX_BATCH_SIZE`` records. Each chunk of whole events is one transaction, written on a
-writer thread while the next chunk is embedded, so the model does not sit idle while
+``MAX_BATCH_SIZE`` records. Each chunk of whole events is one transaction, queued on
+one writer thread as soon as it is embedded, so the model does not sit idle while
 PostgreSQL maintains its HNSW index. An event whose rows cannot be stored (wrong
 dimension, say) is rejected and the rest of its chunk is written without it.
+
+A worker may hold several reads at once (``FORGE_EMBED_READS_IN_FLIGHT``): they take
+turns in the model (``ModelTurn``), and a read hands the turn on once its last chunk is
+queued, so the next read is embedded while that chunk is written. The writer commits
+the chunks in turn order. A record whose write is still queued is never taken as
+unchanged by a later read: that read's fingerprint query cannot see the queued row yet.
 
 A batch that fails part-way (the database goes away, say) leaves its earlier chunks
 committed; the retry finds those events in the processed-events table and answers them
@@ -37,7 +43,9 @@ import numpy as np
 
 from consumers.deferred_index import Backlog, IndexKeeper
 from consumers.dual_write import BuildTarget, add_building_writes
+from consumers.model_turn import ModelTurn
 from consumers.once import Once
+from consumers.queued_writes import NotWritten, QueuedIds, QueuedWrite, raise_failed
 from consumers.record_writes import Embedded, Kept, PendingEvent, add_writes, embeds, repeated_ids
 from forge.embedding.model import Embedder
 from forge.embedding.service import EmbeddingService
@@ -76,7 +84,8 @@ class _Chunk:
 
 class NewDataHandler:
     """``backlog``: entries waiting on a stream, for ``IndexKeeper`` (none: only a
-    quiet collection gets its deferred index)."""
+    quiet collection gets its deferred index). ``turn``: the model's turns, shared with
+    the other handlers of the worker that embed (a private one by default)."""
 
     def __init__(
         self,
@@ -84,21 +93,46 @@ class NewDataHandler:
         store: Once[VectorStore],
         embedding: EmbeddingService,
         backlog: Backlog | None = None,
+        turn: ModelTurn | None = None,
     ) -> None:
         self.settings = settings
         # Opened on first use, so a worker that never sees new-data never connects.
         self.store = store
         self.embedding = embedding
         self.indexes = IndexKeeper(settings, store, backlog)
+        self.turn = turn or ModelTurn()
+        self._queued_ids = QueuedIds()
         self._next_prune = 0.0
         self._writer = Once(lambda: futures.ThreadPoolExecutor(1, "forge-embed-writer"))
 
     def __call__(self, messages: Sequence[Message[NewData]]) -> list[Outcome]:
-        outcomes: dict[int, Outcome] = {}
-        by_collection: dict[str, list[PendingEvent]] = {}
         # Event ids are unique per input stream; the full stream name (prefix included)
         # keeps deployments that share a database apart.
         scope = messages[0].stream
+        outcomes, by_collection = self._screen(scope, messages)
+        writes: list[QueuedWrite] = []
+        try:
+            with self.turn.turn():
+                for collection, group in by_collection.items():
+                    outcomes.update(self._queue_collection(scope, collection, group, writes))
+        finally:
+            # A failed embed must not leave a write running into the retry.
+            futures.wait([w.future for w in writes])
+            self._queued_ids.done([w.ids for w in writes])
+        for write in writes:
+            outcomes.update(write.future.result())
+        for collection in by_collection:
+            self.indexes.wrote(collection, scope)
+        self._prune_markers(scope)
+        return [outcomes[i] for i in range(len(messages))]
+
+    def _screen(
+        self, scope: str, messages: Sequence[Message[NewData]]
+    ) -> tuple[dict[int, Outcome], dict[str, list[PendingEvent]]]:
+        """Answer the events already written and reject those over a limit; the rest,
+        by collection."""
+        outcomes: dict[int, Outcome] = {}
+        by_collection: dict[str, list[PendingEvent]] = {}
         done = self.store().already_processed(scope, [m.event.id for m in messages])
         for index, message in enumerate(messages):
             event = message.event
@@ -111,11 +145,7 @@ class NewDataHandler:
                 outcomes[index] = Rejected(error_info(exc))
                 continue
             by_collection.setdefault(event.collection, []).append(PendingEvent(index, event))
-        for collection, group in by_collection.items():
-            outcomes.update(self._write_collection(scope, collection, group))
-            self.indexes.wrote(collection, scope)
-        self._prune_markers(scope)
-        return [outcomes[i] for i in range(len(messages))]
+        return outcomes, by_collection
 
     def _prune_markers(self, scope: str) -> None:
         """Forget processed-event markers older than the idempotency window, hourly,
@@ -137,41 +167,43 @@ class NewDataHandler:
 
     # ------------------------------------------------------------------ writing
 
-    def _write_collection(
-        self, scope: str, collection: str, pending: list[PendingEvent]
+    def _queue_collection(
+        self, scope: str, collection: str, pending: list[PendingEvent], writes: list[QueuedWrite]
     ) -> dict[int, Outcome]:
+        """Embed the collection's events chunk by chunk, queueing each chunk's write as
+        soon as it is ready (``writes``); the events rejected before any write."""
         model = self.embedding.model_for(self.store(), collection, pending[0].event.model)
         outcomes = _reject_other_models(collection, model, pending)
         active = self.store().collection(collection)
         building = self._build_target(collection) if active is not None else None
         if building is not None:
             outcomes.update(_reject_ready_vectors(collection, building.version, pending))
-        repeated = repeated_ids(pending)
-        chunks = list(_chunks(pending, self.settings.max_batch_size))
-        writing: futures.Future[dict[int, Outcome]] | None = None
-        try:
-            for position, events in enumerate(chunks):
-                started = time.perf_counter()
-                version = self._prepare_writes(events, model, repeated)
-                if building is not None:
-                    add_building_writes(events, building, self.embedding)
-                embed_s = time.perf_counter() - started
-                if writing is not None:
-                    outcomes.update(writing.result())
-                    writing = None
-                active_version = active.version if active is not None else None
-                chunk = _Chunk(
-                    scope, collection, model, version, events, embed_s, active_version, building
-                )
-                if position == len(chunks) - 1:  # nothing left to overlap with
-                    outcomes.update(self._write_chunk(chunk))
-                else:
-                    writing = self._writer().submit(self._write_chunk, chunk)
-        finally:
-            if writing is not None:
-                # A failed embed must not leave a write running into the retry.
-                futures.wait([writing])
+        repeated = repeated_ids(pending) | self._queued_ids.of(collection)
+        active_version = active.version if active is not None else None
+        for events in _chunks(pending, self.settings.max_batch_size):
+            raise_failed(writes)  # the database is gone, say: no use embedding on
+            started = time.perf_counter()
+            version = self._prepare_writes(events, model, repeated)
+            if building is not None:
+                add_building_writes(events, building, self.embedding)
+            embed_s = time.perf_counter() - started
+            chunk = _Chunk(
+                scope, collection, model, version, events, embed_s, active_version, building
+            )
+            ids = self._queued_ids.add(collection, events)
+            before = writes[-1].future if writes else None
+            writes.append(QueuedWrite(self._writer().submit(self._write_after, before, chunk), ids))
         return outcomes
+
+    def _write_after(
+        self, before: futures.Future[dict[int, Outcome]] | None, chunk: _Chunk
+    ) -> dict[int, Outcome]:
+        """Write ``chunk`` unless the read's chunk before it failed: the retry writes them
+        both again, in the read's order, so a later chunk's rows (an update of a record,
+        say) are never committed under an earlier chunk's."""
+        if before is not None and before.exception() is not None:
+            raise NotWritten("an earlier chunk of the read failed")
+        return self._write_chunk(chunk)
 
     def _build_target(self, collection: str) -> BuildTarget | None:
         found = self.store().versions.building(collection)

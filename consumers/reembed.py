@@ -12,7 +12,10 @@ are renewed while it runs, and each batch's completion reports the progress.
 
 Within one read, each batch's rows are written on a writer thread while the next
 batch is embedded, so the model does not wait for the new version's HNSW inserts; the
-read's outcomes come back once every write has settled.
+read's outcomes come back once every write has settled. A read holds the model's turn
+(``ModelTurn``, shared with the new-data handler) from its first batch to its last
+write: ranges are disjoint, so backfill reads need no order, only one of them at a
+time in the model.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from consumers.model_turn import ModelTurn
 from consumers.once import Once
 from forge.embedding.service import EmbeddingService
 from forge.errors import PermanentError
@@ -54,14 +58,23 @@ class ReembedHandler:
     """Handles ``reembed`` and ``reembed-batch`` events."""
 
     def __init__(
-        self, settings: Settings, store: Once[VectorStore], embedding: EmbeddingService
+        self,
+        settings: Settings,
+        store: Once[VectorStore],
+        embedding: EmbeddingService,
+        turn: ModelTurn | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.embedding = embedding
+        self.turn = turn or ModelTurn()
         self._writer = Once(lambda: futures.ThreadPoolExecutor(1, "forge-reembed-writer"))
 
     def __call__(self, messages: Sequence[Message[Event]]) -> list[Outcome]:
+        with self.turn.turn():
+            return self._handle_read(messages)
+
+    def _handle_read(self, messages: Sequence[Message[Event]]) -> list[Outcome]:
         outcomes: list[Outcome | futures.Future[Outcome]] = []
         writing: futures.Future[Outcome] | None = None
         try:

@@ -111,6 +111,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     onnx_max_accuracy_delta: float = 0.005
     embedding_model: str = "all-MiniLM-L6-v2"
     embed_pipeline_depth: int = 8
+    embed_reads_in_flight: int = 2
     # Padded tokens one model batch may hold (texts times the longest one's tokens).
     embed_batch_tokens: int = 4096
 
@@ -166,6 +167,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         positive = {
             "max_batch_size": self.max_batch_size,
             "embed_pipeline_depth": self.embed_pipeline_depth,
+            "embed_reads_in_flight": self.embed_reads_in_flight,
             "embed_batch_tokens": self.embed_batch_tokens,
             "retry_attempts": self.retry_attempts,
             "max_deliveries": self.max_deliveries,
@@ -321,6 +323,7 @@ ENV_VARS: dict[str, tuple[str, Any]] = {
     "FORGE_ONNX_MAX_ACCURACY_DELTA": ("onnx_max_accuracy_delta", float),
     "FORGE_EMBEDDING_MODEL": ("embedding_model", str),
     "FORGE_EMBED_PIPELINE_DEPTH": ("embed_pipeline_depth", int),
+    "FORGE_EMBED_READS_IN_FLIGHT": ("embed_reads_in_flight", int),
     "FORGE_EMBED_BATCH_TOKENS": ("embed_batch_tokens", int),
     "FORGE_HNSW_M": ("hnsw_m", int),
     "FORGE_HNSW_EF_CONSTRUCTION": ("hnsw_ef_construction", int),

@@ -68,7 +68,9 @@ class RecordingStore:
         return getattr(self.inner, name)
 
 
-def messages(collection: str, count: int, records: int = 1) -> list[Message[NewData]]:
+def messages(
+    collection: str, count: int, records: int = 1, first: int = 0
+) -> list[Message[NewData]]:
     return [
         Message(
             msgspec.convert(
@@ -86,7 +88,7 @@ def messages(collection: str, count: int, records: int = 1) -> list[Message[NewD
             entry_id=f"{i + 1}-0",
             deliveries=1,
         )
-        for i in range(count)
+        for i in range(first, first + count)
     ]
 
 
@@ -134,9 +136,9 @@ def test_writing_a_chunk_overlaps_embedding_the_next(
     store = RecordingStore(vector_store, around_write)
     outcomes = handler(store, embedding)(messages(collection_name, 4))
     assert overlapped == [True]
-    assert store.writes[0][1].startswith("forge-embed-writer")
-    # The last chunk has nothing to overlap with: written on the caller's thread.
-    assert store.writes[-1][1] == threading.current_thread().name
+    # Every chunk on the writer thread, the last one too (the next read may overlap it);
+    # the handler answers once the last one is committed.
+    assert all(thread.startswith("forge-embed-writer") for _, thread in store.writes)
     assert len(results(outcomes)) == 4
     assert vector_store.count(collection_name) == 4
 
@@ -207,7 +209,13 @@ def test_new_data_reads_several_model_batches_at_once(ctx: Context) -> None:
     registry = HandlerRegistry()
     register(registry, ctx)
     assert registry.get("new-data").max_batch_size == 24
+    assert registry.get("new-data").concurrency == 2  # FORGE_EMBED_READS_IN_FLIGHT
     assert registry.get("training-requests").max_batch_size == 1
+
+    ctx = replace(ctx, settings=ctx.settings.replace(embed_reads_in_flight=1))
+    registry = HandlerRegistry()
+    register(registry, ctx)
+    assert registry.get("new-data").concurrency == 1
 
 
 def test_events_touching_one_record_are_written_in_stream_order(
@@ -226,3 +234,125 @@ def test_events_touching_one_record_are_written_in_stream_order(
     ]
     handler(RecordingStore(vector_store), StubEmbedding(), max_batch_size=1)(batch)
     assert vector_store.fetch(collection_name, ["x"])["x"].text == "version 2"
+
+
+# ---------------------------------------------------------------------- across reads
+
+
+def call_in_thread(handle: NewDataHandler, batch: list[Message[NewData]]) -> Callable[[], Any]:
+    """Run ``handle(batch)`` on a thread of its own, as a worker's slot does; returns a
+    function that joins it and gives its outcomes (or raises its error)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["outcomes"] = handle(batch)
+        except BaseException as exc:  # handed to the joining test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+
+    def join() -> Any:
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        if "error" in box:
+            raise box["error"]
+        return box["outcomes"]
+
+    return join
+
+
+def test_the_next_read_is_embedded_while_the_last_write_of_the_one_before_runs(
+    vector_store: VectorStore, collection_name: str
+) -> None:
+    first_write_started = threading.Event()
+    second_read_embedding = threading.Event()
+    overlapped: list[bool] = []
+
+    def around_write(n: int) -> None:
+        if n == 1:  # the first read's last (only) write waits for the next read's model
+            first_write_started.set()
+            overlapped.append(second_read_embedding.wait(timeout=10))
+
+    embedding = StubEmbedding(
+        lambda texts: second_read_embedding.set() if texts[0].startswith("text 2") else None
+    )
+    store = RecordingStore(vector_store, around_write)
+    handle = handler(store, embedding)
+    first = call_in_thread(handle, messages(collection_name, 2))
+    assert first_write_started.wait(timeout=10)
+    second = call_in_thread(handle, messages(collection_name, 2, first=2))
+    assert len(results(first())) == 2
+    assert len(results(second())) == 2
+    assert overlapped == [True]
+    # One writer, fed in turn order: the reads commit in the order they had the model.
+    assert [ids for ids, _ in store.writes] == [["e0", "e1"], ["e2", "e3"]]
+    assert vector_store.count(collection_name) == 4
+
+
+def test_a_record_queued_by_one_read_is_never_unchanged_for_the_next(
+    vector_store: VectorStore, collection_name: str
+) -> None:
+    """The first read changes x, the second changes it back. The second's fingerprint
+    query runs while the first's row is still queued, so it sees the old text: had it
+    taken x as unchanged, the first read's text would be the one left stored."""
+    record = type(messages(collection_name, 1)[0].event.records[0])
+
+    def setting(batch: list[Message[NewData]], text: str) -> list[Message[NewData]]:
+        return [
+            Message(
+                msgspec.structs.replace(m.event, records=[record(id="x", text=text)]),
+                m.stream,
+                m.entry_id,
+                1,
+            )
+            for m in batch
+        ]
+
+    handle = handler(RecordingStore(vector_store), StubEmbedding())
+    results(handle(setting(messages(collection_name, 1), "old")))
+
+    first_write_started = threading.Event()
+    second_read_embedded = threading.Event()
+
+    def around_write(n: int) -> None:
+        if n == 1:
+            first_write_started.set()
+            assert second_read_embedded.wait(timeout=10)
+
+    embedding = StubEmbedding(
+        lambda texts: second_read_embedded.set() if texts == ["old"] else None
+    )
+    handle = handler(RecordingStore(vector_store, around_write), embedding)
+    first = call_in_thread(handle, setting(messages(collection_name, 1, first=1), "new"))
+    assert first_write_started.wait(timeout=10)
+    second = call_in_thread(handle, setting(messages(collection_name, 1, first=2), "old"))
+    assert results(first())[0]["upserted"] == 1
+    assert results(second())[0].get("unchanged", 0) == 0
+    assert embedding.calls == [["new"], ["old"]]
+    assert vector_store.fetch(collection_name, ["x"])["x"].text == "old"
+
+
+def test_a_failed_write_leaves_the_later_chunks_of_its_read_unwritten(
+    vector_store: VectorStore, collection_name: str
+) -> None:
+    """Chunks are queued as soon as they are embedded; once one fails, the ones queued
+    after it are not written, so the retry writes them again in the read's order."""
+    second_failed = threading.Event()
+
+    def fail_second_write(n: int) -> None:
+        if n == 2:
+            second_failed.set()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    def third_chunk_after_the_failure(texts: list[str]) -> None:
+        if texts[0].startswith("text 4"):
+            assert second_failed.wait(timeout=10)
+
+    embedding = StubEmbedding(third_chunk_after_the_failure)
+    store = RecordingStore(vector_store, fail_second_write)
+    with pytest.raises(psycopg.OperationalError):
+        handler(store, embedding)(messages(collection_name, 6))
+    assert [ids for ids, _ in store.writes] == [["e0", "e1"], ["e2", "e3"]]
+    assert vector_store.count(collection_name) == 2

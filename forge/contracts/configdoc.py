@@ -84,6 +84,10 @@ DESCRIPTIONS: dict[str, str] = {
     "embed_pipeline_depth": "Model batches one `new-data` read may hold: each batch's rows are "
     "written while the next batch is embedded, so the model does not wait for the database. "
     "1 turns the overlap off.",
+    "embed_reads_in_flight": "`new-data` reads one worker holds at once: above 1, the next "
+    "read is embedded while the last rows of the one before are written, so the model does "
+    "not wait between reads either. Their writes still commit in the order the reads reach "
+    "the model. 1 turns this off.",
     "embed_batch_tokens": "Padded tokens one model batch may hold (its texts times the "
     "longest one's tokens). Texts are sorted by token length and batched under this budget "
     "and `MAX_BATCH_SIZE`, so short texts share large batches and long ones cannot exhaust "

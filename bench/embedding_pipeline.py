@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import math
 import pstats
 import random
 import resource
@@ -640,7 +641,8 @@ class Results:
     def summarise(self, rates: dict[str, float]) -> None:
         print("\nsentences/s: best run | per-batch minima over the repeats (noise-filtered)")
         for name in self.best_s:
-            filtered = "" if name == "bare encode" else f"{self.filtered(name):>9,.1f}"
+            value = self.filtered(name)
+            filtered = "" if name == "bare encode" or math.isnan(value) else f"{value:>9,.1f}"
             print(f"  {name:<34} {self.rate(name):>9,.1f} | {filtered}")
         for name in self.encodes:
             print(
@@ -651,7 +653,7 @@ class Results:
         pipeline, pipeline_filtered = self.rate("pipeline"), self.filtered("pipeline")
         print(
             f"pipeline / bare encode = {pipeline / bare:.2f}x best runs (target >= 0.9);"
-            f" {pipeline_filtered / per_batch:.2f}x per-batch minima (vs bare per batch)"
+            f" {_ratio(pipeline_filtered, per_batch)} per-batch minima (vs bare per batch)"
         )
         if "pipeline, no index" in self.best_s:
             plain, plain_filtered = (
@@ -661,7 +663,7 @@ class Results:
             print(
                 f"pipeline without the HNSW index (diagnostic) / bare encode ="
                 f" {plain / bare:.2f}x best runs;"
-                f" {plain_filtered / per_batch:.2f}x per-batch minima"
+                f" {_ratio(plain_filtered, per_batch)} per-batch minima"
             )
         if not rates:
             return
@@ -671,7 +673,7 @@ class Results:
         print(
             f"bare encode, then raw COPY with HNSW: {by_hand:,.1f} sentences/s best runs,"
             f" {by_hand_filtered:,.1f} with per-batch minima; pipeline / that ="
-            f" {pipeline / by_hand:.2f}x, {pipeline_filtered / by_hand_filtered:.2f}x"
+            f" {pipeline / by_hand:.2f}x, {_ratio(pipeline_filtered, by_hand_filtered)}"
         )
         print("\nrows/s, best run:")
         print(
@@ -691,6 +693,11 @@ def print_profile(profile: cProfile.Profile) -> None:
     stats.sort_stats("tottime").print_stats(25)
     print("Forge's own code and its clients, top 40 by cumulative time:")
     stats.sort_stats("cumulative").print_stats(r"forge|consumers|psycopg|redis", 40)
+
+
+def _ratio(a: float, b: float) -> str:
+    """``a / b``, or n/a where ``a`` has no per-batch figure (reads in flight overlap)."""
+    return "n/a" if math.isnan(a) else f"{a / b:.2f}x"
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -111,27 +112,35 @@ def handle_in_reads(
     handler: Callable[[Sequence[Message[Any]]], list[Outcome]],
     messages: list[Message[Any]],
     read: int,
+    in_flight: int,
 ) -> list[Outcome]:
-    outcomes: list[Outcome] = []
-    for start in range(0, len(messages), read):
-        outcomes.extend(handler(messages[start : start + read]))
-    return outcomes
+    """``messages`` in reads of ``read`` entries, ``in_flight`` reads at once on threads
+    of their own, as a worker's slots run them."""
+    reads = [messages[start : start + read] for start in range(0, len(messages), read)]
+    with futures.ThreadPoolExecutor(in_flight) as pool:
+        return [outcome for outcomes in pool.map(handler, reads) for outcome in outcomes]
 
 
 def upsert(
-    handler: NewDataHandler, stream: str, collection: str, texts: list[str], run: str, read: int
+    handler: NewDataHandler,
+    stream: str,
+    collection: str,
+    texts: list[str],
+    run: str,
+    read: int,
+    in_flight: int,
 ) -> tuple[float, list[Outcome]]:
     messages = [
         message(NewData(id=f"{run}-{i}", collection=collection, records=[record]), stream, i)
         for i, record in enumerate(Record(id=f"r{i}", text=t) for i, t in enumerate(texts))
     ]
     started = time.perf_counter()
-    outcomes = handle_in_reads(handler, messages, read)
+    outcomes = handle_in_reads(handler, messages, read, in_flight)
     return time.perf_counter() - started, outcomes
 
 
 def reembed(
-    handler: ReembedHandler, stream: str, collection: str, run: str, read: int
+    handler: ReembedHandler, stream: str, collection: str, run: str, read: int, in_flight: int
 ) -> tuple[float, Outcome]:
     """Re-embed the collection: the ``reembed`` event, then its batches in reads of
     ``read`` entries, as a worker reads them. The seconds, and the last outcome."""
@@ -141,7 +150,7 @@ def reembed(
     check(isinstance(begun, Succeeded), f"reembed: {begun}")
     assert isinstance(begun, Succeeded)
     batches = [message(batch, stream, n) for n, (_, batch) in enumerate(begun.publish, 1)]
-    outcomes = handle_in_reads(handler, batches, read)
+    outcomes = handle_in_reads(handler, batches, read, in_flight)
     return time.perf_counter() - started, outcomes[-1]
 
 
@@ -204,12 +213,17 @@ def one_round(
     took["ceiling"] = took["encode"] + took["copy"]
     collection = f"bench_{uuid.uuid4().hex[:8]}"
     stream = f"bench:{uuid.uuid4().hex[:8]}:new-data"
-    read = settings.embed_read_size
-    with VectorStore(url, max_connections=2) as store:
+    read, in_flight = settings.embed_read_size, settings.embed_reads_in_flight
+    # A worker's pool: reads in flight and the writers hold a connection each.
+    with VectorStore(url, max_connections=4) as store:
         new_data = NewDataHandler(settings, Once(lambda: store), service)
-        took["first load"], outcomes = upsert(new_data, stream, collection, texts, "load", read)
+        took["first load"], outcomes = upsert(
+            new_data, stream, collection, texts, "load", read, in_flight
+        )
         check(all(isinstance(o, Succeeded) for o in outcomes), "first load: every event")
-        took["unchanged"], outcomes = upsert(new_data, stream, collection, texts, "again", read)
+        took["unchanged"], outcomes = upsert(
+            new_data, stream, collection, texts, "again", read, in_flight
+        )
         unchanged = sum(o.result.get("unchanged", 0) for o in outcomes if isinstance(o, Succeeded))
         check(unchanged == len(texts), f"unchanged: {unchanged} of {len(texts)}")
 
@@ -220,14 +234,15 @@ def one_round(
         searcher = Searcher(url, collection, queries, args.search_interval_ms / 1e3)
         searcher.start()
         handler = ReembedHandler(settings, Once(lambda: store), service)
-        took["re-embed"], last = reembed(handler, stream, collection, "read", read)
+        took["re-embed"], last = reembed(handler, stream, collection, "read", read, in_flight)
         during = searcher.finish()
         check(isinstance(last, Succeeded) and bool(last.result.get("switched")), f"switch: {last}")
         info = store.describe(collection)
         check(info.active_version == 2 and info.rows == len(texts), f"after: {info}")
         store.versions.drop(collection, 1)
-        # The baseline of the overlap: one batch per read, so every write waits.
-        took["re-embed, 1/read"], last = reembed(handler, stream, collection, "one", 1)
+        # The baseline of the overlap: one batch per read and one read at a time, so
+        # every write waits.
+        took["re-embed, 1/read"], last = reembed(handler, stream, collection, "one", 1, 1)
         check(isinstance(last, Succeeded) and bool(last.result.get("switched")), f"switch: {last}")
         store.drop_collection(collection)
     return took, (before, during)

@@ -39,7 +39,8 @@ class QueuedIds:
         self._count: Counter[tuple[str, str]] = Counter()
 
     def add(self, collection: str, events: list[PendingEvent]) -> list[tuple[str, str]]:
-        ids = [(collection, r.id) for item in events for r in item.event.records]
+        """Count the records the events' writes change (an unchanged record has none)."""
+        ids = [(collection, w.id) for item in events for w in item.writes]
         with self._lock:
             self._count.update(ids)
         return ids

@@ -12,10 +12,11 @@ are renewed while it runs, and each batch's completion reports the progress.
 
 Within one read, each batch's rows are written on a writer thread while the next
 batch is embedded, so the model does not wait for the new version's HNSW inserts; the
-read's outcomes come back once every write has settled. A read holds the model's turn
-(``ModelTurn``, shared with the new-data handler) from its first batch to its last
-write: ranges are disjoint, so backfill reads need no order, only one of them at a
-time in the model.
+read's outcomes come back once every write has settled. Reads take turns in the model
+(``ModelTurn``, shared with the new-data handler): a read queues each batch's write as
+soon as it is embedded and hands the model on after its last one, so the next read is
+embedded while that write runs. Ranges are disjoint, so the order of the writes does
+not matter, and a failed write does not hold back the others.
 """
 
 from __future__ import annotations
@@ -71,29 +72,23 @@ class ReembedHandler:
         self._writer = Once(lambda: futures.ThreadPoolExecutor(1, "forge-reembed-writer"))
 
     def __call__(self, messages: Sequence[Message[Event]]) -> list[Outcome]:
-        with self.turn.turn():
-            return self._handle_read(messages)
-
-    def _handle_read(self, messages: Sequence[Message[Event]]) -> list[Outcome]:
         outcomes: list[Outcome | futures.Future[Outcome]] = []
-        writing: futures.Future[Outcome] | None = None
         try:
-            for message in messages:
-                if isinstance(message.event, Reembed) and writing is not None:
-                    # A plan reads the versions a pending write (a switch) may change.
-                    futures.wait([writing])
-                handled = self._handle(message)
-                if isinstance(handled, _Backfill):
-                    if writing is not None:
-                        writing.result()  # one write in flight, beside the model
-                    writing = self._writer().submit(self._write_backfill, handled)
-                    outcomes.append(writing)
-                else:
-                    outcomes.append(handled)
+            with self.turn.turn():
+                for message in messages:
+                    _raise_failed(outcomes)  # the database is gone, say: stop embedding
+                    if isinstance(message.event, Reembed):
+                        # A plan reads the versions a queued write (a switch) may change:
+                        # wait for the writer to empty, other reads' writes included.
+                        self._writer().submit(lambda: None).result()
+                    handled = self._handle(message)
+                    if isinstance(handled, _Backfill):
+                        outcomes.append(self._writer().submit(self._write_backfill, handled))
+                    else:
+                        outcomes.append(handled)
         finally:
-            if writing is not None:
-                # A failed embed must not leave a write running into the retry.
-                futures.wait([writing])
+            # A failed embed must not leave a write running into the retry.
+            futures.wait([o for o in outcomes if isinstance(o, futures.Future)])
         return [o.result() if isinstance(o, futures.Future) else o for o in outcomes]
 
     def _handle(self, message: Message[Event]) -> Outcome | _Backfill:
@@ -203,6 +198,12 @@ class ReembedHandler:
                 "model_version": batch.model_version,
             }
         )
+
+
+def _raise_failed(outcomes: list[Outcome | futures.Future[Outcome]]) -> None:
+    for outcome in outcomes:
+        if isinstance(outcome, futures.Future) and outcome.done() and outcome.exception():
+            outcome.result()
 
 
 def _plan_result(plan: Plan) -> dict[str, Any]:

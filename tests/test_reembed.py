@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -308,4 +309,27 @@ def test_a_read_of_several_backfill_batches_answers_each_in_order(
     # Delivered again: each batch answers as the duplicate it is, nothing rewritten.
     again = [succeeded(o).result for o in handle(stream, scope, *batches)]
     assert all(r["duplicate"] for r in again)
+    assert vector_store.count(name) == len(TEXTS)
+
+
+def test_backfill_reads_in_flight_together_write_every_batch_once(
+    stream: NewDataStream, vector_store: VectorStore, collection_name: str
+) -> None:
+    """Two reads at once, as a worker's two slots run them: they take turns in the
+    model, each queueing its writes, and together they switch exactly once."""
+    name, scope = collection_name, f"test:{collection_name}:new-data"
+    records = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]
+    handle(stream, scope, new_data("load", name, records))
+    reembed = {"type": "reembed", "id": "re-two", "collection": name, "batch_records": 3}
+    plan = succeeded(handle(stream, scope, {**reembed, "model": SECOND_MODEL})[0])
+    batches = [msgspec.to_builtins(event) for _, event in plan.publish]
+    with futures.ThreadPoolExecutor(2) as pool:
+        reads = [pool.submit(handle, stream, scope, *part) for part in (batches[:2], batches[2:])]
+        results = [succeeded(o).result for read in reads for o in read.result()]
+    assert sorted(r["batch"] for r in results) == [0, 1, 2, 3]
+    assert sum(r["switched"] for r in results) == 1
+    assert sum(r["rows"] for r in results) == len(TEXTS)
+    active = vector_store.collection(name)
+    assert active is not None
+    assert (active.version, active.model) == (2, SECOND_MODEL)
     assert vector_store.count(name) == len(TEXTS)

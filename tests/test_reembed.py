@@ -285,17 +285,23 @@ def test_the_reembed_command_publishes_a_reembed_event(
     )
 
 
+def load_and_plan(stream: NewDataStream, scope: str, name: str, event_id: str) -> list[Any]:
+    """Load ``TEXTS`` into ``name``, then plan its re-embedding with the second model in
+    batches of 3 records; the backfill events, as dicts."""
+    records = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]
+    handle(stream, scope, new_data("load", name, records))
+    reembed = {"type": "reembed", "id": event_id, "collection": name, "batch_records": 3}
+    plan = succeeded(handle(stream, scope, {**reembed, "model": SECOND_MODEL})[0])
+    return [msgspec.to_builtins(event) for _, event in plan.publish]
+
+
 def test_a_read_of_several_backfill_batches_answers_each_in_order(
     stream: NewDataStream, vector_store: VectorStore, collection_name: str
 ) -> None:
     """Each batch's write runs beside the next batch's embedding; the read's outcomes
     still name their own batch, and only the last switches."""
     name, scope = collection_name, f"test:{collection_name}:new-data"
-    records = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]
-    handle(stream, scope, new_data("load", name, records))
-    reembed = {"type": "reembed", "id": "re-many", "collection": name, "batch_records": 3}
-    plan = succeeded(handle(stream, scope, {**reembed, "model": SECOND_MODEL})[0])
-    batches = [msgspec.to_builtins(event) for _, event in plan.publish]
+    batches = load_and_plan(stream, scope, name, "re-many")
     assert len(batches) == 4
 
     results = [succeeded(o).result for o in handle(stream, scope, *batches)]
@@ -318,11 +324,7 @@ def test_backfill_reads_in_flight_together_write_every_batch_once(
     """Two reads at once, as a worker's two slots run them: they take turns in the
     model, each queueing its writes, and together they switch exactly once."""
     name, scope = collection_name, f"test:{collection_name}:new-data"
-    records = [{"id": f"r{i}", "text": t} for i, t in enumerate(TEXTS)]
-    handle(stream, scope, new_data("load", name, records))
-    reembed = {"type": "reembed", "id": "re-two", "collection": name, "batch_records": 3}
-    plan = succeeded(handle(stream, scope, {**reembed, "model": SECOND_MODEL})[0])
-    batches = [msgspec.to_builtins(event) for _, event in plan.publish]
+    batches = load_and_plan(stream, scope, name, "re-two")
     with futures.ThreadPoolExecutor(2) as pool:
         reads = [pool.submit(handle, stream, scope, *part) for part in (batches[:2], batches[2:])]
         results = [succeeded(o).result for read in reads for o in read.result()]

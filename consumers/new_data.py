@@ -181,7 +181,7 @@ class NewDataHandler:
         repeated = repeated_ids(pending) | self._queued_ids.of(collection)
         active_version = active.version if active is not None else None
         for events in _chunks(pending, self.settings.max_batch_size):
-            raise_failed(writes)  # the database is gone, say: no use embedding on
+            raise_failed(w.future for w in writes)  # the database is gone, say: stop embedding
             started = time.perf_counter()
             version = self._prepare_writes(events, model, repeated)
             if building is not None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 from consumers.record_writes import PendingEvent
 from forge.runtime.handlers import Outcome
@@ -56,7 +58,8 @@ class QueuedIds:
             self._count = +self._count  # drop the zeros
 
 
-def raise_failed(writes: list[QueuedWrite]) -> None:
-    for write in writes:
-        if write.future.done() and write.future.exception() is not None:
-            write.future.result()
+def raise_failed(queued: Iterable[futures.Future[Any]]) -> None:
+    """Raise the error of the first queued write that has already failed, if any."""
+    for future in queued:
+        if future.done() and future.exception() is not None:
+            future.result()

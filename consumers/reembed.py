@@ -31,6 +31,7 @@ import structlog
 
 from consumers.model_turn import ModelTurn
 from consumers.once import Once
+from consumers.queued_writes import raise_failed
 from forge.embedding.service import EmbeddingService
 from forge.errors import PermanentError
 from forge.events import Event, Reembed, ReembedBatch, new_id
@@ -76,7 +77,8 @@ class ReembedHandler:
         try:
             with self.turn.turn():
                 for message in messages:
-                    _raise_failed(outcomes)  # the database is gone, say: stop embedding
+                    # The database is gone, say: stop embedding.
+                    raise_failed(o for o in outcomes if isinstance(o, futures.Future))
                     if isinstance(message.event, Reembed):
                         # A plan reads the versions a queued write (a switch) may change:
                         # wait for the writer to empty, other reads' writes included.
@@ -198,12 +200,6 @@ class ReembedHandler:
                 "model_version": batch.model_version,
             }
         )
-
-
-def _raise_failed(outcomes: list[Outcome | futures.Future[Outcome]]) -> None:
-    for outcome in outcomes:
-        if isinstance(outcome, futures.Future) and outcome.done() and outcome.exception():
-            outcome.result()
 
 
 def _plan_result(plan: Plan) -> dict[str, Any]:

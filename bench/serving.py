@@ -320,7 +320,9 @@ class _Stream:
                 proc.wait(timeout=60)
 
 
-def _record_same_work(pipe: Any, out: str, model: str, events: list[Any], answers: Any) -> None:
+def _record_same_work(
+    pipe: redis.client.Pipeline, out: str, model: str, events: list[Any], answers: Any
+) -> None:
     for event, answer in zip(events, answers, strict=True):
         key = f"{out}:prediction:{event['id']}"
         record = msgspec.json.encode({"variant": "champion", "labels": [answer.label]})
